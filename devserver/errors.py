@@ -1,0 +1,43 @@
+"""The one error hierarchy: every error a user can cause, with the HTTP status it maps to.
+
+HTTP handlers turn any `DevserverError` into the canonical JSON error body; the CLI turns it into
+one line on stderr and exit code 2. Anything else that escapes is a bug in devserver.
+"""
+
+from __future__ import annotations
+
+
+class DevserverError(Exception):
+    """Base class. `status` is the HTTP status the error maps to."""
+
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UserError(DevserverError):
+    """Bad input from a user: a request, a command-line argument, an app definition."""
+
+    status = 400
+
+
+class InvalidEvent(UserError):
+    """An event that breaks the rules of the event API (SPEC 2.1, 2.2)."""
+
+
+class PayloadTooLarge(UserError):
+    """A request, or one event inside it, over the size or count limits."""
+
+    status = 413
+
+
+class NotFound(UserError):
+    """An id or route that does not exist (in the selected environment)."""
+
+    status = 404
+
+
+class ConfigError(UserError):
+    """A bad command-line option or app: bad path, bad module, busy port, unwritable DB."""

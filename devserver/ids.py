@@ -1,0 +1,71 @@
+"""ULIDs: the internal ids of events and runs.
+
+A ULID is 48 bits of milliseconds and 80 random bits in Crockford base32, so ids sort by creation
+time. The generator here is monotonic: ids made in the same millisecond (or after the clock went
+backwards) increment the random part, so sorting by id is sorting by creation order. That order
+is what "newest first" listings rely on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_RANDOM_BITS = 80
+_RANDOM_MAX = (1 << _RANDOM_BITS) - 1
+
+
+def _encode(value: int, length: int) -> str:
+    chars = []
+    for _ in range(length):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class UlidGenerator:
+    """Thread-safe monotonic ULID factory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_random = 0
+
+    def new(self, now_ms: int | None = None) -> str:
+        """Return a ULID for `now_ms` (default: wall-clock time), greater than every earlier one."""
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self._lock:
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                rand = self._last_random + 1
+                if rand > _RANDOM_MAX:  # 2**80 ids in one millisecond: borrow the next one
+                    ms += 1
+                    rand = int.from_bytes(os.urandom(10), "big") >> 1
+            else:
+                # Keep the top bit clear so increments within a millisecond never overflow.
+                rand = int.from_bytes(os.urandom(10), "big") >> 1
+            self._last_ms, self._last_random = ms, rand
+        return _encode(ms, 10) + _encode(rand, 16)
+
+
+_default = UlidGenerator()
+
+
+def new_ulid(now_ms: int | None = None) -> str:
+    """A new monotonic ULID from the process-wide generator."""
+    return _default.new(now_ms)
+
+
+def ulid_time_ms(ulid: str) -> int:
+    """The millisecond timestamp encoded in a ULID."""
+    value = 0
+    for char in ulid[:10]:
+        value = value * 32 + _ALPHABET.index(char)
+    return value
+
+
+def is_ulid(text: str) -> bool:
+    """True when `text` is a well-formed ULID (26 Crockford base32 characters)."""
+    return len(text) == 26 and text[0] in "01234567" and all(c in _ALPHABET for c in text)

@@ -1,0 +1,146 @@
+"""The server: wires store, runner and routes into an aiohttp app and serves it.
+
+Long-lived resources are aiohttp cleanup contexts, so they open in order on start and close in
+reverse on shutdown: HTTP stops accepting first, then the runner stops (unfinished runs stay
+resumable in the database), then the store commits what is queued and closes.
+`Server` binds its socket itself (port 0 picks a free port) and keeps it, so callers know the
+URL before the first request and no other process can take the port in between.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from . import api
+from .clock import Clock, WallClock
+from .errors import ConfigError
+from .events import MAX_BODY_BYTES
+from .functions import FunctionDef
+from .retry import Backoff, FixedBackoff, InngestBackoff
+from .runner import Runner
+from .store import Store
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8288
+DEFAULT_DB = ".devserver/devserver.sqlite3"
+
+
+@dataclass
+class Config:
+    """What a server runs with."""
+
+    db: str = DEFAULT_DB
+    functions: list[FunctionDef] = field(default_factory=list)
+    retry_interval: float | None = None
+    """Fixed seconds between attempts; None for Inngest's backoff table."""
+
+    def backoff(self) -> Backoff:
+        """The retry delay policy this config selects."""
+        if self.retry_interval is None:
+            return InngestBackoff()
+        return FixedBackoff(self.retry_interval)
+
+
+def create_app(config: Config, clock: Clock | None = None) -> web.Application:
+    """The aiohttp application; the store opens and the runner starts when it starts."""
+    app = web.Application(middlewares=[api.error_middleware], client_max_size=MAX_BODY_BYTES)
+    store = Store(config.db)
+    runner = Runner(store, clock or WallClock(), config.backoff())
+    runner.register(config.functions)
+    app[api.STORE] = store
+    app[api.RUNNER] = runner
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        yield
+        await store.close()
+
+    async def runner_ctx(app: web.Application) -> AsyncIterator[None]:
+        await runner.start()
+        yield
+        await runner.stop()
+
+    app.cleanup_ctx.extend([store_ctx, runner_ctx])
+    app.add_routes(api.routes)
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or `ConfigError` saying why not (e.g. port in use)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use" if exc.errno in (98, 48) else f"can't be used: {exc.strerror}"
+        raise ConfigError(f"port {port} on {host} {reason}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class Server:
+    """A running devserver on a socket it owns."""
+
+    def __init__(self, config: Config, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 clock: Clock | None = None) -> None:
+        self.config = config
+        self.app = create_app(config, clock)
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def store(self) -> Store:
+        """The server's store."""
+        return self.app[api.STORE]
+
+    @property
+    def runner(self) -> Runner:
+        """The server's runner."""
+        return self.app[api.RUNNER]
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when 0 was asked for)."""
+        if self._sock is None:
+            raise RuntimeError("server is not started")
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:8288."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind, open the database, resume unfinished runs and start serving."""
+        self._sock = bind(self._host, self._port)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        try:
+            await self._runner.setup()
+            await web.SockSite(self._runner, self._sock, shutdown_timeout=2.0).start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop accepting, stop the runner, commit and close the database."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+

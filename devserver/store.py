@@ -1,0 +1,762 @@
+"""SQLite storage: the schema, its migrations, the single batching writer, and every query.
+
+All SQL in the project lives here. Callers pass and get plain dataclasses, never cursors.
+
+One owner for writes: every write is a small function queued to the writer task, which applies
+all pending writes in one transaction (each inside its own savepoint, so one failing write does
+not undo the others), commits once and only then resolves the callers' futures. A caller that
+awaits a write therefore knows it is durable; under load many writes share one commit.
+Reads use their own connection; with WAL they never wait for the writer.
+
+Per-session figures are counters kept up to date by the writes that change them (run created,
+started, finished), so reading them never scans runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+
+from .errors import ConfigError, UserError
+from .records import (
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    EnvironmentSummary,
+    IdentifierSummary,
+    NewEvent,
+    Page,
+    RunDetail,
+    RunRecord,
+    RunState,
+    SessionStats,
+    StepAttempt,
+    StoredEvent,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+MAX_BATCH = 512
+SESSION_SORTS = ("last_active", "runs", "failure_rate", "value")
+
+SCHEMA = """
+CREATE TABLE environments (
+    env TEXT PRIMARY KEY,
+    events INTEGER NOT NULL DEFAULT 0,
+    last_active INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE events (
+    internal_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    name TEXT NOT NULL,
+    event_id TEXT,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    v TEXT,
+    user TEXT,
+    meta TEXT,
+    sessions TEXT NOT NULL,
+    duplicate INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX events_by_key ON events (env, event_id, received_at) WHERE event_id IS NOT NULL;
+
+CREATE TABLE event_sessions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    internal_id TEXT NOT NULL,
+    PRIMARY KEY (env, identifier, value, internal_id)
+) WITHOUT ROWID;
+
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    queued_at INTEGER NOT NULL,
+    started_at INTEGER,
+    ended_at INTEGER,
+    next_at INTEGER,
+    output TEXT,
+    error TEXT,
+    sessions TEXT NOT NULL
+);
+CREATE INDEX runs_by_event ON runs (event_id);
+CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
+
+CREATE TABLE run_sessions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (env, identifier, value, run_id)
+) WITHOUT ROWID;
+
+CREATE TABLE steps (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step_id TEXT,
+    kind TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER NOT NULL,
+    output TEXT,
+    error TEXT,
+    final INTEGER NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE identifiers (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    sessions INTEGER NOT NULL DEFAULT 0,
+    last_active INTEGER NOT NULL,
+    PRIMARY KEY (env, identifier)
+) WITHOUT ROWID;
+
+CREATE TABLE sessions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    failed_runs INTEGER NOT NULL DEFAULT 0,
+    first_seen INTEGER NOT NULL,
+    last_active INTEGER NOT NULL,
+    failure_rate REAL GENERATED ALWAYS AS
+        (CASE WHEN runs = 0 THEN 0.0 ELSE CAST(failed_runs AS REAL) / runs END) VIRTUAL,
+    PRIMARY KEY (env, identifier, value)
+) WITHOUT ROWID;
+CREATE INDEX sessions_by_last_active ON sessions (env, identifier, last_active, value);
+CREATE INDEX sessions_by_runs ON sessions (env, identifier, runs, value);
+CREATE INDEX sessions_by_failure_rate ON sessions (env, identifier, failure_rate, value);
+
+CREATE TABLE session_functions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    PRIMARY KEY (env, identifier, value, function_id)
+) WITHOUT ROWID;
+"""
+"""The latest schema, applied as a whole to a new database."""
+
+MIGRATIONS: dict[int, str] = {}
+"""SQL that upgrades a database from version N-1 to N; the latest schema is version 1."""
+
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding helpers
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON text as stored in the database."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def encode_cursor(key: list[Any]) -> str:
+    """An opaque, URL-safe page cursor."""
+    return base64.urlsafe_b64encode(dump_json(key).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, length: int) -> list[Any]:
+    """Decode a cursor from `encode_cursor`, or raise `UserError`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = json.loads(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        key = None
+    if not isinstance(key, list) or len(key) != length:
+        raise UserError(f"cursor {cursor[:40]!r} is not a cursor this server returned")
+    return key
+
+
+def _event(row: sqlite3.Row) -> StoredEvent:
+    return StoredEvent(
+        internal_id=row["internal_id"],
+        env=row["env"],
+        name=row["name"],
+        event_id=row["event_id"],
+        ts=row["ts"],
+        received_at=row["received_at"],
+        data=json.loads(row["data"]),
+        v=_load(row["v"]),
+        user=_load(row["user"]),
+        meta=_load(row["meta"]),
+        sessions=json.loads(row["sessions"]),
+        duplicate=bool(row["duplicate"]),
+    )
+
+
+def _run(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        run_id=row["run_id"],
+        env=row["env"],
+        function_id=row["function_id"],
+        event_id=row["event_id"],
+        event_name=row["event_name"],
+        status=row["status"],
+        attempt=row["attempt"],
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        next_at=row["next_at"],
+        output=_load(row["output"]),
+        error=_load(row["error"]),
+        sessions=json.loads(row["sessions"]),
+    )
+
+
+def _step(row: sqlite3.Row) -> StepAttempt:
+    return StepAttempt(
+        seq=row["seq"],
+        step_id=row["step_id"],
+        kind=row["kind"],
+        attempt=row["attempt"],
+        status=row["status"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        output=_load(row["output"]),
+        error=_load(row["error"]),
+        final=bool(row["final"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writes (each runs in the writer thread, inside the batch transaction)
+
+
+def _ingest(
+    db: sqlite3.Connection, env: str, received_at: int, events: list[NewEvent]
+) -> list[str]:
+    """Store events and create their runs; returns the ids of the runs created."""
+    created: list[str] = []
+    db.execute(
+        "INSERT INTO environments (env, events, last_active) VALUES (?, ?, ?) ON CONFLICT "
+        "DO UPDATE SET events = events + excluded.events, "
+        "last_active = max(last_active, excluded.last_active)",
+        (env, len(events), received_at),
+    )
+    for ev in events:
+        duplicate = ev.event_id is not None and (
+            db.execute(
+                "SELECT 1 FROM events WHERE env = ? AND event_id = ? AND received_at > ? "
+                "AND duplicate = 0 LIMIT 1",
+                (env, ev.event_id, received_at - IDEMPOTENCY_WINDOW_MS),
+            ).fetchone()
+            is not None
+        )
+        sessions_json = dump_json(ev.sessions)
+        db.execute(
+            "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
+            "user, meta, sessions, duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at, ev.data, ev.v,
+             ev.user, ev.meta, sessions_json, int(duplicate)),
+        )
+        for ident, value in ev.sessions.items():
+            new = db.execute(
+                "INSERT OR IGNORE INTO sessions (env, identifier, value, first_seen, last_active)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (env, ident, value, received_at, received_at),
+            ).rowcount
+            if not new:
+                db.execute(
+                    "UPDATE sessions SET last_active = max(last_active, ?) "
+                    "WHERE env = ? AND identifier = ? AND value = ?",
+                    (received_at, env, ident, value),
+                )
+            db.execute(
+                "INSERT INTO identifiers (env, identifier, sessions, last_active) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                "sessions = sessions + excluded.sessions, "
+                "last_active = max(last_active, excluded.last_active)",
+                (env, ident, new, received_at),
+            )
+            db.execute(
+                "INSERT INTO event_sessions (env, identifier, value, internal_id) "
+                "VALUES (?, ?, ?, ?)",
+                (env, ident, value, ev.internal_id),
+            )
+        if duplicate:
+            continue
+        for run in ev.runs:
+            db.execute(
+                "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
+                "queued_at, next_at, sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, env, run.function_id, ev.internal_id, ev.name, QUEUED,
+                 received_at, received_at, sessions_json),
+            )
+            for ident, value in ev.sessions.items():
+                db.execute(
+                    "INSERT INTO run_sessions (env, identifier, value, run_id) "
+                    "VALUES (?, ?, ?, ?)",
+                    (env, ident, value, run.run_id),
+                )
+                db.execute(
+                    "UPDATE sessions SET runs = runs + 1 "
+                    "WHERE env = ? AND identifier = ? AND value = ?",
+                    (env, ident, value),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO session_functions (env, identifier, value, "
+                    "function_id) VALUES (?, ?, ?, ?)",
+                    (env, ident, value, run.function_id),
+                )
+            created.append(run.run_id)
+    return created
+
+
+def _run_sessions(db: sqlite3.Connection, run_id: str) -> tuple[str, dict[str, str]] | None:
+    row = db.execute("SELECT env, sessions FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return None if row is None else (row[0], json.loads(row[1]))
+
+
+def _bump_sessions(
+    db: sqlite3.Connection, run_id: str, now: int, failed: int = 0
+) -> None:
+    found = _run_sessions(db, run_id)
+    if found is None:
+        return
+    env, sessions = found
+    for ident, value in sessions.items():
+        db.execute(
+            "UPDATE sessions SET last_active = max(last_active, ?), "
+            "failed_runs = failed_runs + ? WHERE env = ? AND identifier = ? AND value = ?",
+            (now, failed, env, ident, value),
+        )
+        db.execute(
+            "UPDATE identifiers SET last_active = max(last_active, ?) "
+            "WHERE env = ? AND identifier = ?",
+            (now, env, ident),
+        )
+
+
+def _start_run(db: sqlite3.Connection, run_id: str, now: int) -> bool:
+    changed = db.execute(
+        "UPDATE runs SET status = ?, started_at = ? WHERE run_id = ? AND status = ?",
+        (RUNNING, now, run_id, QUEUED),
+    ).rowcount
+    if changed:
+        _bump_sessions(db, run_id, now)
+    return bool(changed)
+
+
+def _add_attempt(db: sqlite3.Connection, run_id: str, attempt: StepAttempt) -> None:
+    db.execute(
+        "INSERT INTO steps (run_id, seq, step_id, kind, attempt, status, started_at, ended_at, "
+        "output, error, final) VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM steps "
+        "WHERE run_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, run_id, attempt.step_id, attempt.kind, attempt.attempt, attempt.status,
+         attempt.started_at, attempt.ended_at,
+         None if attempt.output is None and attempt.error is not None else dump_json(attempt.output),
+         None if attempt.error is None else dump_json(attempt.error), int(attempt.final)),
+    )
+
+
+def _record_attempt(
+    db: sqlite3.Connection, run_id: str, attempt: StepAttempt, next_attempt: int,
+    next_at: int | None,
+) -> None:
+    _add_attempt(db, run_id, attempt)
+    db.execute(
+        "UPDATE runs SET attempt = ?, next_at = coalesce(?, next_at) WHERE run_id = ?",
+        (next_attempt, next_at, run_id),
+    )
+
+
+def _finish_run(
+    db: sqlite3.Connection, run_id: str, status: str, now: int, output: str | None,
+    error: str | None, attempt: StepAttempt | None,
+) -> bool:
+    if attempt is not None:
+        _add_attempt(db, run_id, attempt)
+    changed = db.execute(
+        "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
+        "started_at = coalesce(started_at, ?) WHERE run_id = ? AND status IN (?, ?)",
+        (status, now, output, error, now, run_id, QUEUED, RUNNING),
+    ).rowcount
+    if changed:
+        _bump_sessions(db, run_id, now, failed=int(status == FAILED))
+    return bool(changed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reads (each runs in the reader thread)
+
+
+def _read_run_state(db: sqlite3.Connection, run_id: str) -> RunState | None:
+    row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    run = _run(row)
+    events = [_event(r) for r in db.execute(
+        "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    memo = {
+        step.step_id: step
+        for step in map(_step, db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND final = 1 AND step_id IS NOT NULL",
+            (run_id,)))
+        if step.step_id is not None
+    }
+    return RunState(run=run, events=events, memo=memo)
+
+
+def _read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:
+    row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    run = _run(row)
+    events = [_event(r) for r in db.execute(
+        "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    steps = [_step(r) for r in db.execute(
+        "SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))]
+    return RunDetail(run=run, events=events, steps=steps)
+
+
+def _functions_of(db: sqlite3.Connection, env: str, ident: str, value: str) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT function_id FROM session_functions WHERE env = ? AND identifier = ? "
+        "AND value = ? ORDER BY function_id", (env, ident, value))]
+
+
+def _session_stats(row: sqlite3.Row, functions: list[str]) -> SessionStats:
+    return SessionStats(
+        identifier=row["identifier"], value=row["value"], runs=row["runs"],
+        failed_runs=row["failed_runs"], last_active=row["last_active"], functions=functions,
+    )
+
+
+def _read_sessions(
+    db: sqlite3.Connection, env: str, ident: str, q: str | None, sort: str, limit: int,
+    cursor: str | None,
+) -> Page:
+    if sort not in SESSION_SORTS:
+        raise UserError(f"sort must be one of {', '.join(SESSION_SORTS)}, got {sort!r}")
+    # Keyset pagination over an index (env, identifier, <sort>, value): O(page), never OFFSET.
+    where = ["env = ?", "identifier = ?"]
+    params: list[Any] = [env, ident]
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append("value LIKE ? ESCAPE '\\'")
+        params.append(f"%{escaped}%")
+    if sort == "value":
+        order, key_cols = "value ASC", ["value"]
+        if cursor is not None:
+            where.append("value > ?")
+            params.extend(decode_cursor(cursor, 1))
+    else:
+        order, key_cols = f"{sort} DESC, value DESC", [sort, "value"]
+        if cursor is not None:
+            where.append(f"({sort}, value) < (?, ?)")
+            params.extend(decode_cursor(cursor, 2))
+    rows = db.execute(
+        f"SELECT identifier, value, runs, failed_runs, last_active, failure_rate "
+        f"FROM sessions WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+        (*params, limit + 1),
+    ).fetchall()
+    stats = [_session_stats(r, _functions_of(db, env, ident, r["value"])) for r in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor([last[c] for c in key_cols])
+    return Page(rows=stats, next_cursor=next_cursor)
+
+
+def _read_session(
+    db: sqlite3.Connection, env: str, ident: str, value: str, limit: int, cursor: str | None,
+) -> tuple[SessionStats, Page] | None:
+    row = db.execute(
+        "SELECT identifier, value, runs, failed_runs, last_active FROM sessions "
+        "WHERE env = ? AND identifier = ? AND value = ?", (env, ident, value)).fetchone()
+    if row is None:
+        return None
+    stats = _session_stats(row, _functions_of(db, env, ident, value))
+    params: list[Any] = [env, ident, value]
+    after = ""
+    if cursor is not None:
+        after = "AND rs.run_id < ?"
+        params.extend(decode_cursor(cursor, 1))
+    runs = [_run(r) for r in db.execute(
+        "SELECT r.* FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
+        f"WHERE rs.env = ? AND rs.identifier = ? AND rs.value = ? {after} "
+        "ORDER BY rs.run_id DESC LIMIT ?", (*params, limit + 1))]
+    next_cursor = encode_cursor([runs[limit - 1].run_id]) if len(runs) > limit else None
+    return stats, Page(rows=runs[:limit], next_cursor=next_cursor)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+def _connect_pragmas(db: sqlite3.Connection) -> None:
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode: a commit survives the process being killed (the OS has the WAL);
+    # only an OS crash or power cut can lose the last commits. Right for a dev server.
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA busy_timeout = 10000")
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.execute("PRAGMA cache_size = -32000")
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"database schema version {version} is newer than this devserver understands "
+            f"({SCHEMA_VERSION}); upgrade devserver or use another --db"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise ConfigError("the database file is not a devserver database")
+            for statement in SCHEMA.split(";\n"):
+                if statement.strip():
+                    db.execute(statement)
+        else:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                log.info("migrating database schema to version %d", target)
+                for statement in MIGRATIONS[target].split(";\n"):
+                    if statement.strip():
+                        db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+
+
+class Store:
+    """The database: open it, write through the batching writer, read through the reader."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._requested = str(path)
+        self._tmpdir: str | None = None
+        self.path: Path = Path(self._requested)
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Create or migrate the database and start the writer. Raises `ConfigError`."""
+        if self._requested == ":memory:":
+            # Reader and writer need to share one database, which two connections to
+            # ":memory:" can't; a private file deleted on close behaves the same.
+            self._tmpdir = tempfile.mkdtemp(prefix="devserver-")
+            self.path = Path(self._tmpdir) / "devserver.sqlite3"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._call(self._writer, _connect_pragmas)
+            await self._call(self._writer, _migrate)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._call(self._reader, _connect_pragmas)
+            await self._call(self._reader, lambda db: db.execute("PRAGMA query_only = ON"))
+        except ConfigError:
+            await self.close()
+            raise
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise ConfigError(f"cannot open database {self._requested}: {exc}") from exc
+        self._writer_task = asyncio.create_task(self._write_loop(), name="devserver-writer")
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and close both connections."""
+        if self._writer_task is not None:
+            await self._queue.put(None)
+            await self._writer_task
+            self._writer_task = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    @staticmethod
+    async def _call(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # One hop to the connection's thread for a whole unit of work, instead of one per
+        # statement. aiosqlite has no public API for this; `_execute` has been stable for years.
+        return cast(T, await conn._execute(fn, conn._conn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return await self._call(self._reader, fn)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer_task is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put((fn, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        assert self._writer is not None
+        stopping = False
+        while not stopping:
+            item = await self._queue.get()
+            batch: list[_Write] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= MAX_BATCH or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            stopping = item is None
+            if not batch:
+                continue
+            try:
+                results = await self._call(self._writer, functools.partial(_apply_batch, batch=batch))
+            except Exception as exc:  # the commit itself failed: nothing in the batch is stored
+                log.exception("database commit failed")
+                results = [exc] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def ingest(self, env: str, received_at: int, events: list[NewEvent]) -> list[str]:
+        """Store a request's events atomically and create their runs; returns new run ids."""
+        return await self._write(lambda db: _ingest(db, env, received_at, events))
+
+    async def start_run(self, run_id: str, now: int) -> bool:
+        """Mark a queued run Running; False when it was not Queued."""
+        return await self._write(lambda db: _start_run(db, run_id, now))
+
+    async def record_attempt(
+        self, run_id: str, attempt: StepAttempt, next_attempt: int, next_at: int | None = None,
+    ) -> None:
+        """Store a step or function attempt and the run's next attempt number and wake time."""
+        await self._write(lambda db: _record_attempt(db, run_id, attempt, next_attempt, next_at))
+
+    async def finish_run(
+        self, run_id: str, status: str, now: int, *, output: Any = None,
+        error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
+    ) -> bool:
+        """Record a run's final status (and its last attempt); False if it had already ended."""
+        output_json = None if status != COMPLETED else dump_json(output)
+        error_json = None if error is None else dump_json(error)
+        return await self._write(
+            lambda db: _finish_run(db, run_id, status, now, output_json, error_json, attempt)
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def run_state(self, run_id: str) -> RunState | None:
+        """A run, its events and its memoized steps, for executing it."""
+        return await self._read(lambda db: _read_run_state(db, run_id))
+
+    async def run_detail(self, run_id: str) -> RunDetail | None:
+        """A run with its events and every attempt of every step."""
+        return await self._read(lambda db: _read_run_detail(db, run_id))
+
+    async def unfinished_runs(self) -> list[tuple[str, str, int]]:
+        """(run_id, function_id, next_at) of every Queued or Running run."""
+        return await self._read(lambda db: [
+            (r[0], r[1], r[2] or 0) for r in db.execute(
+                "SELECT run_id, function_id, next_at FROM runs "
+                "WHERE status IN ('Queued', 'Running') ORDER BY next_at")
+        ])
+
+    async def event(self, internal_id: str) -> StoredEvent | None:
+        """One event by its internal id."""
+        return await self._read(lambda db: next(
+            map(_event, db.execute("SELECT * FROM events WHERE internal_id = ?",
+                                   (internal_id,))), None))
+
+    async def event_runs(self, internal_id: str) -> list[RunRecord]:
+        """The runs an event started, oldest first."""
+        return await self._read(lambda db: [_run(r) for r in db.execute(
+            "SELECT * FROM runs WHERE event_id = ? ORDER BY run_id", (internal_id,))])
+
+    async def environments(self) -> list[EnvironmentSummary]:
+        """Every environment with data, most recently active first."""
+        return await self._read(lambda db: [
+            EnvironmentSummary(r["env"], r["events"], r["last_active"]) for r in db.execute(
+                "SELECT * FROM environments ORDER BY last_active DESC, env")])
+
+    async def identifiers(self, env: str) -> list[IdentifierSummary]:
+        """The session identifiers seen in `env`, most recently active first."""
+        return await self._read(lambda db: [
+            IdentifierSummary(r["identifier"], r["sessions"], r["last_active"])
+            for r in db.execute(
+                "SELECT identifier, sessions, last_active FROM identifiers WHERE env = ? "
+                "ORDER BY last_active DESC, identifier", (env,))])
+
+    async def sessions(
+        self, env: str, identifier: str, *, q: str | None = None, sort: str = "last_active",
+        limit: int = 50, cursor: str | None = None,
+    ) -> Page:
+        """A page of an identifier's sessions (rows are `SessionStats`)."""
+        return await self._read(
+            lambda db: _read_sessions(db, env, identifier, q, sort, limit, cursor))
+
+    async def session(
+        self, env: str, identifier: str, value: str, *, limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[SessionStats, Page] | None:
+        """A session's figures and a page of its runs (newest first); None if unknown."""
+        return await self._read(
+            lambda db: _read_session(db, env, identifier, value, limit, cursor))
+
+
+def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
+    """Apply queued writes in one transaction; each gets its result or its exception."""
+    results: list[Any] = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for fn, _ in batch:
+            db.execute("SAVEPOINT w")
+            try:
+                results.append(fn(db))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
+                db.execute("ROLLBACK TO w")
+                results.append(exc)
+            db.execute("RELEASE w")
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return results
