@@ -90,7 +90,7 @@ def iso(ms: int | None) -> str | None:
     """Milliseconds since the epoch as RFC 3339 UTC with milliseconds, or None."""
     if ms is None:
         return None
-    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -1,4 +1,4 @@
-"""The function-authoring API: `App`, the `@app.function` decorator, and the errors user code raises.
+"""The function-authoring API: `App`, `@app.function`, and the errors user code raises.
 
 This is what users import. It holds definitions only; running them is `runner`'s job and steps
 are `steps`' job.
@@ -40,7 +40,7 @@ class RetryAfterError(Exception):
     def retry_at_ms(self, now_ms: int) -> int:
         """The earliest time of the next attempt, in ms since the epoch."""
         if isinstance(self.delay, dt.datetime):
-            when = self.delay if self.delay.tzinfo else self.delay.replace(tzinfo=dt.timezone.utc)
+            when = self.delay if self.delay.tzinfo else self.delay.replace(tzinfo=dt.UTC)
             return max(now_ms, int(when.timestamp() * 1000))
         seconds = self.delay.total_seconds() if isinstance(self.delay, dt.timedelta) else self.delay
         return now_ms + max(0, int(float(seconds) * 1000))
@@ -110,7 +110,7 @@ class App:
         *,
         trigger: str | Sequence[str],
         retries: int = DEFAULT_RETRIES,
-        id: str | None = None,  # noqa: A002 - Inngest's name for it
+        id: str | None = None,
         name: str | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated (sync or async) function to run on events matching `trigger`.

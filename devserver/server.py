@@ -127,10 +127,11 @@ class Server:
     async def start(self) -> None:
         """Bind, open the database, resume unfinished runs and start serving."""
         self._sock = bind(self._host, self._port)
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=2.0)
         try:
             await self._runner.setup()
-            await web.SockSite(self._runner, self._sock, shutdown_timeout=2.0).start()
+            await web.SockSite(self._runner, self._sock).start()
         except BaseException:
             await self.stop()
             raise

@@ -35,7 +35,7 @@ from .store import Store, dump_json
 T = TypeVar("T")
 
 
-class Reschedule(BaseException):  # noqa: N818 - control flow, not an error
+class Reschedule(BaseException):
     """Unwinds an invocation that resumes at `at_ms` (a step's next attempt)."""
 
     def __init__(self, at_ms: int) -> None:

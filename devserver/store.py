@@ -24,7 +24,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -375,7 +375,7 @@ def _add_attempt(db: sqlite3.Connection, run_id: str, attempt: StepAttempt) -> N
         "WHERE run_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (run_id, run_id, attempt.step_id, attempt.kind, attempt.attempt, attempt.status,
          attempt.started_at, attempt.ended_at,
-         None if attempt.output is None and attempt.error is not None else dump_json(attempt.output),
+         None if attempt.error is not None else dump_json(attempt.output),
          None if attempt.error is None else dump_json(attempt.error), int(attempt.final)),
     )
 
@@ -613,7 +613,8 @@ class Store:
     async def _call(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         # One hop to the connection's thread for a whole unit of work, instead of one per
         # statement. aiosqlite has no public API for this; `_execute` has been stable for years.
-        return cast(T, await conn._execute(fn, conn._conn))
+        execute = cast(Callable[..., Awaitable[T]], conn._execute)
+        return await execute(fn, conn._conn)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
@@ -642,7 +643,8 @@ class Store:
             if not batch:
                 continue
             try:
-                results = await self._call(self._writer, functools.partial(_apply_batch, batch=batch))
+                apply = functools.partial(_apply_batch, batch=batch)
+                results = await self._call(self._writer, apply)
             except Exception as exc:  # the commit itself failed: nothing in the batch is stored
                 log.exception("database commit failed")
                 results = [exc] * len(batch)

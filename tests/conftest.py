@@ -1,0 +1,88 @@
+"""Shared test fixtures: a real devserver on port 0 with its own SQLite file, and an HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from devserver.functions import App
+from devserver.server import Config, Server
+
+
+class MakeServer(Protocol):
+    async def __call__(
+        self, *apps: App, retry_interval: float | None = 0, db: Path | str | None = None
+    ) -> Server: ...
+
+
+@pytest_asyncio.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
+    """Start real servers on 127.0.0.1:0 (each with a SQLite file under tmp_path); stop them all."""
+    servers: list[Server] = []
+
+    async def make(
+        *apps: App, retry_interval: float | None = 0, db: Path | str | None = None
+    ) -> Server:
+        path = db if db is not None else tmp_path / f"db{len(servers)}.sqlite3"
+        config = Config(db=str(path), functions=[fn for app in apps for fn in app.functions],
+                        retry_interval=retry_interval)
+        server = Server(config, port=0)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in reversed(servers):
+        await server.stop()
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session, closed after the test."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll an async predicate until it holds; fail the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def idle(server: Server, timeout: float = 10.0) -> None:
+    """Wait until the server has no run executing or scheduled."""
+    await asyncio.wait_for(server.runner.wait_idle(), timeout)
+
+
+async def post_events(
+    http: aiohttp.ClientSession, server: Server, body: Any, *, env: str | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """POST to /e/test-key; returns (status, JSON body)."""
+    headers = {"Content-Type": "application/json"}
+    if env is not None:
+        headers["X-Inngest-Env"] = env
+    data = raw if raw is not None else json.dumps(body).encode()
+    async with http.post(f"{server.url}/e/test-key", data=data, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def get_json(
+    http: aiohttp.ClientSession, server: Server, path: str, **params: str
+) -> tuple[int, dict[str, Any]]:
+    """GET a JSON endpoint; returns (status, JSON body)."""
+    async with http.get(f"{server.url}{path}", params=params) as resp:
+        return resp.status, await resp.json()
