@@ -81,6 +81,11 @@ def _locate(text: str, wanted: Callable[[str], bool]) -> str:
     return ""
 
 
+def _too_long_int(token: str) -> bool:
+    digits = token.lstrip("-")
+    return digits.isdigit() and len(digits) > sys.get_int_max_str_digits() > 0
+
+
 def _decode_utf8(body: bytes) -> str:
     try:
         return body.decode("utf-8")
@@ -112,9 +117,10 @@ def loads(body: bytes | str) -> Any:
         raise InvalidEvent(f"{_NOT_JSON}{bad} is not a finite number{where}") from None
     except RecursionError:
         raise InvalidEvent(_NOT_JSON + "it is nested too deeply") from None
-    except ValueError as e:  # int() refusing a number with thousands of digits
-        where = _locate(text, lambda token: len(token) > sys.get_int_max_str_digits() > 0)
-        raise InvalidEvent(f"{_NOT_JSON}number too long{where} ({e})") from None
+    except ValueError:  # int() refusing a number with thousands of digits
+        where = _locate(text, _too_long_int)
+        limit = sys.get_int_max_str_digits()
+        raise InvalidEvent(f"{_NOT_JSON}number too long{where}: at most {limit} digits") from None
 
 
 def parse_body(body: bytes) -> list[IncomingEvent]:
@@ -413,8 +419,9 @@ def _check_json_value(value: object, where: str) -> None:
             raise InvalidEvent(f"{path}: string {_SURROGATE}")
         if isinstance(item, dict):
             for key, child in item.items():
-                _check_utf8(key, path, f"key {_show(key)} ")
-                stack.append((child, f"{path}[{_show(key)}]"))
+                shown = _show(key) if isinstance(key, str) else repr(key)
+                _check_utf8(str(key), path, f"key {shown} ")
+                stack.append((child, f"{path}[{shown}]"))
         elif isinstance(item, list):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(item))
     raise InvalidEvent(f"{where}: {_SURROGATE}")  # not reached: the walk finds the string

@@ -105,7 +105,8 @@ async def test_sync_function_runs_in_a_worker_thread_with_sync_steps(
     run = await only_run(http, server, await send(http, server, "app/sync"))
     assert run["status"] == "Completed"
     assert run["output"] == 41
-    assert threads and threads[0] != threading.current_thread().name
+    assert threads
+    assert threads[0] != threading.current_thread().name
     assert [s["output"] for s in run["steps"]] == [20, 21]
 
 
