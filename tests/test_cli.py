@@ -387,6 +387,8 @@ def test_restart_on_same_db_keeps_events_runs_and_figures(
     runs_before = {run_id: first.get(f"/api/runs/{run_id}") for run_id in run_ids}
     events_before = {event_id: first.request("GET", f"/v1/events/{event_id}")
                      for event_id in event_ids}
+    assert all(status == 200 for status, _ in events_before.values()), events_before
+    assert all(doc["status"] in FINAL_STATUSES for doc in runs_before.values())
     assert first.stop(signal.SIGTERM) == 0
 
     second = spawn(*args)
