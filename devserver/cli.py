@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_serve(args))
     except ConfigError as exc:
-        print(f"devserver: error: {exc.message}", file=sys.stderr)
+        message = " ".join(exc.message.split())
+        print(f"devserver: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

@@ -581,6 +581,13 @@ class Store:
             self.path = Path(self._tmpdir) / "devserver.sqlite3"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Open it once synchronously first: a path SQLite can't use fails here, cleanly,
+            # instead of inside aiosqlite's worker thread.
+            probe = sqlite3.connect(self.path)
+            try:
+                probe.execute("PRAGMA schema_version")
+            finally:
+                probe.close()
             self._writer = await aiosqlite.connect(self.path, isolation_level=None)
             await self._call(self._writer, _connect_pragmas)
             await self._call(self._writer, _migrate)
