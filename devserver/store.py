@@ -32,10 +32,12 @@ import aiosqlite
 
 from .errors import ConfigError, UserError
 from .records import (
+    CANCELLED,
     COMPLETED,
     FAILED,
     QUEUED,
     RUNNING,
+    WAITING,
     EnvironmentSummary,
     IdentifierSummary,
     NewEvent,
@@ -46,6 +48,7 @@ from .records import (
     SessionStats,
     StepAttempt,
     StoredEvent,
+    WaitSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,8 @@ CREATE TABLE runs (
 );
 CREATE INDEX runs_by_event ON runs (event_id);
 CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
+CREATE INDEX runs_unfinished_by_function ON runs (env, function_id)
+    WHERE status IN ('Queued', 'Running');
 
 CREATE TABLE run_sessions (
     env TEXT NOT NULL,
@@ -125,8 +130,22 @@ CREATE TABLE steps (
     output TEXT,
     error TEXT,
     final INTEGER NOT NULL,
+    wait_until INTEGER,
+    detail TEXT,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+
+CREATE TABLE waits (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    env TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event_name TEXT,
+    child_run_id TEXT,
+    PRIMARY KEY (run_id, step_id)
+) WITHOUT ROWID;
+CREATE INDEX waits_by_event ON waits (env, event_name) WHERE event_name IS NOT NULL;
+CREATE INDEX waits_by_child ON waits (child_run_id) WHERE child_run_id IS NOT NULL;
 
 CREATE TABLE identifiers (
     env TEXT NOT NULL,
@@ -246,6 +265,8 @@ def _step(row: sqlite3.Row) -> StepAttempt:
         output=_load(row["output"]),
         error=_load(row["error"]),
         final=bool(row["final"]),
+        wait_until=row["wait_until"],
+        detail=_load(row["detail"]),
     )
 
 
@@ -371,40 +392,87 @@ def _start_run(db: sqlite3.Connection, run_id: str, now: int) -> bool:
 def _add_attempt(db: sqlite3.Connection, run_id: str, attempt: StepAttempt) -> None:
     db.execute(
         "INSERT INTO steps (run_id, seq, step_id, kind, attempt, status, started_at, ended_at, "
-        "output, error, final) VALUES (?, (SELECT coalesce(max(seq), 0) + 1 FROM steps "
-        "WHERE run_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "output, error, final, wait_until, detail) VALUES (?, (SELECT coalesce(max(seq), 0) + 1 "
+        "FROM steps WHERE run_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (run_id, run_id, attempt.step_id, attempt.kind, attempt.attempt, attempt.status,
          attempt.started_at, attempt.ended_at,
          None if attempt.error is not None else dump_json(attempt.output),
-         None if attempt.error is None else dump_json(attempt.error), int(attempt.final)),
+         None if attempt.error is None else dump_json(attempt.error), int(attempt.final),
+         attempt.wait_until, None if attempt.detail is None else dump_json(attempt.detail)),
     )
+
+
+def _live(db: sqlite3.Connection, run_id: str) -> bool:
+    row = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return row is not None and row[0] in (QUEUED, RUNNING)
 
 
 def _record_attempt(
     db: sqlite3.Connection, run_id: str, attempt: StepAttempt, next_attempt: int,
     next_at: int | None,
-) -> None:
+) -> bool:
+    if not _live(db, run_id):
+        return False
     _add_attempt(db, run_id, attempt)
     db.execute(
         "UPDATE runs SET attempt = ?, next_at = coalesce(?, next_at) WHERE run_id = ?",
         (next_attempt, next_at, run_id),
     )
+    return True
+
+
+def _begin_wait(
+    db: sqlite3.Connection, env: str, run_id: str, step: StepAttempt, wait: WaitSpec | None,
+) -> bool:
+    if not _live(db, run_id):
+        return False
+    _add_attempt(db, run_id, step)
+    if wait is not None:
+        db.execute(
+            "INSERT OR REPLACE INTO waits (run_id, step_id, env, kind, event_name, child_run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, step.step_id, env, step.kind, wait.event_name, wait.child_run_id),
+        )
+    db.execute("UPDATE runs SET next_at = ? WHERE run_id = ?", (step.wait_until, run_id))
+    return True
+
+
+def _end_wait(
+    db: sqlite3.Connection, run_id: str, step_id: str, status: str, now: int,
+    output: str | None, error: str | None,
+) -> bool:
+    if not _live(db, run_id):
+        return False
+    changed = db.execute(
+        "UPDATE steps SET status = ?, ended_at = ?, output = ?, error = ?, final = 1 "
+        "WHERE run_id = ? AND step_id = ? AND status = ?",
+        (status, now, output, error, run_id, step_id, WAITING),
+    ).rowcount
+    db.execute("DELETE FROM waits WHERE run_id = ? AND step_id = ?", (run_id, step_id))
+    db.execute("UPDATE runs SET attempt = 0 WHERE run_id = ?", (run_id,))
+    return bool(changed)
 
 
 def _finish_run(
     db: sqlite3.Connection, run_id: str, status: str, now: int, output: str | None,
-    error: str | None, attempt: StepAttempt | None,
-) -> bool:
+    error: str | None, attempt: StepAttempt | None, emitted: list[NewEvent],
+) -> list[str] | None:
+    """End a run; None if it had already ended, else the ids of runs its events started."""
+    if not _live(db, run_id):
+        return None
     if attempt is not None:
         _add_attempt(db, run_id, attempt)
-    changed = db.execute(
-        "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
-        "started_at = coalesce(started_at, ?) WHERE run_id = ? AND status IN (?, ?)",
-        (status, now, output, error, now, run_id, QUEUED, RUNNING),
-    ).rowcount
-    if changed:
-        _bump_sessions(db, run_id, now, failed=int(status == FAILED))
-    return bool(changed)
+    # A cancelled run's pending step stays visible as cancelled rather than "Waiting".
+    db.execute("UPDATE steps SET status = ?, ended_at = ?, final = 1 WHERE run_id = ? "
+               "AND status = ?", (CANCELLED, now, run_id, WAITING))
+    db.execute("DELETE FROM waits WHERE run_id = ?", (run_id,))
+    db.execute(
+        "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL "
+        "WHERE run_id = ?", (status, now, output, error, run_id),
+    )
+    _bump_sessions(db, run_id, now, failed=int(status == FAILED))
+    env = db.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
+    return _ingest(db, env, now, emitted) if emitted else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,14 +486,14 @@ def _read_run_state(db: sqlite3.Connection, run_id: str) -> RunState | None:
     run = _run(row)
     events = [_event(r) for r in db.execute(
         "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
-    memo = {
-        step.step_id: step
-        for step in map(_step, db.execute(
-            "SELECT * FROM steps WHERE run_id = ? AND final = 1 AND step_id IS NOT NULL",
-            (run_id,)))
-        if step.step_id is not None
-    }
-    return RunState(run=run, events=events, memo=memo)
+    memo: dict[str, StepAttempt] = {}
+    pending: dict[str, StepAttempt] = {}
+    for step in map(_step, db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND step_id IS NOT NULL "
+            "AND (final = 1 OR status = ?) ORDER BY seq", (run_id, WAITING))):
+        assert step.step_id is not None
+        (memo if step.final else pending)[step.step_id] = step
+    return RunState(run=run, events=events, memo=memo, pending=pending)
 
 
 def _read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:
@@ -675,20 +743,107 @@ class Store:
 
     async def record_attempt(
         self, run_id: str, attempt: StepAttempt, next_attempt: int, next_at: int | None = None,
-    ) -> None:
-        """Store a step or function attempt and the run's next attempt number and wake time."""
-        await self._write(lambda db: _record_attempt(db, run_id, attempt, next_attempt, next_at))
+    ) -> bool:
+        """Store a step or function attempt and the run's next attempt number and wake time.
+
+        False (and nothing stored) when the run has ended meanwhile, e.g. was cancelled.
+        """
+        return await self._write(
+            lambda db: _record_attempt(db, run_id, attempt, next_attempt, next_at))
+
+    async def begin_wait(
+        self, env: str, run_id: str, step: StepAttempt, wait: WaitSpec | None = None,
+    ) -> bool:
+        """Store a step that waits (sleep, event, invoke) and the run's wake time."""
+        return await self._write(lambda db: _begin_wait(db, env, run_id, step, wait))
+
+    async def end_wait(
+        self, run_id: str, step_id: str, status: str, now: int, *, output: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> bool:
+        """Complete a waiting step with its result; False if the run has ended."""
+        output_json = None if error is not None else dump_json(output)
+        error_json = None if error is None else dump_json(error)
+        return await self._write(
+            lambda db: _end_wait(db, run_id, step_id, status, now, output_json, error_json))
+
+    async def send_events(
+        self, env: str, now: int, events: list[NewEvent], run_id: str, step: StepAttempt,
+    ) -> list[str] | None:
+        """A `send_event` step: its events and its result in one commit (exactly once).
+
+        Returns the runs the events started, or None when the sending run has ended.
+        """
+        def write(db: sqlite3.Connection) -> list[str] | None:
+            if not _live(db, run_id):
+                return None
+            _add_attempt(db, run_id, step)
+            db.execute("UPDATE runs SET attempt = 0 WHERE run_id = ?", (run_id,))
+            return _ingest(db, env, now, events)
+
+        return await self._write(write)
+
+    async def invoke(
+        self, env: str, now: int, event: NewEvent, run_id: str, step: StepAttempt,
+        wait: WaitSpec,
+    ) -> list[str] | None:
+        """An `invoke` step: the child's event and run, and the parent's wait, in one commit."""
+        def write(db: sqlite3.Connection) -> list[str] | None:
+            if not _begin_wait(db, env, run_id, step, wait):
+                return None
+            return _ingest(db, env, now, [event])
+
+        return await self._write(write)
 
     async def finish_run(
         self, run_id: str, status: str, now: int, *, output: Any = None,
         error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
-    ) -> bool:
-        """Record a run's final status (and its last attempt); False if it had already ended."""
+        emitted: list[NewEvent] | None = None,
+    ) -> list[str] | None:
+        """Record a run's final status, its last attempt and the events its end emits.
+
+        Returns the ids of runs those events started, or None if the run had already ended.
+        """
         output_json = None if status != COMPLETED else dump_json(output)
         error_json = None if error is None else dump_json(error)
-        return await self._write(
-            lambda db: _finish_run(db, run_id, status, now, output_json, error_json, attempt)
-        )
+        return await self._write(lambda db: _finish_run(
+            db, run_id, status, now, output_json, error_json, attempt, emitted or []))
+
+    async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
+        """Runs with a `wait_for_event` step waiting for one of these event names."""
+        marks = ", ".join("?" * len(names))
+        return await self._read(lambda db: [r[0] for r in db.execute(
+            f"SELECT DISTINCT run_id FROM waits WHERE env = ? AND event_name IN ({marks})",
+            (env, *names))])
+
+    async def waiting_for_run(self, child_run_id: str) -> list[str]:
+        """Runs with an `invoke` step waiting for this run to end."""
+        return await self._read(lambda db: [r[0] for r in db.execute(
+            "SELECT run_id FROM waits WHERE child_run_id = ?", (child_run_id,))])
+
+    async def events_after(
+        self, env: str, name: str, after_internal_id: str, limit: int = 100,
+    ) -> list[StoredEvent]:
+        """Events called `name` received after the event id boundary, oldest first."""
+        return await self._read(lambda db: [_event(r) for r in db.execute(
+            "SELECT * FROM events WHERE env = ? AND name = ? AND internal_id > ? "
+            "ORDER BY internal_id LIMIT ?", (env, name, after_internal_id, limit))])
+
+    async def run(self, run_id: str) -> RunRecord | None:
+        """One run's row."""
+        return await self._read(lambda db: next(map(_run, db.execute(
+            "SELECT * FROM runs WHERE run_id = ?", (run_id,))), None))
+
+    async def unfinished_runs_of(
+        self, env: str, function_id: str, before_internal_id: str,
+    ) -> list[tuple[RunRecord, StoredEvent]]:
+        """Unfinished runs of a function created before an event id, with their trigger."""
+        return await self._read(lambda db: [
+            (_run(r), _event(e)) for r in db.execute(
+                "SELECT * FROM runs WHERE env = ? AND function_id = ? AND status IN (?, ?) "
+                "AND run_id < ?", (env, function_id, QUEUED, RUNNING, before_internal_id))
+            for e in db.execute("SELECT * FROM events WHERE internal_id = ?", (r["event_id"],))
+        ])
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -748,6 +903,13 @@ class Store:
         """A session's figures and a page of its runs (newest first); None if unknown."""
         return await self._read(
             lambda db: _read_session(db, env, identifier, value, limit, cursor))
+
+    async def session_events(self, env: str, identifier: str, value: str) -> list[StoredEvent]:
+        """Every event that carried a session, in the order they were received."""
+        return await self._read(lambda db: [_event(r) for r in db.execute(
+            "SELECT e.* FROM event_sessions es JOIN events e ON e.internal_id = es.internal_id "
+            "WHERE es.env = ? AND es.identifier = ? AND es.value = ? ORDER BY es.internal_id",
+            (env, identifier, value))])
 
 
 def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
