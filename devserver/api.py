@@ -214,7 +214,7 @@ def limit_param(request: web.Request) -> int:
     raw = request.query.get("limit")
     if raw is None or raw == "":
         return DEFAULT_PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
         raise UserError(f"limit must be an integer from 1 to {MAX_PAGE}, got {raw[:40]!r}")
     return int(raw)
 
@@ -271,7 +271,7 @@ async def sessions_doc(request: web.Request) -> dict[str, Any]:
     page = await store.sessions(env, identifier, q=request.query.get("q") or None, sort=sort,
                                 limit=limit_param(request),
                                 cursor=request.query.get("cursor") or None)
-    if not page.rows and not request.query.get("cursor") and not request.query.get("q"):
+    if not page.rows:
         known = {i.identifier for i in await store.identifiers(env)}
         if identifier not in known:
             raise NotFound(f"no session with identifier {identifier!r} in environment {env!r}")

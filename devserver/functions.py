@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UserError
+from .expressions import Expression
 from .retry import DEFAULT_RETRIES
-from .triggers import EventTrigger, parse_event_trigger
+from .triggers import CronTrigger, EventTrigger, parse_event_trigger
 
 if TYPE_CHECKING:
     from .steps import Context
@@ -24,6 +26,49 @@ Handler = Callable[["Context"], Any]
 F = TypeVar("F", bound=Handler)
 
 _SLUG_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+FAILED_EVENT = "inngest/function.failed"
+FINISHED_EVENT = "inngest/function.finished"
+CANCELLED_EVENT = "inngest/function.cancelled"
+INVOKED_EVENT = "inngest/function.invoked"
+CRON_EVENT = "inngest/scheduled.timer"
+
+
+@dataclass(frozen=True)
+class TriggerEvent:
+    """Trigger on events named `event` (`app/*` wildcards too) that pass `expression` (CEL)."""
+
+    event: str
+    expression: str | None = None
+
+
+@dataclass(frozen=True)
+class TriggerCron:
+    """Trigger on a cron schedule, e.g. `"*/5 * * * *"` or `"TZ=Europe/Paris 0 9 * * 1-5"`."""
+
+    cron: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Cancel a run when an event named `event` arrives and `if_` (CEL) holds.
+
+    In `if_`, `event` is the run's triggering event and `async` the incoming one, e.g.
+    `"event.data.order_id == async.data.order_id"`.
+    """
+
+    event: str
+    if_: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelTrigger:
+    """A compiled `Cancel`."""
+
+    event: EventTrigger
+    condition: Expression | None
+
+
+Trigger = str | TriggerEvent | TriggerCron
 
 
 class NonRetriableError(Exception):
@@ -74,9 +119,20 @@ class FunctionDef:
     """The full id, `<app id>-<function id>`."""
     name: str
     app_id: str
-    triggers: tuple[EventTrigger, ...]
+    triggers: tuple[EventTrigger | CronTrigger, ...]
     retries: int
     handler: Handler
+    cancel_on: tuple[CancelTrigger, ...] = ()
+
+    @property
+    def event_triggers(self) -> list[EventTrigger]:
+        """The triggers that events start."""
+        return [t for t in self.triggers if isinstance(t, EventTrigger)]
+
+    @property
+    def crons(self) -> list[CronTrigger]:
+        """The cron schedules."""
+        return [t for t in self.triggers if isinstance(t, CronTrigger)]
 
     @property
     def is_async(self) -> bool:
@@ -108,22 +164,29 @@ class App:
     def function(
         self,
         *,
-        trigger: str | Sequence[str],
+        trigger: Trigger | Sequence[Trigger],
         retries: int = DEFAULT_RETRIES,
         id: str | None = None,
         name: str | None = None,
+        cancel_on: Cancel | Sequence[Cancel] = (),
+        on_failure: Handler | None = None,
     ) -> Callable[[F], F]:
-        """Register the decorated (sync or async) function to run on events matching `trigger`.
+        """Register the decorated (sync or async) function to run on `trigger`.
 
-        `trigger` is one event name or wildcard (`app/*`, `app/user.*`) or a list of them.
-        `retries` is the number of retries after the first attempt (default 4).
-        `id` defaults to the Python name in kebab case; the full id is `<app id>-<id>`.
+        `trigger` is an event name or wildcard (`app/*`, `app/user.*`), a `TriggerEvent` (with a
+        CEL filter), a `TriggerCron`, or a list of them. `retries` is the number of retries
+        after the first attempt (default 4). `id` defaults to the Python name in kebab case;
+        the full id is `<app id>-<id>`. `cancel_on` cancels runs when matching events arrive.
+        `on_failure` is a function run (as `<full id>-failure`) when a run fails for good; its
+        `ctx.event` is the `inngest/function.failed` event, with the error and original event.
         The decorated function is returned unchanged, so it stays callable in unit tests.
         """
-        triggers = [trigger] if isinstance(trigger, str) else list(trigger)
-        if not triggers:
-            raise UserError("a function needs at least one trigger")
-        parsed = tuple(parse_event_trigger(t) for t in triggers)
+        triggers = _parse_triggers(trigger)
+        cancels = tuple(
+            CancelTrigger(parse_event_trigger(c.event),
+                          None if c.if_ is None else Expression(c.if_))
+            for c in ([cancel_on] if isinstance(cancel_on, Cancel) else list(cancel_on))
+        )
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 20:
             raise UserError(f"retries must be an integer from 0 to 20, got {retries!r}")
 
@@ -134,16 +197,39 @@ class App:
             if not local_id or not _SLUG_OK.match(local_id):
                 raise UserError(f"function id {local_id!r} must be letters, digits, '.', '_', '-'")
             full_id = f"{self.id}-{local_id}"
-            if full_id in self._functions:
-                raise UserError(f"app {self.id!r} already has a function with id {full_id!r}")
-            self._functions[full_id] = FunctionDef(
-                id=full_id,
-                name=name or handler.__name__,
-                app_id=self.id,
-                triggers=parsed,
-                retries=retries,
-                handler=handler,
-            )
+            self._add(FunctionDef(id=full_id, name=name or handler.__name__, app_id=self.id,
+                                  triggers=triggers, retries=retries, handler=handler,
+                                  cancel_on=cancels))
+            if on_failure is not None:
+                condition = f"event.data.function_id == {json.dumps(full_id)}"
+                self._add(FunctionDef(
+                    id=f"{full_id}-failure", name=f"{name or handler.__name__} (on failure)",
+                    app_id=self.id, triggers=(parse_event_trigger(FAILED_EVENT, condition),),
+                    retries=retries, handler=on_failure))
             return handler
 
         return register
+
+    def _add(self, fn: FunctionDef) -> None:
+        if fn.id in self._functions:
+            raise UserError(f"app {self.id!r} already has a function with id {fn.id!r}")
+        self._functions[fn.id] = fn
+
+
+def _parse_triggers(trigger: Trigger | Sequence[Trigger]) -> tuple[EventTrigger | CronTrigger, ...]:
+    items: list[Trigger] = (
+        [trigger] if isinstance(trigger, str | TriggerEvent | TriggerCron) else list(trigger))
+    if not items:
+        raise UserError("a function needs at least one trigger")
+    parsed: list[EventTrigger | CronTrigger] = []
+    for item in items:
+        if isinstance(item, str):
+            parsed.append(parse_event_trigger(item))
+        elif isinstance(item, TriggerEvent):
+            parsed.append(parse_event_trigger(item.event, item.expression))
+        elif isinstance(item, TriggerCron):
+            parsed.append(CronTrigger(item.cron))
+        else:
+            raise UserError(f"unknown trigger {item!r}: use an event name, TriggerEvent or "
+                            "TriggerCron")
+    return tuple(parsed)

@@ -13,6 +13,8 @@ QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
 )
 """Run statuses."""
 UNFINISHED = (QUEUED, RUNNING)
+WAITING = "Waiting"
+"""Status of a step that waits: a sleep, a wait for an event, an invoked run."""
 FINISHED = (COMPLETED, FAILED, CANCELLED)
 
 
@@ -93,6 +95,10 @@ class StepAttempt:
     output: Any
     error: dict[str, Any] | None
     final: bool
+    wait_until: int | None = None
+    """For a waiting step: when it wakes (sleep end, wait timeout); None waits for good."""
+    detail: Any = None
+    """For a waiting step: what it waits for, as shown on the run page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,9 @@ class RunState:
     run: RunRecord
     events: list[StoredEvent]
     memo: dict[str, StepAttempt]
+    """Final outcome of each finished step, by step id."""
+    pending: dict[str, StepAttempt] = field(default_factory=dict)
+    """Steps waiting (sleep, event, invoke), by step id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,3 +163,11 @@ class Page:
 
     rows: list[Any]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSpec:
+    """What a waiting step waits for, so the runtime knows whom to wake."""
+
+    event_name: str | None = None
+    child_run_id: str | None = None

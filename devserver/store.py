@@ -212,7 +212,8 @@ def decode_cursor(cursor: str, length: int) -> list[Any]:
         key = json.loads(raw)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         key = None
-    if not isinstance(key, list) or len(key) != length:
+    if (not isinstance(key, list) or len(key) != length
+            or not all(isinstance(k, str | int | float) and not isinstance(k, bool) for k in key)):
         raise UserError(f"cursor {cursor[:40]!r} is not a cursor this server returned")
     return key
 

@@ -1,26 +1,37 @@
-"""Trigger matching: which registered functions an event name starts.
+"""Triggers: which registered functions an event starts, and when cron functions fire.
 
-Pure logic. A trigger is an exact event name or a wildcard whose last segment is `*` after a `/`
-or a `.` (`app/*`, `app/user.*`), as in Inngest. Matching an event costs one dict lookup plus one
-check per distinct wildcard prefix.
+Pure logic. An event trigger is an exact event name or a wildcard whose last segment is `*` after
+a `/` or a `.` (`app/*`, `app/user.*`), as in Inngest, optionally with a CEL filter expression.
+Matching an event name costs one dict lookup plus one check per distinct wildcard prefix.
+A cron trigger is a cron expression, optionally prefixed with `TZ=<zone> ` as Inngest allows.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from cronsim import CronSim, CronSimError
 
 from .errors import UserError
+from .expressions import Expression
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class EventTrigger:
-    """Runs a function on events named `event` (possibly a wildcard)."""
+    """Runs a function on events named `event` (possibly a wildcard) that pass `expression`."""
 
     event: str
+    expression: Expression | None = None
+
+    def accepts(self, event: dict[str, Any]) -> bool:
+        """Whether an event whose name matched passes this trigger's filter."""
+        return self.expression is None or self.expression.matches(event=event)
 
     @property
     def prefix(self) -> str | None:
@@ -28,8 +39,8 @@ class EventTrigger:
         return self.event[:-1] if self.event.endswith(("/*", ".*")) else None
 
 
-def parse_event_trigger(event: str) -> EventTrigger:
-    """Validate a trigger's event pattern; raise `UserError` saying what is wrong."""
+def parse_event_trigger(event: str, expression: str | None = None) -> EventTrigger:
+    """Validate a trigger's event pattern and filter; raise `UserError` saying what is wrong."""
     if not isinstance(event, str) or not event.strip():
         raise UserError(f"trigger event must be a non-empty string, got {event!r}")
     body = event[:-2] if event.endswith(("/*", ".*")) else event
@@ -40,7 +51,37 @@ def parse_event_trigger(event: str) -> EventTrigger:
         )
     if not body:
         raise UserError(f"trigger {event!r} has nothing before its wildcard")
-    return EventTrigger(event)
+    return EventTrigger(event, None if expression is None else Expression(expression))
+
+
+@dataclass(frozen=True, slots=True)
+class CronTrigger:
+    """Runs a function on a schedule."""
+
+    cron: str
+
+    def __post_init__(self) -> None:
+        self.next_after(0)  # validates
+
+    def _split(self) -> tuple[str, dt.tzinfo]:
+        text = self.cron.strip()
+        if text.startswith(("TZ=", "CRON_TZ=")):
+            zone, _, text = text.partition("=")[2].partition(" ")
+            try:
+                return text.strip(), zoneinfo.ZoneInfo(zone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise UserError(f"cron {self.cron!r}: unknown time zone {zone!r}") from None
+        return text, dt.UTC
+
+    def next_after(self, ms: int) -> int:
+        """The first firing time strictly after `ms` (ms since the epoch)."""
+        expr, tz = self._split()
+        start = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).astimezone(tz)
+        try:
+            fire = next(iter(CronSim(expr, start)))
+        except (CronSimError, StopIteration) as exc:
+            raise UserError(f"invalid cron expression {self.cron!r}: {exc}") from None
+        return int(fire.timestamp() * 1000)
 
 
 class TriggerIndex(Generic[T]):
