@@ -19,6 +19,7 @@ from aiohttp import web
 from .errors import DevserverError, NotFound, PayloadTooLarge, UserError
 from .events import MAX_BODY_BYTES, parse_body
 from .records import RunDetail, RunRecord, SessionStats, StepAttempt, StoredEvent
+from .runner import DEFAULT_ENV as DEFAULT_ENV
 from .runner import Runner
 from .store import Store
 
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 RUNNER = web.AppKey("runner", Runner)
 STORE = web.AppKey("store", Store)
 
-DEFAULT_ENV = "dev"
 ENV_HEADER = "X-Inngest-Env"
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -346,7 +346,7 @@ async def api_functions(request: web.Request) -> web.Response:
     """The registered functions and their triggers."""
     return json_ok({"functions": [
         {"id": fn.id, "name": fn.name, "app_id": fn.app_id, "retries": fn.retries,
-         "triggers": [{"event": t.event} for t in fn.triggers]}
+         "triggers": [t.doc() for t in fn.triggers]}
         for fn in request.app[RUNNER].functions
     ]})
 
@@ -386,3 +386,10 @@ async def v1_run(request: web.Request) -> web.Response:
     if detail is None:
         raise NotFound(f"no run with id {run_id!r}")
     return json_ok({"data": inngest_run_doc(detail.run)})
+
+
+@routes.delete("/v1/runs/{run_id}")
+async def v1_cancel_run(request: web.Request) -> web.Response:
+    """Cancel a run (a no-op once it has ended); answers with the run as it now stands."""
+    run = await request.app[RUNNER].cancel(request.match_info["run_id"])
+    return json_ok({"data": inngest_run_doc(run)})

@@ -80,7 +80,7 @@ def _banner(server: Server, db: str, functions: list[FunctionDef]) -> str:
         f"  functions   {len(functions)}",
     ]
     for fn in functions:
-        triggers = ", ".join(t.event for t in fn.triggers)
+        triggers = ", ".join(t.describe() for t in fn.triggers)
         lines.append(f"    {fn.id}  <- {triggers}")
     return "\n".join(lines)
 

@@ -1,11 +1,14 @@
 """The runtime: turns events into runs, schedules runs on the clock and executes them.
 
 `Runner.ingest` stores a request's events with the runs their triggers start, in one commit, and
-then schedules those runs. Each run executes as an asyncio task (sync functions in a worker
-thread); its outcome is written through the store, which keeps the per-session figures.
+then schedules those runs, wakes runs waiting for those events and applies `cancel_on`. Each run
+executes as an asyncio task (sync functions in a worker thread); its outcome is written through
+the store, which keeps the per-session figures. When a run ends, its lifecycle events
+(`inngest/function.finished`, `.failed`, `.cancelled`) are stored in the same commit and start
+the functions they trigger (`on_failure` handlers among them).
 
-Runs survive restarts: on start, every Queued or Running run in the database is scheduled again
-and resumes from its memoized steps.
+Runs survive restarts: on start, every Queued or Running run is scheduled again and resumes from
+its memoized steps; sleeps keep their wake time, waits are re-checked at once.
 """
 
 from __future__ import annotations
@@ -17,28 +20,49 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from .clock import Clock, TimerHandle
-from .errors import UserError
+from .clock import Clock, TimerHandle, VirtualClock
+from .errors import NotFound, UserError
 from .events import IncomingEvent
-from .functions import FunctionDef, NonRetriableError, StepError
+from .functions import (
+    CANCELLED_EVENT,
+    CRON_EVENT,
+    FAILED_EVENT,
+    FINISHED_EVENT,
+    INVOKED_EVENT,
+    CancelTrigger,
+    FunctionDef,
+    NonRetriableError,
+    StepError,
+)
 from .ids import new_ulid
-from .records import COMPLETED, FAILED, QUEUED, UNFINISHED, NewEvent, NewRun, StepAttempt
-from .retry import Backoff
-from .steps import (
-    Context,
-    Event,
+from .invocation import (
     Invocation,
     Reschedule,
-    Step,
-    SyncStep,
+    RunEnded,
     error_info,
+    event_dict,
     to_json_value,
 )
+from .records import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    UNFINISHED,
+    NewEvent,
+    NewRun,
+    RunRecord,
+    StepAttempt,
+    StoredEvent,
+)
+from .retry import Backoff
+from .steps import Context, Event, Step, SyncStep
 from .store import Store, dump_json
-from .triggers import TriggerIndex
+from .triggers import CronTrigger, EventTrigger, TriggerIndex
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ENV = "dev"
 DEFAULT_CONCURRENCY = 256
 """Invocations executing at once; more wait their turn."""
 DEFAULT_THREADS = 32
@@ -56,15 +80,18 @@ class Runner:
         self.clock = clock
         self.backoff = backoff
         self._functions: dict[str, FunctionDef] = {}
-        self._index: TriggerIndex[FunctionDef] = TriggerIndex()
+        self._index: TriggerIndex[tuple[FunctionDef, EventTrigger]] = TriggerIndex()
+        self._cancels: TriggerIndex[tuple[FunctionDef, CancelTrigger]] = TriggerIndex()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="devserver-fn")
         self._slots = asyncio.Semaphore(concurrency)
         self._timers: dict[str, TimerHandle] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rewake: set[str] = set()  # woken while executing: run again once it returns
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._cancelled: set[str] = set()  # tasks cancelled because their run was cancelled
+        self._crons: list[TimerHandle] = []
+        self._waited: set[tuple[str, str]] = set()  # (env, event name) some run waits for
+        self._changed = asyncio.Event()
         self._started = False
 
     # -- functions ---------------------------------------------------------------------------
@@ -77,19 +104,69 @@ class Runner:
     def register(self, functions: Iterable[FunctionDef]) -> None:
         """Add functions; a function id registered twice is an error."""
         new = list(functions)
+        ids = [fn.id for fn in new]
         for fn in new:
-            if fn.id in self._functions and self._functions[fn.id] is not fn:
+            if ids.count(fn.id) > 1 or (fn.id in self._functions
+                                        and self._functions[fn.id] is not fn):
                 raise UserError(f"two functions have the id {fn.id!r}")
         for fn in new:
             self._functions[fn.id] = fn
-            for trigger in fn.triggers:
-                self._index.add(trigger, fn)
+            for trigger in fn.event_triggers:
+                self._index.add(trigger, (fn, trigger))
+            for cancel in fn.cancel_on:
+                self._cancels.add(cancel.event, (fn, cancel))
+        if self._started:
+            self._arm_crons()
 
-    def match(self, event_name: str) -> list[FunctionDef]:
-        """The functions an event with this name starts."""
-        return self._index.match(event_name)
+    async def replace(self, functions: Iterable[FunctionDef]) -> None:
+        """Swap every function for a new set (hot reload). Executing invocations finish with
+        the code they started with; queued and parked runs pick up the new code."""
+        new = list(functions)
+        old = (self._functions, self._index, self._cancels)
+        self._functions, self._index, self._cancels = {}, TriggerIndex(), TriggerIndex()
+        try:
+            self.register(new)
+        except UserError:
+            self._functions, self._index, self._cancels = old
+            raise
+        if self._started:
+            await self._resume(only_idle=True)
+
+    def match(self, event: dict[str, Any]) -> list[FunctionDef]:
+        """The functions an event starts (name matched, filter expression passed)."""
+        found: list[FunctionDef] = []
+        for fn, trigger in self._index.match(event["name"]):
+            if fn not in found and trigger.accepts(event):
+                found.append(fn)
+        return found
+
+    def resolve_function(self, ref: object) -> FunctionDef:
+        """A registered function from its FunctionDef, its decorated handler or its id."""
+        for fn in self._functions.values():
+            if ref is fn or ref is fn.handler or ref == fn.id:
+                return fn
+        raise UserError(f"no registered function {getattr(ref, '__name__', ref)!r} to invoke")
 
     # -- events in ---------------------------------------------------------------------------
+
+    def prepare(
+        self, env: str, events: list[IncomingEvent], now: int, *, skip_function: str | None = None,
+    ) -> list[NewEvent]:
+        """Give events their ids and the runs their triggers start."""
+        prepared = []
+        for ev in events:
+            ts = now if ev.ts is None else ev.ts
+            doc = {"name": ev.name, "data": ev.data, "id": ev.id or "", "ts": ts, "v": ev.v,
+                   "user": ev.user or {}}
+            runs = tuple(NewRun(new_ulid(), fn.id) for fn in self.match(doc)
+                         if fn.id != skip_function)
+            prepared.append(NewEvent(
+                internal_id=new_ulid(), name=ev.name, event_id=ev.id, ts=ts,
+                data=dump_json(ev.data), v=None if ev.v is None else dump_json(ev.v),
+                user=None if ev.user is None else dump_json(ev.user),
+                meta=None if ev.meta is None else dump_json(ev.meta),
+                sessions=ev.sessions, runs=runs))
+        return prepared
 
     async def ingest(self, env: str, events: list[IncomingEvent]) -> list[str]:
         """Store events (all or none) with the runs they start; return their internal ids.
@@ -97,35 +174,57 @@ class Runner:
         Returns once everything is committed; the runs are scheduled after the commit.
         """
         now = self.clock.now_ms()
-        prepared = [
-            NewEvent(
-                internal_id=new_ulid(),
-                name=ev.name,
-                event_id=ev.id,
-                ts=now if ev.ts is None else ev.ts,
-                data=dump_json(ev.data),
-                v=None if ev.v is None else dump_json(ev.v),
-                user=None if ev.user is None else dump_json(ev.user),
-                meta=None if ev.meta is None else dump_json(ev.meta),
-                sessions=ev.sessions,
-                runs=tuple(NewRun(new_ulid(), fn.id) for fn in self.match(ev.name)),
-            )
-            for ev in events
-        ]
+        prepared = self.prepare(env, events, now)
         created = await self.store.ingest(env, now, prepared)
+        await self.after_ingest(env, prepared, created)
+        return [ev.internal_id for ev in prepared]
+
+    async def after_ingest(self, env: str, events: list[NewEvent], created: list[str]) -> None:
+        """After a commit: schedule the new runs, wake waiting runs, apply `cancel_on`."""
+        now = self.clock.now_ms()
         for run_id in created:
             self.schedule(run_id, now)
-        return [ev.internal_id for ev in prepared]
+        names = list({ev.name for ev in events if (env, ev.name) in self._waited})
+        if names:
+            for run_id in await self.store.waiting_for_events(env, names):
+                self.schedule(run_id, now)
+        for ev in events:
+            for fn, cancel in self._cancels.match(ev.name):
+                await self._cancel_matching(env, fn, cancel, ev)
+
+    def note_wait(self, env: str, event_name: str) -> None:
+        """A run is about to wait for `event_name`: wake it when one arrives."""
+        self._waited.add((env, event_name))
+
+    async def _cancel_matching(
+        self, env: str, fn: FunctionDef, cancel: CancelTrigger, ev: NewEvent,
+    ) -> None:
+        incoming = await self.store.event(ev.internal_id)
+        if incoming is None:
+            return
+        incoming_doc = event_dict(incoming)
+        for run, trigger in await self.store.unfinished_runs_of(env, fn.id, ev.internal_id):
+            if cancel.condition is None or cancel.condition.matches(
+                    event=event_dict(trigger), **{"async": incoming_doc}):
+                log.info("run %s of %s cancelled by event %s", run.run_id, fn.id, ev.name)
+                await self.cancel(run.run_id)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Schedule every unfinished run found in the database (resume after a restart)."""
+        """Resume every unfinished run in the database and arm the cron schedules."""
         self._started = True
+        self._waited |= set(await self.store.waited_event_names())
+        await self._resume(only_idle=False)
+        self._arm_crons()
+
+    async def _resume(self, *, only_idle: bool) -> None:
         parked: dict[str, int] = {}
-        for run_id, function_id, next_at in await self.store.unfinished_runs():
+        for run_id, function_id, due in await self.store.unfinished_runs():
+            if only_idle and (run_id in self._tasks or run_id in self._timers):
+                continue
             if function_id in self._functions:
-                self.schedule(run_id, next_at)
+                self.schedule(run_id, due)
             else:
                 parked[function_id] = parked.get(function_id, 0) + 1
         for function_id, count in parked.items():
@@ -139,9 +238,10 @@ class Runner:
         and their runs resume from the last committed step on the next start too.
         """
         self._started = False
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._crons]:
             timer.cancel()
         self._timers.clear()
+        self._crons.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -155,20 +255,28 @@ class Runner:
         return len(self._tasks) + len(self._timers)
 
     async def wait_idle(self) -> None:
-        """Return once no run is executing or scheduled."""
-        await self._idle.wait()
+        """Return once no run is executing or waiting on a timer.
 
-    def _update_idle(self) -> None:
-        if self._tasks or self._timers:
-            self._idle.clear()
-        else:
-            self._idle.set()
+        On a `VirtualClock`, waiting here is what moves time: whenever every live run is
+        parked on a timer (a sleep, a retry's backoff, a wait's timeout), the clock jumps to
+        the next timer, so hours of waiting take milliseconds.
+        """
+        while self._tasks or self._timers:
+            if not self._tasks and isinstance(self.clock, VirtualClock):
+                due = self.clock.next_due()
+                if due is not None:
+                    self.clock.advance_to(due)
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
 
     # -- scheduling --------------------------------------------------------------------------
 
-    def schedule(self, run_id: str, at_ms: int) -> None:
-        """Execute `run_id` once the clock reaches `at_ms`."""
-        if not self._started:
+    def schedule(self, run_id: str, at_ms: int | None) -> None:
+        """Execute `run_id` once the clock reaches `at_ms` (None: only when woken)."""
+        if not self._started or at_ms is None:
             return
         old = self._timers.pop(run_id, None)
         if old is not None:
@@ -177,7 +285,7 @@ class Runner:
             self._wake(run_id)
         else:
             self._timers[run_id] = self.clock.call_at(at_ms, lambda: self._wake(run_id))
-        self._update_idle()
+        self._notify()
 
     def _wake(self, run_id: str) -> None:
         self._timers.pop(run_id, None)
@@ -187,14 +295,62 @@ class Runner:
             task = asyncio.get_running_loop().create_task(self._execute(run_id))
             self._tasks[run_id] = task
             task.add_done_callback(lambda _: self._done(run_id))
-        self._update_idle()
+        self._notify()
 
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
         if run_id in self._rewake:
             self._rewake.discard(run_id)
             self._wake(run_id)
-        self._update_idle()
+        self._notify()
+
+    def _arm_crons(self) -> None:
+        for timer in self._crons:
+            timer.cancel()
+        self._crons.clear()
+        now = self.clock.now_ms()
+        for fn in self._functions.values():
+            for cron in fn.crons:
+                self._arm_cron(fn, cron, cron.next_after(now))
+
+    def _arm_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
+        def fire() -> None:
+            asyncio.get_running_loop().create_task(self._fire_cron(fn, cron, due))
+        self._crons.append(self.clock.call_at(due, fire))
+
+    async def _fire_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
+        if not self._started or self._functions.get(fn.id) is not fn:
+            return
+        self._arm_cron(fn, cron, cron.next_after(due))
+        event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
+                         data=dump_json({"cron": cron.cron}), v=None, user=None, meta=None,
+                         sessions={}, runs=(NewRun(new_ulid(), fn.id),))
+        created = await self.store.ingest(DEFAULT_ENV, self.clock.now_ms(), [event])
+        await self.after_ingest(DEFAULT_ENV, [event], created)
+
+    # -- cancelling --------------------------------------------------------------------------
+
+    async def cancel(self, run_id: str) -> RunRecord:
+        """Cancel a run (no-op if it has ended); returns its record. Unknown → NotFound."""
+        state = await self.store.run_state(run_id)
+        if state is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        if state.run.status in UNFINISHED:
+            emitted = self._lifecycle(state.run, state.events, CANCELLED, None, None)
+            created = await self.store.finish_run(
+                run_id, CANCELLED, self.clock.now_ms(), emitted=emitted)
+            if created is not None:
+                timer = self._timers.pop(run_id, None)
+                if timer is not None:
+                    timer.cancel()
+                task = self._tasks.get(run_id)
+                if task is not None:
+                    self._cancelled.add(run_id)
+                    task.cancel()
+                await self._ended(state.run, emitted, created)
+        run = await self.store.run(run_id)
+        assert run is not None
+        return run
 
     # -- execution ---------------------------------------------------------------------------
 
@@ -203,7 +359,9 @@ class Runner:
             try:
                 await self._invoke(run_id)
             except asyncio.CancelledError:
-                raise
+                if run_id not in self._cancelled:
+                    raise
+                self._cancelled.discard(run_id)
             except Exception:  # a bug in devserver, not in the user's function
                 log.exception("run %s: internal error while executing", run_id)
 
@@ -218,8 +376,10 @@ class Runner:
             return
         if run.status == QUEUED:
             await self.store.start_run(run_id, self.clock.now_ms())
-        inv = Invocation(run_id=run_id, function=fn, memo=dict(state.memo), attempt=run.attempt,
-                         store=self.store, clock=self.clock, backoff=self.backoff)
+        inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
+                         sessions=dict(run.sessions), memo=dict(state.memo),
+                         pending=dict(state.pending), attempt=run.attempt, store=self.store,
+                         clock=self.clock, backoff=self.backoff, runtime=self)
         events = [Event.from_stored(ev) for ev in state.events]
         loop = asyncio.get_running_loop()
         step = Step(inv, self._executor) if fn.is_async else SyncStep(inv, loop)
@@ -235,22 +395,23 @@ class Runner:
         except Reschedule as resched:
             self.schedule(run_id, resched.at_ms)
             return
+        except RunEnded:
+            return
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the run too
-            await self._function_failed(inv, exc, started)
+            await self._function_failed(inv, run, exc, started)
             return
-        await self._function_returned(inv, result, started)
-
-    async def _function_returned(self, inv: Invocation, result: Any, started: int) -> None:
         try:
             output = to_json_value(result, "the value returned by the function")
         except TypeError as exc:
-            await self._function_failed(inv, NonRetriableError(str(exc)), started)
+            await self._function_failed(inv, run, NonRetriableError(str(exc)), started)
             return
-        await self.store.finish_run(inv.run_id, COMPLETED, self.clock.now_ms(), output=output)
+        await self._finish(run, inv.events, COMPLETED, output=output)
 
-    async def _function_failed(self, inv: Invocation, exc: BaseException, started: int) -> None:
+    async def _function_failed(
+        self, inv: Invocation, run: RunRecord, exc: BaseException, started: int,
+    ) -> None:
         now = self.clock.now_ms()
         if isinstance(exc, StepError):
             error: dict[str, Any] = {"name": exc.name, "message": exc.message,
@@ -261,9 +422,50 @@ class Runner:
             next_at = inv.next_attempt_at(exc, now)
             attempt = StepAttempt(0, None, "function", inv.attempt, FAILED, started, now, None,
                                   error, final=False)
-            await self.store.record_attempt(inv.run_id, attempt, inv.attempt + 1, next_at)
-            self.schedule(inv.run_id, next_at)
+            if await self.store.record_attempt(run.run_id, attempt, inv.attempt + 1, next_at):
+                self.schedule(run.run_id, next_at)
             return
         attempt = StepAttempt(0, None, "function", inv.attempt, FAILED, started, now, None,
                               error, final=True)
-        await self.store.finish_run(inv.run_id, FAILED, now, error=error, attempt=attempt)
+        await self._finish(run, inv.events, FAILED, error=error, attempt=attempt)
+
+    async def _finish(
+        self, run: RunRecord, events: list[StoredEvent], status: str, *, output: Any = None,
+        error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
+    ) -> None:
+        emitted = self._lifecycle(run, events, status, output, error)
+        created = await self.store.finish_run(run.run_id, status, self.clock.now_ms(),
+                                              output=output, error=error, attempt=attempt,
+                                              emitted=emitted)
+        if created is not None:
+            await self._ended(run, emitted, created)
+
+    async def _ended(self, run: RunRecord, emitted: list[NewEvent], created: list[str]) -> None:
+        await self.after_ingest(run.env, emitted, created)
+        if run.event_name == INVOKED_EVENT:
+            for parent in await self.store.waiting_for_run(run.run_id):
+                self.schedule(parent, self.clock.now_ms())
+
+    def _lifecycle(
+        self, run: RunRecord, events: list[StoredEvent], status: str, output: Any,
+        error: dict[str, Any] | None,
+    ) -> list[NewEvent]:
+        """The events a run's end emits, with the trigger's sessions. Only stored when some
+        function or waiting run could use them: nothing else reads them."""
+        docs = [event_dict(ev) for ev in events]
+        base: dict[str, Any] = {"function_id": run.function_id, "run_id": run.run_id,
+                                "event": docs[0] if docs else {}, "events": docs}
+        outcome = {"result": output} if status == COMPLETED else {
+            "error": error or {"name": "FunctionCancelledError",
+                               "message": "the run was cancelled", "stack": None}}
+        names = [FINISHED_EVENT, *{FAILED: [FAILED_EVENT],
+                                   CANCELLED: [CANCELLED_EVENT]}.get(status, [])]
+        wanted = [name for name in names
+                  if (run.env, name) in self._waited or self._index.match(name)]
+        incoming = [
+            IncomingEvent(name=name, data={**base, **outcome}, id=None, ts=None, v=None,
+                          user=None, meta=None, sessions=dict(run.sessions))
+            for name in wanted
+        ]
+        return self.prepare(run.env, incoming, self.clock.now_ms(),
+                            skip_function=run.function_id)

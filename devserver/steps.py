@@ -1,46 +1,28 @@
-"""Steps and the context a function receives: memoized, durable, retried one step at a time.
+"""What user code touches: the `Context` a function receives, `ctx.step`, and `Event`.
 
-A run's function is invoked from the top every time it resumes. Each `ctx.step.run(id, ...)`
-first looks for the step's memoized result: when found, the body is skipped and the stored
-result returned (or the stored failure raised); otherwise the body runs, its result is committed
-to the database, and only then does the function continue. A failing step whose attempts are not
-spent unwinds the invocation with `Reschedule` (a `BaseException`, so `except Exception` in user
-code can't swallow it) and the run resumes at the backoff time.
-
-Async functions get `Step`; sync functions, which run in a worker thread, get `SyncStep`, whose
-methods block that thread while the event loop commits.
+`ctx.step` offers `run`, `sleep`, `sleep_until`, `wait_for_event`, `send_event` and `invoke`;
+their durable logic lives in `invocation`. Async functions get `Step`; sync functions, which run
+in a worker thread, get `SyncStep`, whose methods block that thread while the event loop
+commits. Only `run` executes user code itself: a sync body from an async function goes to a
+worker thread so it never blocks the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import functools
 import inspect
-import json
 import logging
-import os
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-from .clock import Clock
-from .functions import FunctionDef, NonRetriableError, RetryAfterError, StepError
-from .records import COMPLETED, FAILED, StepAttempt, StoredEvent
-from .retry import Backoff
-from .store import Store, dump_json
+from .invocation import Invocation, Unwind
+from .records import StoredEvent
 
 T = TypeVar("T")
-
-
-class Reschedule(BaseException):
-    """Unwinds an invocation that resumes at `at_ms` (a step's next attempt)."""
-
-    def __init__(self, at_ms: int) -> None:
-        super().__init__(at_ms)
-        self.at_ms = at_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,118 +49,18 @@ class Event:
             sessions=dict(ev.sessions), internal_id=ev.internal_id,
         )
 
-
-_INTERNAL_DIRS = (
-    str(Path(__file__).resolve().parent) + os.sep,
-    str(Path(concurrent.futures.__file__).resolve().parent) + os.sep,
-)
-
-
-def error_info(exc: BaseException) -> dict[str, Any]:
-    """The stored shape of an error: `{name, message, stack}`, as Inngest records it.
-
-    The stack starts at the user's code: devserver's own frames above it are dropped.
-    """
-    tb = traceback.TracebackException.from_exception(exc)
-    frames = list(tb.stack)
-    while len(frames) > 1 and frames[0].filename.startswith(_INTERNAL_DIRS):
-        frames.pop(0)
-    tb.stack = traceback.StackSummary.from_list(frames)
-    return {"name": type(exc).__name__, "message": str(exc), "stack": "".join(tb.format())}
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Event:
+        """Build from the dict a `wait_for_event` step stores."""
+        return cls(
+            name=doc["name"], data=doc.get("data") or {}, id=doc.get("id") or None,
+            ts=doc["ts"], v=doc.get("v"), user=doc.get("user"),
+            sessions=dict(doc.get("sessions") or {}), internal_id=doc.get("internal_id", ""),
+        )
 
 
-def to_json_value(value: Any, what: str) -> Any:
-    """`value` as it will read back from storage, or `TypeError` saying what can't be stored."""
-    try:
-        return json.loads(dump_json(value))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
-
-
-class Invocation:
-    """One execution of a run's function: its memo, its step ids and its attempt counter.
-
-    `attempt` is 0-based and counts attempts of the current unit of work: it returns to 0 once
-    a step completes, as every step gets its own attempts.
-    """
-
-    def __init__(
-        self, *, run_id: str, function: FunctionDef, memo: dict[str, StepAttempt],
-        attempt: int, store: Store, clock: Clock, backoff: Backoff,
-    ) -> None:
-        self.run_id = run_id
-        self.function = function
-        self.memo = memo
-        self.attempt = attempt
-        self.store = store
-        self.clock = clock
-        self.backoff = backoff
-        self._seen: dict[str, int] = {}
-
-    def unique_id(self, step_id: str) -> str:
-        """`step_id` for its first use in this invocation, then `step_id:1`, `step_id:2`..."""
-        if not isinstance(step_id, str) or not step_id:
-            raise TypeError(f"step id must be a non-empty string, got {step_id!r}")
-        count = self._seen.get(step_id, 0)
-        self._seen[step_id] = count + 1
-        return step_id if count == 0 else f"{step_id}:{count}"
-
-    def replay(self, memo: StepAttempt) -> Any:
-        """The memoized outcome of a step: its output, or its final error raised as StepError."""
-        if memo.error is not None:
-            raise _step_error(memo)
-        return memo.output
-
-    def next_attempt_at(self, exc: BaseException, now: int) -> int:
-        """When to try again after `exc` ended the current attempt."""
-        if isinstance(exc, RetryAfterError):
-            return exc.retry_at_ms(now)
-        return now + self.backoff.delay_ms(self.attempt)
-
-    def can_retry(self, exc: BaseException) -> bool:
-        """Whether `exc` leaves attempts for the current unit of work."""
-        if isinstance(exc, NonRetriableError | StepError):
-            return False
-        return self.attempt + 1 < self.function.max_attempts
-
-    async def step_failed(self, uid: str, exc: BaseException, started: int) -> Any:
-        """Record a failed step attempt; raise `Reschedule` to retry, else `StepError`."""
-        now = self.clock.now_ms()
-        error = error_info(exc)
-        if self.can_retry(exc):
-            next_at = self.next_attempt_at(exc, now)
-            record = StepAttempt(0, uid, "run", self.attempt, FAILED, started, now, None, error,
-                                 final=False)
-            await self.store.record_attempt(self.run_id, record, self.attempt + 1, next_at)
-            raise Reschedule(next_at)
-        record = StepAttempt(0, uid, "run", self.attempt, FAILED, started, now, None, error,
-                             final=True)
-        await self.store.record_attempt(self.run_id, record, 0)
-        self.memo[uid] = record
-        self.attempt = 0
-        raise _step_error(record) from exc
-
-    async def step_succeeded(self, uid: str, output: Any, started: int) -> Any:
-        """Commit a step's result before the function may continue; return it as stored."""
-        try:
-            value = to_json_value(output, f"the value returned by step {uid!r}")
-        except TypeError as exc:
-            # A programming error that another attempt can't fix: fail the step for good.
-            return await self.step_failed(uid, NonRetriableError(str(exc)), started)
-        record = StepAttempt(0, uid, "run", self.attempt, COMPLETED, started,
-                             self.clock.now_ms(), value, None, final=True)
-        await self.store.record_attempt(self.run_id, record, 0)
-        self.memo[uid] = record
-        self.attempt = 0
-        return value
-
-
-def _step_error(memo: StepAttempt) -> StepError:
-    error = memo.error or {}
-    return StepError(
-        memo.step_id or "", str(error.get("name", "Error")), str(error.get("message", "")),
-        error.get("stack"),
-    )
+Duration = str | int | float | dt.timedelta
+Moment = dt.datetime | str | int | float
 
 
 class Step:
@@ -210,11 +92,51 @@ class Step:
                     self._executor, functools.partial(handler, *args))
                 if inspect.isawaitable(output):
                     output = await output
-        except (asyncio.CancelledError, Reschedule):
+        except (asyncio.CancelledError, Unwind):
             raise
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the step too
             return await self._inv.step_failed(uid, exc, started)
         return await self._inv.step_succeeded(uid, output, started)
+
+    async def sleep(self, step_id: str, duration: Duration) -> None:
+        """Pause the run for `duration` (`"30s"`, `"1h30m"`, seconds or a timedelta).
+
+        Durable: the wake time is stored, so a restart doesn't shorten or restart the sleep.
+        """
+        await self._inv.sleep(step_id, duration)
+
+    async def sleep_until(self, step_id: str, until: Moment) -> None:
+        """Pause the run until a datetime (naive means UTC), ISO 8601 string or ms timestamp."""
+        await self._inv.sleep_until(step_id, until)
+
+    async def wait_for_event(
+        self, step_id: str, *, event: str, timeout: Duration, if_: str | None = None,
+        match: str | None = None,
+    ) -> Event | None:
+        """Wait for an event named `event` sent after the wait began; None after `timeout`.
+
+        `if_` is a CEL condition over `event` (this run's trigger) and `async` (the
+        candidate), e.g. `"async.data.order_id == event.data.order_id"`; `match="data.id"`
+        is shorthand for exactly that comparison.
+        """
+        found = await self._inv.wait_for_event(step_id, event, timeout, if_, match)
+        return None if found is None else Event.from_dict(found)
+
+    async def send_event(self, step_id: str, events: dict[str, Any] | list[dict[str, Any]]
+                         ) -> list[str]:
+        """Send one event or a list (validated as `/e/` does) exactly once; returns their ids.
+
+        The events carry this run's sessions unless they set sessions of their own.
+        """
+        return await self._inv.send_event(step_id, events)
+
+    async def invoke(self, step_id: str, *, function: object, data: dict[str, Any] | None = None,
+                     timeout: Duration | None = None) -> Any:
+        """Run another registered function (its handler or id) and return its output.
+
+        Its failure is raised here as `StepError`; so is not finishing within `timeout`.
+        """
+        return await self._inv.invoke(step_id, function, data, timeout)
 
 
 class SyncStep:
@@ -238,11 +160,37 @@ class SyncStep:
             output = handler(*args)
             if inspect.isawaitable(output):
                 output = self._on_loop(_await(output))
-        except Reschedule:
+        except Unwind:
             raise
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the step too
             return self._on_loop(self._inv.step_failed(uid, exc, started))
         return self._on_loop(self._inv.step_succeeded(uid, output, started))
+
+    def sleep(self, step_id: str, duration: Duration) -> None:
+        """See `Step.sleep`."""
+        self._on_loop(self._inv.sleep(step_id, duration))
+
+    def sleep_until(self, step_id: str, until: Moment) -> None:
+        """See `Step.sleep_until`."""
+        self._on_loop(self._inv.sleep_until(step_id, until))
+
+    def wait_for_event(
+        self, step_id: str, *, event: str, timeout: Duration, if_: str | None = None,
+        match: str | None = None,
+    ) -> Event | None:
+        """See `Step.wait_for_event`."""
+        found = self._on_loop(self._inv.wait_for_event(step_id, event, timeout, if_, match))
+        return None if found is None else Event.from_dict(found)
+
+    def send_event(self, step_id: str, events: dict[str, Any] | list[dict[str, Any]]
+                   ) -> list[str]:
+        """See `Step.send_event`."""
+        return self._on_loop(self._inv.send_event(step_id, events))
+
+    def invoke(self, step_id: str, *, function: object, data: dict[str, Any] | None = None,
+               timeout: Duration | None = None) -> Any:
+        """See `Step.invoke`."""
+        return self._on_loop(self._inv.invoke(step_id, function, data, timeout))
 
 
 async def _await(awaitable: Awaitable[T]) -> T:

@@ -828,7 +828,8 @@ class Store:
         """Events called `name` received after the event id boundary, oldest first."""
         return await self._read(lambda db: [_event(r) for r in db.execute(
             "SELECT * FROM events WHERE env = ? AND name = ? AND internal_id > ? "
-            "ORDER BY internal_id LIMIT ?", (env, name, after_internal_id, limit))])
+            "AND duplicate = 0 ORDER BY internal_id LIMIT ?",
+            (env, name, after_internal_id, limit))])
 
     async def run(self, run_id: str) -> RunRecord | None:
         """One run's row."""
@@ -857,12 +858,22 @@ class Store:
         return await self._read(lambda db: _read_run_detail(db, run_id))
 
     async def unfinished_runs(self) -> list[tuple[str, str, int]]:
-        """(run_id, function_id, next_at) of every Queued or Running run."""
+        """(run_id, function_id, when due) of every Queued or Running run.
+
+        A run with a pending wait (event, invoke) is due at once, so it re-checks what it
+        waits for; others are due at their stored wake time (sleep end, retry backoff).
+        """
         return await self._read(lambda db: [
             (r[0], r[1], r[2] or 0) for r in db.execute(
-                "SELECT run_id, function_id, next_at FROM runs "
-                "WHERE status IN ('Queued', 'Running') ORDER BY next_at")
+                "SELECT r.run_id, r.function_id, CASE WHEN EXISTS (SELECT 1 FROM waits w "
+                "WHERE w.run_id = r.run_id) THEN 0 ELSE r.next_at END AS due FROM runs r "
+                "WHERE r.status IN ('Queued', 'Running') ORDER BY due")
         ])
+
+    async def waited_event_names(self) -> list[tuple[str, str]]:
+        """(env, event name) pairs that some run's `wait_for_event` step waits for."""
+        return await self._read(lambda db: [(r[0], r[1]) for r in db.execute(
+            "SELECT DISTINCT env, event_name FROM waits WHERE event_name IS NOT NULL")])
 
     async def event(self, internal_id: str) -> StoredEvent | None:
         """One event by its internal id."""

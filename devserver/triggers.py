@@ -29,6 +29,18 @@ class EventTrigger:
     event: str
     expression: Expression | None = None
 
+    def describe(self) -> str:
+        """For banners and pages: `app/*` or `app/* if event.data.x == 1`."""
+        if self.expression is None:
+            return self.event
+        return f"{self.event} if {self.expression.source}"
+
+    def doc(self) -> dict[str, str]:
+        """Inngest's JSON shape of a trigger: `{"event", "expression"?}`."""
+        if self.expression is None:
+            return {"event": self.event}
+        return {"event": self.event, "expression": self.expression.source}
+
     def accepts(self, event: dict[str, Any]) -> bool:
         """Whether an event whose name matched passes this trigger's filter."""
         return self.expression is None or self.expression.matches(event=event)
@@ -62,6 +74,14 @@ class CronTrigger:
 
     def __post_init__(self) -> None:
         self.next_after(0)  # validates
+
+    def describe(self) -> str:
+        """For banners and pages: `cron 0 9 * * *`."""
+        return f"cron {self.cron}"
+
+    def doc(self) -> dict[str, str]:
+        """Inngest's JSON shape of a trigger: `{"cron"}`."""
+        return {"cron": self.cron}
 
     def _split(self) -> tuple[str, dt.tzinfo]:
         text = self.cron.strip()
