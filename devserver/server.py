@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from . import api
+from . import api, dashboard
 from .clock import Clock, WallClock
 from .errors import ConfigError
 from .events import MAX_BODY_BYTES
@@ -66,6 +66,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
 
     app.cleanup_ctx.extend([store_ctx, runner_ctx])
     app.add_routes(api.routes)
+    dashboard.setup(app)
     return app
 
 
