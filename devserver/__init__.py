@@ -3,16 +3,31 @@
 Write functions with `App` and `@app.function(...)`, run them with `python -m devserver --app ...`.
 """
 
-from .functions import App, FunctionDef, NonRetriableError, RetryAfterError, StepError
+from .clock import VirtualClock, WallClock
+from .functions import (
+    App,
+    Cancel,
+    FunctionDef,
+    NonRetriableError,
+    RetryAfterError,
+    StepError,
+    TriggerCron,
+    TriggerEvent,
+)
 from .steps import Context, Event
 
 __all__ = [
     "App",
+    "Cancel",
     "Context",
     "Event",
     "FunctionDef",
     "NonRetriableError",
     "RetryAfterError",
     "StepError",
+    "TriggerCron",
+    "TriggerEvent",
+    "VirtualClock",
+    "WallClock",
 ]
 __version__ = "0.1.0"

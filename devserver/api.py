@@ -332,6 +332,15 @@ async def api_run(request: web.Request) -> web.Response:
     return json_ok(await run_doc(request))
 
 
+@routes.get("/api/runs")
+async def api_runs(request: web.Request) -> web.Response:
+    """Recent runs, newest first, optionally `?function_id=` and `?status=`."""
+    runs = await request.app[STORE].runs(
+        env_of(request), function_id=request.query.get("function_id") or None,
+        status=request.query.get("status") or None, limit=limit_param(request))
+    return json_ok({"env": env_of(request), "runs": [run_summary_doc(r) for r in runs]})
+
+
 @routes.get("/api/environments")
 async def api_environments(request: web.Request) -> web.Response:
     """The environments that have data (for the dashboard's selector)."""

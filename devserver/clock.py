@@ -144,7 +144,7 @@ def to_ms(moment: dt.datetime | int | float | str) -> int:
         except ValueError:
             raise ValueError(f"not an ISO 8601 date: {moment!r}") from None
     if isinstance(moment, dt.datetime):
-        aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+        aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
         return int(aware.timestamp() * 1000)
     if isinstance(moment, bool) or not isinstance(moment, int | float):
         raise ValueError(f"not a point in time: {moment!r}")

@@ -870,6 +870,22 @@ class Store:
                 "WHERE r.status IN ('Queued', 'Running') ORDER BY due")
         ])
 
+    async def runs(
+        self, env: str, *, function_id: str | None = None, status: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        """Runs of an environment, newest first, optionally of one function or status."""
+        where, params = ["env = ?"], [env]
+        if function_id is not None:
+            where.append("function_id = ?")
+            params.append(function_id)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        return await self._read(lambda db: [_run(r) for r in db.execute(
+            f"SELECT * FROM runs WHERE {' AND '.join(where)} ORDER BY run_id DESC LIMIT ?",
+            (*params, limit))])
+
     async def waited_event_names(self) -> list[tuple[str, str]]:
         """(env, event name) pairs that some run's `wait_for_event` step waits for."""
         return await self._read(lambda db: [(r[0], r[1]) for r in db.execute(

@@ -12,13 +12,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from devserver.clock import Clock
 from devserver.functions import App
 from devserver.server import Config, Server
 
 
 class MakeServer(Protocol):
     async def __call__(
-        self, *apps: App, retry_interval: float | None = 0, db: Path | str | None = None
+        self, *apps: App, retry_interval: float | None = 0, db: Path | str | None = None,
+        clock: Clock | None = None,
     ) -> Server: ...
 
 
@@ -28,12 +30,13 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     servers: list[Server] = []
 
     async def make(
-        *apps: App, retry_interval: float | None = 0, db: Path | str | None = None
+        *apps: App, retry_interval: float | None = 0, db: Path | str | None = None,
+        clock: Clock | None = None,
     ) -> Server:
         path = db if db is not None else tmp_path / f"db{len(servers)}.sqlite3"
         config = Config(db=str(path), functions=[fn for app in apps for fn in app.functions],
                         retry_interval=retry_interval)
-        server = Server(config, port=0)
+        server = Server(config, port=0, clock=clock)
         await server.start()
         servers.append(server)
         return server
