@@ -87,7 +87,7 @@ async def test_sleep_until_and_sync_sleep(make_server: MakeServer, http: aiohttp
                                           ) -> None:
     app = devserver.App("until")
     start = 1_800_000_000_000
-    wake = dt.datetime.fromtimestamp(start / 1000 + 86400, tz=dt.timezone.utc)
+    wake = dt.datetime.fromtimestamp(start / 1000 + 86400, tz=dt.UTC)
 
     @app.function(trigger="app/until")
     async def until(ctx: devserver.Context) -> int:
@@ -371,7 +371,7 @@ async def test_cron_functions_fire_on_the_clock(
     async def tick(ctx: devserver.Context) -> str:
         return str(ctx.event.data["cron"])
 
-    start = int(dt.datetime(2030, 1, 1, 0, 1, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    start = int(dt.datetime(2030, 1, 1, 0, 1, tzinfo=dt.UTC).timestamp() * 1000)
     clock = VirtualClock(start_ms=start)
     server = await make_server(app, clock=clock)
     clock.advance(12 * 60_000)  # 00:05 and 00:10
