@@ -16,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
+from . import __version__
 from .errors import DevserverError, NotFound, PayloadTooLarge, UserError
 from .events import MAX_BODY_BYTES, parse_body
 from .records import RunDetail, RunRecord, SessionStats, StepAttempt, StoredEvent
+from .reload import AppReloader
 from .runner import DEFAULT_ENV as DEFAULT_ENV
 from .runner import Runner
 from .store import Store
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RUNNER = web.AppKey("runner", Runner)
 STORE = web.AppKey("store", Store)
+RELOADER = web.AppKey("reloader", AppReloader)
 
 ENV_HEADER = "X-Inngest-Env"
 DEFAULT_PAGE = 50
@@ -348,6 +351,23 @@ async def api_environments(request: web.Request) -> web.Response:
         {"env": e.env, "events": e.events, "last_active": iso(e.last_active)}
         for e in await request.app[STORE].environments()
     ]})
+
+
+@routes.get("/api/status")
+async def api_status(request: web.Request) -> web.Response:
+    """The server's state: version, functions, runs in flight, hot reload."""
+    reloader = request.app.get(RELOADER)
+    reload_doc = None
+    if reloader is not None:
+        status = reloader.status
+        reload_doc = {"enabled": status.enabled, "ok": status.ok, "error": status.error,
+                      "reloads": status.reloads,
+                      "reloaded_at": None if status.reloaded_at is None
+                      else iso(int(status.reloaded_at * 1000)),
+                      "watching": [str(folder) for folder in reloader.folders]}
+    runner = request.app[RUNNER]
+    return json_ok({"status": 200, "version": __version__, "functions": len(runner.functions),
+                    "busy_runs": runner.busy, "reload": reload_doc})
 
 
 @routes.get("/api/functions")

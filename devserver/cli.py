@@ -63,20 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retry-interval", type=_seconds, default=None, metavar="SECONDS",
                        help="fixed delay between attempts (default: Inngest's backoff table; "
                             "0 retries at once)")
-    serve.add_argument("--no-reload", action="store_true",
-                       help="do not watch app files (hot reload is not implemented yet; the "
-                            "flag is accepted so scripts can pass it today)")
+    serve.add_argument("--reload", action=argparse.BooleanOptionalAction, default=None,
+                       help="reload the apps when their files change (default: on when --app "
+                            "is given)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                        help="log verbosity (default info)")
     return parser
 
 
 def _banner(server: Server, db: str, functions: list[FunctionDef]) -> str:
+    reloading = server.config.reload and bool(server.config.app_specs)
     lines = [
         f"devserver {__version__}",
         f"  dashboard   {server.url}/sessions",
         f"  event API   POST {server.url}/e/<any key>",
         f"  database    {db if db == ':memory:' else Path(db).resolve()}",
+        f"  reload      {'on: watching app files' if reloading else 'off'}",
         f"  functions   {len(functions)}",
     ]
     for fn in functions:
@@ -87,7 +89,9 @@ def _banner(server: Server, db: str, functions: list[FunctionDef]) -> str:
 
 async def _serve(args: argparse.Namespace) -> int:
     functions = [fn for spec in args.app for fn in load_app(spec)]
-    config = Config(db=args.db, functions=functions, retry_interval=args.retry_interval)
+    reload = bool(args.app) if args.reload is None else args.reload
+    config = Config(db=args.db, functions=functions, retry_interval=args.retry_interval,
+                    app_specs=list(args.app), reload=reload)
     server = Server(config, host=args.host, port=args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -20,6 +20,8 @@ from .functions import App, FunctionDef
 def _describe(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SyntaxError):  # its message already names the file and line
+        where = ""
     message = " ".join(str(exc).split())  # one line, whatever the exception says
     return f"{type(exc).__name__}: {message}{where}"
 

@@ -20,6 +20,7 @@ from .clock import Clock, WallClock
 from .errors import ConfigError
 from .events import MAX_BODY_BYTES
 from .functions import FunctionDef
+from .reload import AppReloader
 from .retry import Backoff, FixedBackoff, InngestBackoff
 from .runner import Runner
 from .store import Store
@@ -37,6 +38,10 @@ class Config:
     functions: list[FunctionDef] = field(default_factory=list)
     retry_interval: float | None = None
     """Fixed seconds between attempts; None for Inngest's backoff table."""
+    app_specs: list[str] = field(default_factory=list)
+    """The `--app` specs the functions came from, for hot reload."""
+    reload: bool = False
+    """Watch the apps' files and reload them on change."""
 
     def backoff(self) -> Backoff:
         """The retry delay policy this config selects."""
@@ -65,6 +70,16 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         await runner.stop()
 
     app.cleanup_ctx.extend([store_ctx, runner_ctx])
+    if config.reload and config.app_specs:
+        reloader = AppReloader(config.app_specs, runner)
+        app[api.RELOADER] = reloader
+
+        async def reload_ctx(app: web.Application) -> AsyncIterator[None]:
+            reloader.start()
+            yield
+            await reloader.stop()
+
+        app.cleanup_ctx.append(reload_ctx)
     app.add_routes(api.routes)
     dashboard.setup(app)
     return app

@@ -16,6 +16,8 @@ from devserver.clock import Clock
 from devserver.functions import App
 from devserver.server import Config, Server
 
+from .procs import spawn as spawn
+
 
 class MakeServer(Protocol):
     async def __call__(
