@@ -254,14 +254,15 @@ class Runner:
         """Runs executing now or waiting on a timer."""
         return len(self._tasks) + len(self._timers)
 
-    async def wait_idle(self) -> None:
+    async def wait_idle(self, *, skip_time: bool = True) -> None:
         """Return once no run is executing or waiting on a timer.
 
         On a `VirtualClock`, waiting here is what moves time: whenever every live run is
         parked on a timer (a sleep, a retry's backoff, a wait's timeout), the clock jumps to
-        the next timer, so hours of waiting take milliseconds.
+        the next timer, so hours of waiting take milliseconds. With `skip_time=False` it
+        returns as soon as nothing executes, leaving timers (and virtual time) as they are.
         """
-        while self._tasks or self._timers:
+        while self._tasks or (skip_time and self._timers):
             if not self._tasks and isinstance(self.clock, VirtualClock):
                 due = self.clock.next_due()
                 if due is not None:
