@@ -121,6 +121,7 @@ def event_doc(ev: StoredEvent) -> dict[str, Any]:
         "sessions": ev.sessions,
         "received_at": iso(ev.received_at),
         "duplicate": ev.duplicate,
+        "source": ev.source,
     }
 
 

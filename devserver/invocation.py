@@ -70,6 +70,7 @@ class Runtime(Protocol):
 
     def prepare(
         self, env: str, events: list[IncomingEvent], now: int, *, skip_function: str | None = None,
+        source: str | None = None,
     ) -> list[NewEvent]:
         """Give events ids and the runs their triggers start."""
 
@@ -346,7 +347,7 @@ class Invocation:
                                    kind="send_event")
             raise AssertionError("step_failed always raises") from None
         now = self.clock.now_ms()
-        prepared = self.runtime.prepare(self.env, incoming, now)
+        prepared = self.runtime.prepare(self.env, incoming, now, source=self.run_id)
         ids = [ev.internal_id for ev in prepared]
         record = StepAttempt(0, uid, "send_event", self.attempt, COMPLETED, started, now, ids,
                              None, final=True)
@@ -393,7 +394,8 @@ class Invocation:
             event = NewEvent(
                 internal_id=new_ulid(), name=INVOKED_EVENT, event_id=None, ts=started,
                 data=dump_json(payload), v=None, user=None, meta=None,
-                sessions=dict(self.sessions), runs=(NewRun(child_id, target.id),))
+                sessions=dict(self.sessions), runs=(NewRun(child_id, target.id),),
+                source=self.run_id)
             record = StepAttempt(0, uid, "invoke", 0, WAITING, started, started, None, None,
                                  final=False, wait_until=expires,
                                  detail={"function_id": target.id, "run_id": child_id})

@@ -41,6 +41,8 @@ class NewEvent:
     meta: str | None
     sessions: dict[str, str]
     runs: tuple[NewRun, ...]
+    source: str | None = None
+    """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,8 @@ class StoredEvent:
     meta: Any
     sessions: dict[str, str]
     duplicate: bool
+    source: str | None = None
+    """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 
 @dataclass(frozen=True, slots=True)

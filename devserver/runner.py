@@ -151,6 +151,7 @@ class Runner:
 
     def prepare(
         self, env: str, events: list[IncomingEvent], now: int, *, skip_function: str | None = None,
+        source: str | None = None,
     ) -> list[NewEvent]:
         """Give events their ids and the runs their triggers start."""
         prepared = []
@@ -165,7 +166,7 @@ class Runner:
                 data=dump_json(ev.data), v=None if ev.v is None else dump_json(ev.v),
                 user=None if ev.user is None else dump_json(ev.user),
                 meta=None if ev.meta is None else dump_json(ev.meta),
-                sessions=ev.sessions, runs=runs))
+                sessions=ev.sessions, runs=runs, source=source))
         return prepared
 
     async def ingest(self, env: str, events: list[IncomingEvent]) -> list[str]:
@@ -325,7 +326,7 @@ class Runner:
         self._arm_cron(fn, cron, cron.next_after(due))
         event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
                          data=dump_json({"cron": cron.cron}), v=None, user=None, meta=None,
-                         sessions={}, runs=(NewRun(new_ulid(), fn.id),))
+                         sessions={}, runs=(NewRun(new_ulid(), fn.id),), source="cron")
         created = await self.store.ingest(DEFAULT_ENV, self.clock.now_ms(), [event])
         await self.after_ingest(DEFAULT_ENV, [event], created)
 
@@ -469,4 +470,4 @@ class Runner:
             for name in wanted
         ]
         return self.prepare(run.env, incoming, self.clock.now_ms(),
-                            skip_function=run.function_id)
+                            skip_function=run.function_id, source=run.run_id)

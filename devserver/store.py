@@ -77,7 +77,8 @@ CREATE TABLE events (
     user TEXT,
     meta TEXT,
     sessions TEXT NOT NULL,
-    duplicate INTEGER NOT NULL DEFAULT 0
+    duplicate INTEGER NOT NULL DEFAULT 0,
+    source TEXT
 );
 CREATE INDEX events_by_key ON events (env, event_id, received_at) WHERE event_id IS NOT NULL;
 
@@ -232,6 +233,7 @@ def _event(row: sqlite3.Row) -> StoredEvent:
         meta=_load(row["meta"]),
         sessions=json.loads(row["sessions"]),
         duplicate=bool(row["duplicate"]),
+        source=row["source"],
     )
 
 
@@ -298,9 +300,10 @@ def _ingest(
         sessions_json = dump_json(ev.sessions)
         db.execute(
             "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
-            "user, meta, sessions, duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "user, meta, sessions, duplicate, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at, ev.data, ev.v,
-             ev.user, ev.meta, sessions_json, int(duplicate)),
+             ev.user, ev.meta, sessions_json, int(duplicate), ev.source),
         )
         for ident, value in ev.sessions.items():
             new = db.execute(
