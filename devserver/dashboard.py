@@ -32,7 +32,8 @@ from aiohttp import web
 
 from . import api
 from .errors import ConfigError, DevserverError, NotFound, UserError
-from .records import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, UNFINISHED, StoredEvent
+from .events import RESERVED_PREFIX
+from .records import FINISHED, UNFINISHED, WAITING, StoredEvent
 from .triggers import EventTrigger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,21 +41,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STRICT_ENV_VAR = "DEVSERVER_STRICT_TEMPLATES"
 """Set to 1 to render templates with `jinja2.StrictUndefined` (the tests do)."""
 CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-LIVE_FAST_MS = 1000
-"""Refresh interval while runs are in flight."""
-LIVE_SLOW_MS = 5000
-"""Refresh interval otherwise (new events may still arrive)."""
-STATIC_TYPES = {
-    ".css": "text/css; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".svg": "image/svg+xml",
-}
+LIVE_FAST_MS, LIVE_SLOW_MS = 1000, 2000
+"""Page refresh intervals: while runs are in flight, and otherwise (new events may arrive)."""
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".svg": "image/svg+xml"}
 STATIC_MAX_AGE = 365 * 24 * 3600
 EXAMPLE_EVENT = "app/message.created"
 SORTS = (("value", "Value"), ("runs", "Runs"), ("failure_rate", "Failure rate"),
          ("last_active", "Last active"))
 DEFAULT_SORT = "last_active"
-STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED)}
+STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (*UNFINISHED, *FINISHED, WAITING)}
 API_PREFIXES = ("/api/", "/e/", "/v1/", "/static/")
 MAX_SUGGESTIONS = 20
 
@@ -67,28 +63,26 @@ def to_ms(stamp: str | int | None) -> int | None:
     """Milliseconds since the epoch from an `api.iso` string (or ms already), or None."""
     if stamp is None or isinstance(stamp, int):
         return stamp
-    moment = dt.datetime.fromisoformat(stamp)
-    return round(moment.timestamp() * 1000)
+    return round(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def _utc(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
 
 
 def format_absolute(stamp: str | int | None) -> str:
     """`2025-01-02 14:03:12.345 UTC`, or an em dash."""
     ms = to_ms(stamp)
-    if ms is None:
-        return "—"
-    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{ms % 1000:03d} UTC"
+    return "—" if ms is None else _utc(ms).strftime("%Y-%m-%d %H:%M:%S.") + f"{ms % 1000:03d} UTC"
 
 
 def format_clock(stamp: str | int | None, now_ms: int) -> str:
-    """A short absolute time: `14:03:12.345` today (UTC), `Jan 02 14:03:12` on other days."""
+    """A short absolute time (UTC): `14:03:12` today, `Jan 02 14:03` on other days."""
     ms = to_ms(stamp)
     if ms is None:
         return "—"
-    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-    if moment.date() == dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).date():
-        return moment.strftime("%H:%M:%S.") + f"{ms % 1000:03d}"
-    return moment.strftime("%b %d %H:%M:%S")
+    same_day = _utc(ms).date() == _utc(now_ms).date()
+    return _utc(ms).strftime("%H:%M:%S" if same_day else "%b %d %H:%M")
 
 
 def format_ago(stamp: str | int | None, now_ms: int) -> str:
@@ -101,7 +95,7 @@ def format_ago(stamp: str | int | None, now_ms: int) -> str:
                               (30 * 86400, "d", 86400)):
         if seconds < limit:
             return "just now" if seconds < 1 else f"{seconds // size} {unit} ago"
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d")
+    return _utc(ms).strftime("%Y-%m-%d")
 
 
 def format_duration(ms: int | None) -> str:
@@ -124,16 +118,10 @@ def format_duration(ms: int | None) -> str:
 
 def format_percent(rate: float) -> str:
     """A failure rate (a fraction) as a percent: `0%`, `<0.1%`, `33.3%`, `>99.9%`, `100%`."""
-    if rate <= 0:
-        return "0%"
-    if rate >= 1:
-        return "100%"
     percent = rate * 100
-    if percent < 0.1:
-        return "<0.1%"
-    if percent > 99.9:
-        return ">99.9%"
-    return f"{percent:.1f}".rstrip("0").rstrip(".") + "%"
+    if percent in (0, 100) or 0.1 <= percent <= 99.9:
+        return f"{percent:.1f}".rstrip("0").rstrip(".") + "%"
+    return "<0.1%" if percent < 0.1 else ">99.9%"
 
 
 def pretty_json(value: Any) -> str:
@@ -182,26 +170,20 @@ def run_path(run_id: str) -> str:
 
 def fixture_event(ev: StoredEvent) -> dict[str, Any]:
     """A stored event as one fixture line: exactly what `POST /e/{key}` accepts."""
-    line: dict[str, Any] = {"name": ev.name, "data": ev.data}
-    if ev.event_id is not None:
-        line["id"] = ev.event_id
-    line["ts"] = ev.ts
-    if ev.v is not None:
-        line["v"] = ev.v
-    if ev.user is not None:
-        line["user"] = ev.user
-    if ev.meta:
-        line["meta"] = ev.meta
-    if ev.sessions:
-        line["sessions"] = ev.sessions
-    return line
+    line = {"name": ev.name, "data": ev.data, "id": ev.event_id, "ts": ev.ts, "v": ev.v,
+            "user": ev.user, "meta": ev.meta or None, "sessions": ev.sessions or None}
+    return {key: value for key, value in line.items() if value is not None}
 
 
 def fixture_jsonl(events: list[StoredEvent]) -> bytes:
-    """Events as JSON Lines, one event per line, in the given order."""
+    """Events as JSON Lines in the given order, one per line.
+
+    Events devserver emitted itself (`inngest/function.finished` and the like) are left out:
+    the event API refuses their reserved names, and replaying the run recreates them.
+    """
     return "".join(
         json.dumps(fixture_event(ev), ensure_ascii=False, separators=(",", ":")) + "\n"
-        for ev in events
+        for ev in events if not ev.name.lower().startswith(RESERVED_PREFIX)
     ).encode()
 
 
@@ -248,15 +230,15 @@ def templates_dir() -> Path:
         "reinstall devserver")
 
 
+@functools.cache
 def make_environment(directory: Path, *, strict: bool = False) -> jinja2.Environment:
-    """The Jinja2 environment: autoescaped, with the dashboard's filters."""
+    """The Jinja2 environment: autoescaped, with the dashboard's filters.
+
+    Shared by every app in the process, so templates compile once, not once per test server.
+    """
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(directory),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined if strict else jinja2.Undefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+        loader=jinja2.FileSystemLoader(directory), autoescape=True, trim_blocks=True,
+        lstrip_blocks=True, undefined=jinja2.StrictUndefined if strict else jinja2.Undefined)
     env.filters.update(
         absolute=format_absolute, ago=_ago_filter, clock=_clock_filter,
         duration=format_duration, iso=iso_stamp, percent=format_percent, pretty=pretty_json,
@@ -450,25 +432,17 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
         curl = curl_command(ctx["base_url"], env, "conversation_id", "conv_1234",
                             _example_event(request))
         return render(request, "identifiers.html", {**ctx, "doc": doc, "curl": curl})
-    q = request.query.get("q") or ""
-    limit = request.query.get("limit") or None
-    sort = doc["sort"]
+    q, limit = request.query.get("q") or "", request.query.get("limit") or None
+    here = functools.partial(link, "/sessions", identifier=identifier, limit=limit)
+    sort, next_cursor = doc["sort"], doc["next_cursor"]
     sort_param = None if sort == DEFAULT_SORT else sort
-    cursor = request.query.get("cursor")
-    next_cursor = doc["next_cursor"]
     return render(request, "sessions.html", {
         **ctx, "doc": doc, "q": q, "limit": limit, "sort_param": sort_param,
-        "sorts": [
-            (key, label, key == sort, link("/sessions", identifier=identifier, q=q,
-                                           sort=None if key == DEFAULT_SORT else key,
-                                           limit=limit))
-            for key, label in SORTS
-        ],
-        "clear_url": link("/sessions", identifier=identifier, sort=sort_param, limit=limit),
-        "first_url": link("/sessions", identifier=identifier, q=q, sort=sort_param,
-                          limit=limit) if cursor else None,
-        "next_url": link("/sessions", identifier=identifier, q=q, sort=sort_param, limit=limit,
-                         cursor=next_cursor) if next_cursor else None,
+        "sorts": [(key, label, key == sort, here(q=q, sort=None if key == DEFAULT_SORT else key))
+                  for key, label in SORTS],
+        "clear_url": here(sort=sort_param),
+        "first_url": here(q=q, sort=sort_param) if request.query.get("cursor") else None,
+        "next_url": here(q=q, sort=sort_param, cursor=next_cursor) if next_cursor else None,
     })
 
 
@@ -486,15 +460,14 @@ async def session_page(request: web.Request) -> web.StreamResponse:
                                 identifier=identifier, value=value)
     in_flight = _busy(request) or any(r["status"] in UNFINISHED for r in doc["runs"])
     ctx = await _context(request, env, live_ms=LIVE_FAST_MS if in_flight else LIVE_SLOW_MS)
-    limit = request.query.get("limit") or None
+    here = functools.partial(link, "/session", identifier=identifier, value=value,
+                             limit=request.query.get("limit"))
     next_cursor = doc["next_cursor"]
     return render(request, "session.html", {
         **ctx, "doc": doc,
         "fixture_url": link("/session/fixture", identifier=identifier, value=value),
-        "first_url": link("/session", identifier=identifier, value=value, limit=limit)
-        if request.query.get("cursor") else None,
-        "next_url": link("/session", identifier=identifier, value=value, limit=limit,
-                         cursor=next_cursor) if next_cursor else None,
+        "first_url": here() if request.query.get("cursor") else None,
+        "next_url": here(cursor=next_cursor) if next_cursor else None,
     })
 
 
