@@ -30,9 +30,8 @@ from urllib.parse import quote, urlencode
 import jinja2
 from aiohttp import web
 
-from . import api
+from . import api, replay
 from .errors import ConfigError, DevserverError, NotFound, UserError
-from .events import RESERVED_PREFIX
 from .records import FINISHED, UNFINISHED, WAITING, StoredEvent
 from .triggers import EventTrigger
 
@@ -176,15 +175,12 @@ def fixture_event(ev: StoredEvent) -> dict[str, Any]:
 
 
 def fixture_jsonl(events: list[StoredEvent]) -> bytes:
-    """Events as JSON Lines in the given order, one per line.
+    """The events users sent, as JSON Lines in the given order.
 
-    Events devserver emitted itself (`inngest/function.finished` and the like) are left out:
-    the event API refuses their reserved names, and replaying the run recreates them.
+    Events the runs produced (`send_event`, `invoke`, `inngest/function.finished`, cron) are
+    left out: replaying the user's events makes the runs produce them again.
     """
-    return "".join(
-        json.dumps(fixture_event(ev), ensure_ascii=False, separators=(",", ":")) + "\n"
-        for ev in events if not ev.name.lower().startswith(RESERVED_PREFIX)
-    ).encode()
+    return replay.to_jsonl([fixture_event(ev) for ev in events if ev.source is None]).encode()
 
 
 def fixture_filename(identifier: str, value: str) -> str:

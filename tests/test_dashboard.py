@@ -153,7 +153,13 @@ def support_app(gate: threading.Event | None = None) -> devserver.App:
         text = await ctx.step.run("load", lambda: str(ctx.event.data.get("text", "")))
         if ctx.event.data.get("fail"):
             raise devserver.NonRetriableError(f"cannot summarize {text!r}")
+        if ctx.event.data.get("notify"):  # the sent event inherits the run's sessions
+            await ctx.step.send_event("notify", {"name": "app/summary.ready", "data": {}})
         return {"chars": len(text), "echo": text}
+
+    @app.function(trigger="app/summary.ready", retries=0)
+    async def deliver(ctx: devserver.Context) -> None:
+        return None
 
     @app.function(trigger="app/report.requested", retries=1)
     async def flaky(ctx: devserver.Context) -> None:
@@ -311,10 +317,16 @@ async def test_pagination_links_walk_every_session_once(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     clock = VirtualClock(START)
-    server = await make_server(clock=clock)
+    server = await make_server(support_app(), clock=clock)
     for i in range(7):
         await send(http, server, "app/ping", {"user_id": f"user-{i}"})
         clock.advance(1000)
+    run_ids = []
+    for _ in range(5):  # one session with 5 runs
+        event_id = await send(http, server, "app/message.created", {"user_id": "many"})
+        _, runs = await get_json(http, server, f"/v1/events/{event_id}/runs")
+        run_ids.append(runs["data"][0]["run_id"])
+    await idle(server)
     url = page_url(server, "/sessions", identifier="user_id", sort="value", limit="3")
 
     def check(page: Page) -> None:
@@ -330,11 +342,23 @@ async def test_pagination_links_walk_every_session_once(
             page.wait_for_url(re.compile(r"cursor="))
             assert query_of(page.url)["limit"] == ["3"]
             assert query_of(page.url)["sort"] == ["value"]
-        assert seen == [["user-0", "user-1", "user-2"], ["user-3", "user-4", "user-5"],
-                        ["user-6"]]
+        assert seen == [["many", "user-0", "user-1"], ["user-2", "user-3", "user-4"],
+                        ["user-5", "user-6"]]
         page.locator("a[rel=first]").click()
-        expect(page.locator("td.cell-value").first).to_have_text("user-0")
+        expect(page.locator("td.cell-value").first).to_have_text("many")
         assert "cursor" not in query_of(page.url)
+
+        page.goto(page_url(server, "/session", identifier="user_id", value="many", limit="2"))
+        runs: list[str] = []
+        while True:
+            expect(page.locator("#figure-runs")).to_have_text("5")
+            runs += column(page, "a.run-id")
+            if not page.locator("a[rel=next]").count():
+                break
+            page.locator("a[rel=next]").click()
+            page.wait_for_url(re.compile(r"cursor="))
+            assert query_of(page.url)["limit"] == ["2"]
+        assert runs == run_ids[::-1]  # newest first, each once
 
     await browser.check(check)
 
@@ -581,6 +605,7 @@ async def test_fixture_download_round_trips_through_a_second_server(
     await send(http, first, "app/message.created", None, data={"text": "bad", "fail": True},
                meta={"sessions": session})
     await send(http, first, "app/ping", session, ts=1_700_000_000_000)
+    await send(http, first, "app/message.created", session, data={"notify": True})
     await idle(first)
 
     def download(page: Page) -> tuple[str, bytes]:
@@ -593,7 +618,9 @@ async def test_fixture_download_round_trips_through_a_second_server(
     filename, body = await browser.check(download)
     assert filename == "session-conversation_id-conv_rt_1.jsonl"
     lines = [json.loads(line) for line in body.decode().splitlines()]
-    assert [line["name"] for line in lines] == ["app/message.created"] * 3 + ["app/ping"]
+    # Only what was sent to the event API: not the run's app/summary.ready event.
+    assert [line["name"] for line in lines] == ["app/message.created"] * 3 + [
+        "app/ping", "app/message.created"]
     assert lines[0] == {"name": "app/message.created", "data": {"text": "héllo"}, "id": "evt-1",
                         "ts": lines[0]["ts"], "v": "2025-01-01.1", "user": {"email": "a@b.c"},
                         "sessions": {"conversation_id": "conv/rt 1", "user_id": "u+1"}}
@@ -607,7 +634,8 @@ async def test_fixture_download_round_trips_through_a_second_server(
     params = {"identifier": "conversation_id", "value": "conv/rt 1"}
     _, before = await get_json(http, first, "/api/session", **params)
     _, after = await get_json(http, second, "/api/session", **params)
-    assert before["stats"]["runs"] == 2  # the duplicate id started no run
+    assert before["stats"]["runs"] == 4  # the duplicate id started none, the sent event one
+    assert before["stats"]["functions"] == ["support-bot-deliver", "support-bot-summarize"]
     for figure in ("runs", "failed_runs", "failure_rate", "functions"):
         assert after["stats"][figure] == before["stats"][figure], figure
     async with http.get(page_url(second, "/session/fixture", **params)) as resp:
