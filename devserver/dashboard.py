@@ -41,7 +41,8 @@ STRICT_ENV_VAR = "DEVSERVER_STRICT_TEMPLATES"
 """Set to 1 to render templates with `jinja2.StrictUndefined` (the tests do)."""
 CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 LIVE_FAST_MS, LIVE_SLOW_MS = 1000, 2000
-"""Page refresh intervals: while runs are in flight, and otherwise (new events may arrive)."""
+"""Page refresh intervals: while runs are in flight or the page waits for a first event (empty
+state, unknown session), and otherwise (new events may still arrive)."""
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml"}
 STATIC_MAX_AGE = 365 * 24 * 3600
@@ -362,7 +363,7 @@ async def error_page(
             env = api.env_of(request)
         except UserError:
             env = api.DEFAULT_ENV
-    ctx = await _context(request, env, live_ms=LIVE_SLOW_MS if identifier is not None else 0)
+    ctx = await _context(request, env, live_ms=LIVE_FAST_MS if identifier is not None else 0)
     curl, known = None, []
     if identifier is not None:
         curl = curl_command(ctx["base_url"], env, identifier, value or "example-1",
@@ -422,8 +423,8 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
     except NotFound as exc:
         return await error_page(request, 404, "Unknown identifier", exc.message, env=env,
                                 identifier=identifier)
-    live_ms = LIVE_FAST_MS if _busy(request) else LIVE_SLOW_MS
-    ctx = await _context(request, env, live_ms=live_ms)
+    waiting = _busy(request) or (identifier is None and not doc["identifiers"])
+    ctx = await _context(request, env, live_ms=LIVE_FAST_MS if waiting else LIVE_SLOW_MS)
     if identifier is None:
         curl = curl_command(ctx["base_url"], env, "conversation_id", "conv_1234",
                             _example_event(request))

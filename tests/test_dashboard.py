@@ -457,9 +457,20 @@ async def test_empty_state_teaches_a_curl_command_that_works(
         expect(page.locator("table.identifiers a.row-link")).to_have_text("conversation_id")
         assert page.evaluate("window.__sameDocument") is True
 
+        # An unknown identifier's page teaches the same way, then shows the new session.
+        response = page.goto(page_url(server, "/sessions", identifier="ticket id"))
+        assert response is not None
+        assert response.status == 404
+        command = page.locator("#curl-command").text_content() or ""
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        expect(page.locator("td.cell-value")).to_have_text("example-1")
+        expect(page.locator("#identifier-name")).to_have_text("ticket id")
+
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    await browser.check(check)
+    await browser.check(check, ignore=(NOT_FOUND_LOG,))
 
 
 @pytest.mark.asyncio
