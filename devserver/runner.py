@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -52,6 +53,7 @@ from .records import (
     NewEvent,
     NewRun,
     RunRecord,
+    RunState,
     StepAttempt,
     StoredEvent,
 )
@@ -93,6 +95,8 @@ class Runner:
         self._waited: set[tuple[str, str]] = set()  # (env, event name) some run waits for
         self._changed = asyncio.Event()
         self._started = False
+        # State of runs just created, so their first invocation needn't read it back.
+        self._fresh: dict[str, RunState] = {}
 
     # -- functions ---------------------------------------------------------------------------
 
@@ -183,6 +187,8 @@ class Runner:
     async def after_ingest(self, env: str, events: list[NewEvent], created: list[str]) -> None:
         """After a commit: schedule the new runs, wake waiting runs, apply `cancel_on`."""
         now = self.clock.now_ms()
+        if created:
+            self._remember_fresh(env, events, set(created), now)
         for run_id in created:
             self.schedule(run_id, now)
         names = list({ev.name for ev in events if (env, ev.name) in self._waited})
@@ -192,6 +198,27 @@ class Runner:
         for ev in events:
             for fn, cancel in self._cancels.match(ev.name):
                 await self._cancel_matching(env, fn, cancel, ev)
+
+    def _remember_fresh(self, env: str, events: list[NewEvent], created: set[str],
+                        now: int) -> None:
+        for ev in events:
+            runs = [run for run in ev.runs if run.run_id in created]
+            if not runs:
+                continue
+            stored = StoredEvent(
+                internal_id=ev.internal_id, env=env, name=ev.name, event_id=ev.event_id,
+                ts=ev.ts, received_at=now, data=json.loads(ev.data),
+                v=None if ev.v is None else json.loads(ev.v),
+                user=None if ev.user is None else json.loads(ev.user),
+                meta=None if ev.meta is None else json.loads(ev.meta),
+                sessions=ev.sessions, duplicate=False, source=ev.source)
+            for run in runs:
+                record = RunRecord(
+                    run_id=run.run_id, env=env, function_id=run.function_id,
+                    event_id=ev.internal_id, event_name=ev.name, status=QUEUED, attempt=0,
+                    queued_at=now, started_at=None, ended_at=None, next_at=now, output=None,
+                    error=None, sessions=ev.sessions)
+                self._fresh[run.run_id] = RunState(run=record, events=[stored], memo={})
 
     def note_wait(self, env: str, event_name: str) -> None:
         """A run is about to wait for `event_name`: wake it when one arrives."""
@@ -243,6 +270,7 @@ class Runner:
             timer.cancel()
         self._timers.clear()
         self._crons.clear()
+        self._fresh.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -334,6 +362,7 @@ class Runner:
 
     async def cancel(self, run_id: str) -> RunRecord:
         """Cancel a run (no-op if it has ended); returns its record. Unknown → NotFound."""
+        self._fresh.pop(run_id, None)
         state = await self.store.run_state(run_id)
         if state is None:
             raise NotFound(f"no run with id {run_id!r}")
@@ -368,7 +397,7 @@ class Runner:
                 log.exception("run %s: internal error while executing", run_id)
 
     async def _invoke(self, run_id: str) -> None:
-        state = await self.store.run_state(run_id)
+        state = self._fresh.pop(run_id, None) or await self.store.run_state(run_id)
         if state is None or state.run.status not in UNFINISHED:
             return
         run = state.run
@@ -376,8 +405,12 @@ class Runner:
         if fn is None:
             log.warning("run %s waits: function %s is not registered", run_id, run.function_id)
             return
-        if run.status == QUEUED:
-            await self.store.start_run(run_id, self.clock.now_ms())
+        if run.status == QUEUED and not await self.store.start_run(run_id, self.clock.now_ms()):
+            # Not queued any more (cancelled meanwhile, say): go by what the database says.
+            state = await self.store.run_state(run_id)
+            if state is None or state.run.status not in UNFINISHED:
+                return
+            run = state.run
         inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
                          sessions=dict(run.sessions), memo=dict(state.memo),
                          pending=dict(state.pending), attempt=run.attempt, store=self.store,

@@ -118,6 +118,7 @@ CREATE TABLE run_sessions (
     run_id TEXT NOT NULL,
     PRIMARY KEY (env, identifier, value, run_id)
 ) WITHOUT ROWID;
+CREATE INDEX run_sessions_by_run ON run_sessions (run_id);
 
 CREATE TABLE steps (
     run_id TEXT NOT NULL,
@@ -179,6 +180,42 @@ CREATE TABLE session_functions (
     function_id TEXT NOT NULL,
     PRIMARY KEY (env, identifier, value, function_id)
 ) WITHOUT ROWID;
+
+-- The per-session figures (SPEC 2.3) are counters kept by these triggers, in the same
+-- transaction as the write that changes them, so reading them never scans runs.
+
+-- A new session value counts toward its identifier.
+CREATE TRIGGER session_created AFTER INSERT ON sessions BEGIN
+    INSERT INTO identifiers (env, identifier, sessions, last_active)
+    VALUES (NEW.env, NEW.identifier, 1, NEW.last_active)
+    ON CONFLICT DO UPDATE SET sessions = sessions + 1,
+        last_active = max(last_active, excluded.last_active);
+END;
+
+-- Activity on a session is activity on its identifier.
+CREATE TRIGGER session_active AFTER UPDATE OF last_active ON sessions
+WHEN NEW.last_active > OLD.last_active BEGIN
+    UPDATE identifiers SET last_active = max(last_active, NEW.last_active)
+    WHERE env = NEW.env AND identifier = NEW.identifier;
+END;
+
+-- A run belongs to every session of its trigger: count it and its function there.
+CREATE TRIGGER run_session_added AFTER INSERT ON run_sessions BEGIN
+    UPDATE sessions SET runs = runs + 1
+    WHERE env = NEW.env AND identifier = NEW.identifier AND value = NEW.value;
+    INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id)
+    SELECT NEW.env, NEW.identifier, NEW.value, function_id FROM runs WHERE run_id = NEW.run_id;
+END;
+
+-- A run starting or ending is activity on its sessions; ending Failed counts as a failure.
+CREATE TRIGGER run_status_changed AFTER UPDATE OF status ON runs
+WHEN NEW.status != OLD.status BEGIN
+    UPDATE sessions SET
+        last_active = max(last_active, coalesce(NEW.ended_at, NEW.started_at, last_active)),
+        failed_runs = failed_runs + (NEW.status = 'Failed')
+    WHERE (env, identifier, value) IN
+        (SELECT env, identifier, value FROM run_sessions WHERE run_id = NEW.run_id);
+END;
 """
 """The latest schema, applied as a whole to a new database."""
 
@@ -280,117 +317,77 @@ def _step(row: sqlite3.Row) -> StepAttempt:
 def _ingest(
     db: sqlite3.Connection, env: str, received_at: int, events: list[NewEvent]
 ) -> list[str]:
-    """Store events and create their runs; returns the ids of the runs created."""
+    """Store events and create their runs; returns the ids of the runs created.
+
+    One `executemany` per table for the whole batch; the schema's triggers keep the
+    per-session and per-identifier counters.
+    """
     created: list[str] = []
+    event_rows: list[tuple[Any, ...]] = []
+    session_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+    event_session_rows: list[tuple[Any, ...]] = []
+    run_rows: list[tuple[Any, ...]] = []
+    run_session_rows: list[tuple[Any, ...]] = []
+    keys_seen: set[str] = set()
+    for ev in events:
+        duplicate = ev.event_id is not None and (
+            ev.event_id in keys_seen
+            or db.execute(
+                "SELECT 1 FROM events WHERE env = ? AND event_id = ? AND received_at > ? "
+                "AND duplicate = 0 LIMIT 1",
+                (env, ev.event_id, received_at - IDEMPOTENCY_WINDOW_MS),
+            ).fetchone() is not None
+        )
+        if ev.event_id is not None:
+            keys_seen.add(ev.event_id)
+        sessions_json = dump_json(ev.sessions)
+        event_rows.append((ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at, ev.data,
+                           ev.v, ev.user, ev.meta, sessions_json, int(duplicate), ev.source))
+        for ident, value in ev.sessions.items():
+            session_rows[(ident, value)] = (env, ident, value, received_at, received_at)
+            event_session_rows.append((env, ident, value, ev.internal_id))
+        if duplicate:
+            continue
+        for run in ev.runs:
+            run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name, QUEUED,
+                             received_at, received_at, sessions_json))
+            run_session_rows.extend((env, ident, value, run.run_id)
+                                    for ident, value in ev.sessions.items())
+            created.append(run.run_id)
     db.execute(
         "INSERT INTO environments (env, events, last_active) VALUES (?, ?, ?) ON CONFLICT "
         "DO UPDATE SET events = events + excluded.events, "
         "last_active = max(last_active, excluded.last_active)",
         (env, len(events), received_at),
     )
-    for ev in events:
-        duplicate = ev.event_id is not None and (
-            db.execute(
-                "SELECT 1 FROM events WHERE env = ? AND event_id = ? AND received_at > ? "
-                "AND duplicate = 0 LIMIT 1",
-                (env, ev.event_id, received_at - IDEMPOTENCY_WINDOW_MS),
-            ).fetchone()
-            is not None
-        )
-        sessions_json = dump_json(ev.sessions)
-        db.execute(
-            "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
-            "user, meta, sessions, duplicate, source) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at, ev.data, ev.v,
-             ev.user, ev.meta, sessions_json, int(duplicate), ev.source),
-        )
-        for ident, value in ev.sessions.items():
-            new = db.execute(
-                "INSERT OR IGNORE INTO sessions (env, identifier, value, first_seen, last_active)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (env, ident, value, received_at, received_at),
-            ).rowcount
-            if not new:
-                db.execute(
-                    "UPDATE sessions SET last_active = max(last_active, ?) "
-                    "WHERE env = ? AND identifier = ? AND value = ?",
-                    (received_at, env, ident, value),
-                )
-            db.execute(
-                "INSERT INTO identifiers (env, identifier, sessions, last_active) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                "sessions = sessions + excluded.sessions, "
-                "last_active = max(last_active, excluded.last_active)",
-                (env, ident, new, received_at),
-            )
-            db.execute(
-                "INSERT INTO event_sessions (env, identifier, value, internal_id) "
-                "VALUES (?, ?, ?, ?)",
-                (env, ident, value, ev.internal_id),
-            )
-        if duplicate:
-            continue
-        for run in ev.runs:
-            db.execute(
-                "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
-                "queued_at, next_at, sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.run_id, env, run.function_id, ev.internal_id, ev.name, QUEUED,
-                 received_at, received_at, sessions_json),
-            )
-            for ident, value in ev.sessions.items():
-                db.execute(
-                    "INSERT INTO run_sessions (env, identifier, value, run_id) "
-                    "VALUES (?, ?, ?, ?)",
-                    (env, ident, value, run.run_id),
-                )
-                db.execute(
-                    "UPDATE sessions SET runs = runs + 1 "
-                    "WHERE env = ? AND identifier = ? AND value = ?",
-                    (env, ident, value),
-                )
-                db.execute(
-                    "INSERT OR IGNORE INTO session_functions (env, identifier, value, "
-                    "function_id) VALUES (?, ?, ?, ?)",
-                    (env, ident, value, run.function_id),
-                )
-            created.append(run.run_id)
+    db.executemany(
+        "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
+        "user, meta, sessions, duplicate, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        event_rows)
+    if session_rows:
+        db.executemany(
+            "INSERT INTO sessions (env, identifier, value, first_seen, last_active) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "last_active = max(last_active, excluded.last_active)",
+            session_rows.values())
+        db.executemany(
+            "INSERT INTO event_sessions (env, identifier, value, internal_id) "
+            "VALUES (?, ?, ?, ?)", event_session_rows)
+    if run_rows:
+        db.executemany(
+            "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
+            "queued_at, next_at, sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", run_rows)
+        db.executemany(
+            "INSERT INTO run_sessions (env, identifier, value, run_id) VALUES (?, ?, ?, ?)",
+            run_session_rows)
     return created
 
 
-def _run_sessions(db: sqlite3.Connection, run_id: str) -> tuple[str, dict[str, str]] | None:
-    row = db.execute("SELECT env, sessions FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    return None if row is None else (row[0], json.loads(row[1]))
-
-
-def _bump_sessions(
-    db: sqlite3.Connection, run_id: str, now: int, failed: int = 0
-) -> None:
-    found = _run_sessions(db, run_id)
-    if found is None:
-        return
-    env, sessions = found
-    for ident, value in sessions.items():
-        db.execute(
-            "UPDATE sessions SET last_active = max(last_active, ?), "
-            "failed_runs = failed_runs + ? WHERE env = ? AND identifier = ? AND value = ?",
-            (now, failed, env, ident, value),
-        )
-        db.execute(
-            "UPDATE identifiers SET last_active = max(last_active, ?) "
-            "WHERE env = ? AND identifier = ?",
-            (now, env, ident),
-        )
-
-
 def _start_run(db: sqlite3.Connection, run_id: str, now: int) -> bool:
-    changed = db.execute(
+    return bool(db.execute(
         "UPDATE runs SET status = ?, started_at = ? WHERE run_id = ? AND status = ?",
         (RUNNING, now, run_id, QUEUED),
-    ).rowcount
-    if changed:
-        _bump_sessions(db, run_id, now)
-    return bool(changed)
+    ).rowcount)
 
 
 def _add_attempt(db: sqlite3.Connection, run_id: str, attempt: StepAttempt) -> None:
@@ -474,7 +471,6 @@ def _finish_run(
         "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL "
         "WHERE run_id = ?", (status, now, output, error, run_id),
     )
-    _bump_sessions(db, run_id, now, failed=int(status == FAILED))
     env = db.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
     return _ingest(db, env, now, emitted) if emitted else []
 
@@ -598,6 +594,21 @@ def _connect_pragmas(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA cache_size = -32000")
 
 
+def _statements(script: str) -> list[str]:
+    """Split an SQL script into statements (triggers hold `;` inside BEGIN ... END)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if not buffer and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete SQL statement: {buffer[:80]!r}")
+    return statements
+
+
 def _migrate(db: sqlite3.Connection) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
@@ -613,15 +624,13 @@ def _migrate(db: sqlite3.Connection) -> None:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
                 raise ConfigError("the database file is not a devserver database")
-            for statement in SCHEMA.split(";\n"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in _statements(SCHEMA):
+                db.execute(statement)
         else:
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 log.info("migrating database schema to version %d", target)
-                for statement in MIGRATIONS[target].split(";\n"):
-                    if statement.strip():
-                        db.execute(statement)
+                for statement in _statements(MIGRATIONS[target]):
+                    db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
@@ -962,3 +971,56 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
             db.execute("ROLLBACK")
         raise
     return results
+
+
+def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
+              identifier: str = "conversation_id") -> None:
+    """Bulk-fill a new database with `runs` finished runs (every 7th failed) over `sessions`
+    session values, with the rows and counters the normal write path keeps (the schema's
+    triggers count them). For benchmarks of large databases; it writes without the server."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        _connect_pragmas(db)
+        _migrate(db)
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("BEGIN")
+        base = 1_700_000_000_000
+        db.executemany(
+            "INSERT INTO sessions (env, identifier, value, first_seen, last_active) "
+            "VALUES ('dev', ?, ?, ?, ?)",
+            ((identifier, f"conv_{v}", base + v,
+              base + v + sessions * ((runs - 1 - v) // sessions) + 1) for v in range(sessions)))
+        chunk = 50_000
+        for start in range(0, runs, chunk):
+            rows = range(start, min(runs, start + chunk))
+            db.executemany(
+                "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, "
+                "sessions) VALUES (?, 'dev', 'bench/e2e', NULL, ?, ?, '{}', ?)",
+                ((f"E{i:025d}", base + i, base + i,
+                  dump_json({identifier: f"conv_{i % sessions}"})) for i in rows))
+            db.executemany(
+                "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
+                "queued_at, started_at, ended_at, output, sessions) VALUES (?, 'dev', "
+                "'bench-trivial', ?, 'bench/e2e', ?, ?, ?, ?, '1', ?)",
+                ((f"R{i:025d}", f"E{i:025d}", FAILED if i % 7 == 0 else COMPLETED, base + i,
+                  base + i, base + i + 1, dump_json({identifier: f"conv_{i % sessions}"}))
+                 for i in rows))
+            db.executemany(
+                "INSERT INTO run_sessions (env, identifier, value, run_id) "
+                "VALUES ('dev', ?, ?, ?)",
+                ((identifier, f"conv_{i % sessions}", f"R{i:025d}") for i in rows))
+            db.executemany(
+                "INSERT INTO event_sessions (env, identifier, value, internal_id) "
+                "VALUES ('dev', ?, ?, ?)",
+                ((identifier, f"conv_{i % sessions}", f"E{i:025d}") for i in rows))
+        db.execute(
+            "UPDATE sessions SET failed_runs = (SELECT count(*) FROM run_sessions rs "
+            "JOIN runs r ON r.run_id = rs.run_id WHERE rs.env = sessions.env "
+            "AND rs.identifier = sessions.identifier AND rs.value = sessions.value "
+            "AND r.status = 'Failed')")
+        db.execute(
+            "INSERT INTO environments (env, events, last_active) "
+            "SELECT 'dev', count(*), max(received_at) FROM events")
+        db.execute("COMMIT")
+    finally:
+        db.close()
