@@ -605,6 +605,25 @@ async def test_live_refresh_shows_running_runs_complete_without_reloading(
 
 
 @pytest.mark.asyncio
+async def test_live_refresh_keeps_the_page_and_says_so_when_the_server_goes_away(
+    make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    server = await make_server()
+    await send(http, server, "app/ping", {"conversation_id": "conv_gone"})
+    loop = asyncio.get_running_loop()
+
+    def check(page: Page) -> None:
+        page.goto(page_url(server, "/session", identifier="conversation_id", value="conv_gone"))
+        expect(page.locator("#live-status")).to_have_text("Live")
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=10)
+        expect(page.locator("#live-status")).to_have_text("Offline, retrying")
+        expect(page.locator("#session-value")).to_have_text("conv_gone")
+        expect(page.locator("#figure-runs")).to_have_text("0")
+
+    await browser.check(check, ignore=("ERR_CONNECTION_REFUSED",))
+
+
+@pytest.mark.asyncio
 async def test_fixture_download_round_trips_through_a_second_server(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:

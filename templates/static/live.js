@@ -74,6 +74,7 @@
     fetch(window.location.href, {
       headers: { "Accept": "text/html" }, cache: "no-store", credentials: "same-origin"
     }).then(function (response) {
+      if (response.status >= 500) { throw { serverError: response.status }; }
       return response.text().then(function (html) {
         if (String(response.status) !== body.getAttribute("data-status")) {
           window.location.reload();
@@ -83,9 +84,10 @@
         failures = 0;
         show("Live", "live");
       });
-    }).catch(function () {
-      failures += 1;
-      show("Offline, retrying", "offline");
+    }).catch(function (problem) {
+      failures += 1;  // keep showing the last good page, and look again a little later
+      show(problem && problem.serverError ? "Server error, retrying" : "Offline, retrying",
+           "offline");
     }).then(function () {
       inFlight = false;
       schedule();
