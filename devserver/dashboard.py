@@ -30,7 +30,7 @@ from urllib.parse import quote, urlencode
 import jinja2
 from aiohttp import web
 
-from . import api, replay
+from . import api
 from .errors import ConfigError, DevserverError, NotFound, UserError
 from .records import FINISHED, UNFINISHED, WAITING, StoredEvent
 from .triggers import EventTrigger
@@ -181,7 +181,8 @@ def fixture_jsonl(events: list[StoredEvent]) -> bytes:
     Events the runs produced (`send_event`, `invoke`, `inngest/function.finished`, cron) are
     left out: replaying the user's events makes the runs produce them again.
     """
-    return replay.to_jsonl([fixture_event(ev) for ev in events if ev.source is None]).encode()
+    return "".join(json.dumps(fixture_event(ev), ensure_ascii=False, separators=(",", ":")) + "\n"
+                   for ev in events if ev.source is None).encode()
 
 
 def fixture_filename(identifier: str, value: str) -> str:
@@ -315,19 +316,13 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         return f"/static/{quote(name)}?v={dash.assets[name].version}"
 
     return {
-        "env": env,
-        "default_env": api.DEFAULT_ENV,
-        "environments": environments if len(environments) > 1 else [],
+        "env": env, "default_env": api.DEFAULT_ENV,
+        "environments": environments if len(environments) > 1 else [],  # the selector
         "env_link": lambda name: make_link(name)("/sessions"),
-        "link": make_link(env),
-        "run_link": lambda run_id: make_link(env)(run_path(run_id)),
-        "static_url": static_url,
-        "json_url": _twin_url(request),
-        "now_ms": request.app[api.RUNNER].clock.now_ms(),
-        "live_ms": live_ms,
-        "status": 200,
-        "version": dash.version,
-        "base_url": f"{request.scheme}://{request.host}",
+        "link": make_link(env), "run_link": lambda run_id: make_link(env)(run_path(run_id)),
+        "static_url": static_url, "json_url": _twin_url(request),
+        "now_ms": request.app[api.RUNNER].clock.now_ms(), "live_ms": live_ms, "status": 200,
+        "version": dash.version, "base_url": f"{request.scheme}://{request.host}",
     }
 
 
@@ -340,12 +335,9 @@ def render(request: web.Request, template: str, context: dict[str, Any]) -> web.
     html = request.app[DASHBOARD].templates.get_template(template).render(context)
     response = web.Response(text=html, status=context["status"], content_type="text/html")
     response.headers.update({
-        "Content-Security-Policy": CSP,
+        "Content-Security-Policy": CSP, "Cache-Control": "no-cache",
         "Link": f'<{context["json_url"]}>; rel="alternate"; type="application/json"',
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "same-origin",
-        "Cache-Control": "no-cache",
-    })
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"})
     return response
 
 
@@ -482,12 +474,9 @@ async def session_fixture(request: web.Request) -> web.StreamResponse:
             env=env, identifier=identifier, value=value)
     events = await store.session_events(env, identifier, value)
     return web.Response(body=fixture_jsonl(events), headers={
-        "Content-Type": "application/x-ndjson; charset=utf-8",
-        "Content-Disposition":
-            f'attachment; filename="{fixture_filename(identifier, value)}"',
-        "Cache-Control": "no-store",
-        "X-Content-Type-Options": "nosniff",
-    })
+        "Content-Type": "application/x-ndjson; charset=utf-8", "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="{fixture_filename(identifier, value)}"',
+        "X-Content-Type-Options": "nosniff"})
 
 
 @page
@@ -508,13 +497,10 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     if asset is None:
         raise NotFound(f"no static file {request.match_info['name']!r}")
     etag = f'"{asset.version}"'
-    headers = {
-        "Content-Type": asset.content_type,
-        "ETag": etag,
-        "X-Content-Type-Options": "nosniff",
-        "Cache-Control": f"public, max-age={STATIC_MAX_AGE}, immutable"
-        if request.query.get("v") == asset.version else "no-cache",
-    }
+    fresh = request.query.get("v") == asset.version  # a versioned URL never changes
+    headers = {"Content-Type": asset.content_type, "ETag": etag, "X-Content-Type-Options":
+               "nosniff", "Cache-Control": f"public, max-age={STATIC_MAX_AGE}, immutable"
+               if fresh else "no-cache"}
     if etag in request.headers.get("If-None-Match", ""):
         return web.Response(status=304, headers=headers)
     return web.Response(body=asset.body, headers=headers)
