@@ -80,8 +80,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 # Shaping
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_dumps = _ENCODER.encode
 
 
 def json_ok(body: Any, status: int = 200) -> web.Response:

@@ -153,7 +153,6 @@ CREATE TABLE identifiers (
     env TEXT NOT NULL,
     identifier TEXT NOT NULL,
     sessions INTEGER NOT NULL DEFAULT 0,
-    last_active INTEGER NOT NULL,
     PRIMARY KEY (env, identifier)
 ) WITHOUT ROWID;
 
@@ -184,19 +183,11 @@ CREATE TABLE session_functions (
 -- The per-session figures (SPEC 2.3) are counters kept by these triggers, in the same
 -- transaction as the write that changes them, so reading them never scans runs.
 
--- A new session value counts toward its identifier.
+-- A new session value counts toward its identifier. (An identifier's last activity is read
+-- as the max over its sessions, one index lookup, rather than written on every event.)
 CREATE TRIGGER session_created AFTER INSERT ON sessions BEGIN
-    INSERT INTO identifiers (env, identifier, sessions, last_active)
-    VALUES (NEW.env, NEW.identifier, 1, NEW.last_active)
-    ON CONFLICT DO UPDATE SET sessions = sessions + 1,
-        last_active = max(last_active, excluded.last_active);
-END;
-
--- Activity on a session is activity on its identifier.
-CREATE TRIGGER session_active AFTER UPDATE OF last_active ON sessions
-WHEN NEW.last_active > OLD.last_active BEGIN
-    UPDATE identifiers SET last_active = max(last_active, NEW.last_active)
-    WHERE env = NEW.env AND identifier = NEW.identifier;
+    INSERT INTO identifiers (env, identifier, sessions) VALUES (NEW.env, NEW.identifier, 1)
+    ON CONFLICT DO UPDATE SET sessions = sessions + 1;
 END;
 
 -- A run belongs to every session of its trigger: count it and its function there.
@@ -229,9 +220,12 @@ SCHEMA_VERSION = 1 + len(MIGRATIONS)
 # Encoding helpers
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dump_json(value: Any) -> str:
     """Compact JSON text as stored in the database."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _load(text: str | None) -> Any:
@@ -713,7 +707,7 @@ class Store:
         if self._writer_task is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put((fn, future))
+        self._queue.put_nowait((fn, future))
         return await future
 
     async def _write_loop(self) -> None:
@@ -749,6 +743,19 @@ class Store:
     async def ingest(self, env: str, received_at: int, events: list[NewEvent]) -> list[str]:
         """Store a request's events atomically and create their runs; returns new run ids."""
         return await self._write(lambda db: _ingest(db, env, received_at, events))
+
+    async def ingest_once(
+        self, env: str, received_at: int, events: list[NewEvent],
+    ) -> list[str] | None:
+        """`ingest` for a request whose event ids came from an SDK's id seed: None (and
+        nothing stored) when its first event is already stored, i.e. the SDK sent it again."""
+        def write(db: sqlite3.Connection) -> list[str] | None:
+            if events and db.execute("SELECT 1 FROM events WHERE internal_id = ?",
+                                     (events[0].internal_id,)).fetchone() is not None:
+                return None
+            return _ingest(db, env, received_at, events)
+
+        return await self._write(write)
 
     async def start_run(self, run_id: str, now: int) -> bool:
         """Mark a queued run Running; False when it was not Queued."""
@@ -925,8 +932,10 @@ class Store:
         return await self._read(lambda db: [
             IdentifierSummary(r["identifier"], r["sessions"], r["last_active"])
             for r in db.execute(
-                "SELECT identifier, sessions, last_active FROM identifiers WHERE env = ? "
-                "ORDER BY last_active DESC, identifier", (env,))])
+                "SELECT identifier, sessions, (SELECT max(last_active) FROM sessions s "
+                "WHERE s.env = i.env AND s.identifier = i.identifier) AS last_active "
+                "FROM identifiers i WHERE env = ? ORDER BY last_active DESC, identifier",
+                (env,))])
 
     async def sessions(
         self, env: str, identifier: str, *, q: str | None = None, sort: str = "last_active",
