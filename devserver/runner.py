@@ -18,7 +18,7 @@ import concurrent.futures
 import contextvars
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .clock import Clock, TimerHandle, VirtualClock
@@ -42,7 +42,6 @@ from .invocation import (
     RunEnded,
     error_info,
     event_dict,
-    to_json_value,
 )
 from .records import (
     CANCELLED,
@@ -69,6 +68,19 @@ DEFAULT_CONCURRENCY = 256
 """Invocations executing at once; more wait their turn."""
 DEFAULT_THREADS = 32
 """Worker threads for sync functions and sync step bodies."""
+
+RemoteExecutor = Callable[[Invocation], Awaitable[Any]]
+"""Runs an invocation of a remote (SDK) function; returns its output or raises like a handler."""
+
+
+def is_local(fn: FunctionDef) -> bool:
+    """True for functions defined in Python with `@app.function` (not served by an SDK)."""
+    return fn.remote is None
+
+
+def _log_write_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("recording a run's start failed", exc_info=future.exception())
 
 
 class Runner:
@@ -97,6 +109,8 @@ class Runner:
         self._started = False
         # State of runs just created, so their first invocation needn't read it back.
         self._fresh: dict[str, RunState] = {}
+        self.remote_executor: RemoteExecutor | None = None
+        """Runs invocations of SDK functions (`FunctionDef.remote`); set by the server."""
 
     # -- functions ---------------------------------------------------------------------------
 
@@ -122,10 +136,14 @@ class Runner:
         if self._started:
             self._arm_crons()
 
-    async def replace(self, functions: Iterable[FunctionDef]) -> None:
-        """Swap every function for a new set (hot reload). Executing invocations finish with
-        the code they started with; queued and parked runs pick up the new code."""
-        new = list(functions)
+    async def replace(
+        self, functions: Iterable[FunctionDef], *,
+        scope: Callable[[FunctionDef], bool] = is_local,
+    ) -> None:
+        """Swap the functions `scope` selects (by default every local one: hot reload) for a
+        new set; the others stay. Executing invocations finish with the code they started
+        with; queued and parked runs pick up the new code."""
+        new = [fn for fn in self._functions.values() if not scope(fn)] + list(functions)
         old = (self._functions, self._index, self._cancels)
         self._functions, self._index, self._cancels = {}, TriggerIndex(), TriggerIndex()
         try:
@@ -155,33 +173,43 @@ class Runner:
 
     def prepare(
         self, env: str, events: list[IncomingEvent], now: int, *, skip_function: str | None = None,
-        source: str | None = None,
+        source: str | None = None, internal_ids: list[str] | None = None,
     ) -> list[NewEvent]:
-        """Give events their ids and the runs their triggers start."""
+        """Give events their ids (new ULIDs unless `internal_ids` are given) and the runs
+        their triggers start."""
         prepared = []
-        for ev in events:
+        for index, ev in enumerate(events):
             ts = now if ev.ts is None else ev.ts
             doc = {"name": ev.name, "data": ev.data, "id": ev.id or "", "ts": ts, "v": ev.v,
                    "user": ev.user or {}}
             runs = tuple(NewRun(new_ulid(), fn.id) for fn in self.match(doc)
                          if fn.id != skip_function)
             prepared.append(NewEvent(
-                internal_id=new_ulid(), name=ev.name, event_id=ev.id, ts=ts,
+                internal_id=new_ulid() if internal_ids is None else internal_ids[index],
+                name=ev.name, event_id=ev.id, ts=ts,
                 data=dump_json(ev.data), v=None if ev.v is None else dump_json(ev.v),
                 user=None if ev.user is None else dump_json(ev.user),
                 meta=None if ev.meta is None else dump_json(ev.meta),
                 sessions=ev.sessions, runs=runs, source=source))
         return prepared
 
-    async def ingest(self, env: str, events: list[IncomingEvent]) -> list[str]:
+    async def ingest(self, env: str, events: list[IncomingEvent], *,
+                     ids: list[str] | None = None) -> list[str]:
         """Store events (all or none) with the runs they start; return their internal ids.
 
         Returns once everything is committed; the runs are scheduled after the commit.
+        With `ids` (one per event, derived from an SDK's `x-inngest-event-id-seed`), a
+        request whose events are already stored is a retry: nothing happens and the same
+        ids are returned.
         """
         now = self.clock.now_ms()
-        prepared = self.prepare(env, events, now)
-        created = await self.store.ingest(env, now, prepared)
-        await self.after_ingest(env, prepared, created)
+        prepared = self.prepare(env, events, now, internal_ids=ids)
+        if ids is None:
+            created: list[str] | None = await self.store.ingest(env, now, prepared)
+        else:
+            created = await self.store.ingest_once(env, now, prepared)
+        if created is not None:
+            await self.after_ingest(env, prepared, created)
         return [ev.internal_id for ev in prepared]
 
     async def after_ingest(self, env: str, events: list[NewEvent], created: list[str]) -> None:
@@ -405,28 +433,25 @@ class Runner:
         if fn is None:
             log.warning("run %s waits: function %s is not registered", run_id, run.function_id)
             return
-        if run.status == QUEUED and not await self.store.start_run(run_id, self.clock.now_ms()):
-            # Not queued any more (cancelled meanwhile, say): go by what the database says.
-            state = await self.store.run_state(run_id)
-            if state is None or state.run.status not in UNFINISHED:
-                return
-            run = state.run
+        if run.status == QUEUED:
+            # Queued, not awaited: the function starts at once and its later writes commit
+            # after this one (the writer keeps order). If the run was cancelled meanwhile,
+            # those writes find it ended and the invocation stops (RunEnded).
+            marking = asyncio.ensure_future(self.store.start_run(run_id, self.clock.now_ms()))
+            marking.add_done_callback(_log_write_failure)
         inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
                          sessions=dict(run.sessions), memo=dict(state.memo),
                          pending=dict(state.pending), attempt=run.attempt, store=self.store,
                          clock=self.clock, backoff=self.backoff, runtime=self)
-        events = [Event.from_stored(ev) for ev in state.events]
-        loop = asyncio.get_running_loop()
-        step = Step(inv, self._executor) if fn.is_async else SyncStep(inv, loop)
-        ctx = Context(event=events[0], events=events, run_id=run_id, function_id=fn.id,
-                      env=run.env, sessions=dict(run.sessions), step=step, invocation=inv)
         started = self.clock.now_ms()
         try:
-            if fn.is_async:
-                result = await fn.handler(ctx)
+            if fn.remote is not None:
+                if self.remote_executor is None:
+                    raise RuntimeError(f"{fn.id} is served by an SDK app, but this server "
+                                       "has no SDK executor")
+                result = await self.remote_executor(inv)
             else:
-                call = contextvars.copy_context().run
-                result = await loop.run_in_executor(self._executor, call, fn.handler, ctx)
+                result = await self._call_local(fn, inv)
         except Reschedule as resched:
             self.schedule(run_id, resched.at_ms)
             return
@@ -438,11 +463,23 @@ class Runner:
             await self._function_failed(inv, run, exc, started)
             return
         try:
-            output = to_json_value(result, "the value returned by the function")
-        except TypeError as exc:
-            await self._function_failed(inv, run, NonRetriableError(str(exc)), started)
+            output_json = dump_json(result)
+        except (TypeError, ValueError) as exc:
+            message = f"the value returned by the function is not JSON-serializable: {exc}"
+            await self._function_failed(inv, run, NonRetriableError(message), started)
             return
-        await self._finish(run, inv.events, COMPLETED, output=output)
+        await self._finish(run, inv.events, COMPLETED, output_json=output_json)
+
+    async def _call_local(self, fn: FunctionDef, inv: Invocation) -> Any:
+        events = [Event.from_stored(ev) for ev in inv.events]
+        loop = asyncio.get_running_loop()
+        step = Step(inv, self._executor) if fn.is_async else SyncStep(inv, loop)
+        ctx = Context(event=events[0], events=events, run_id=inv.run_id, function_id=fn.id,
+                      env=inv.env, sessions=dict(inv.sessions), step=step, invocation=inv)
+        if fn.is_async:
+            return await fn.handler(ctx)
+        call = contextvars.copy_context().run
+        return await loop.run_in_executor(self._executor, call, fn.handler, ctx)
 
     async def _function_failed(
         self, inv: Invocation, run: RunRecord, exc: BaseException, started: int,
@@ -465,13 +502,14 @@ class Runner:
         await self._finish(run, inv.events, FAILED, error=error, attempt=attempt)
 
     async def _finish(
-        self, run: RunRecord, events: list[StoredEvent], status: str, *, output: Any = None,
-        error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
+        self, run: RunRecord, events: list[StoredEvent], status: str, *,
+        output_json: str | None = None, error: dict[str, Any] | None = None,
+        attempt: StepAttempt | None = None,
     ) -> None:
-        emitted = self._lifecycle(run, events, status, output, error)
+        emitted = self._lifecycle(run, events, status, output_json, error)
         created = await self.store.finish_run(run.run_id, status, self.clock.now_ms(),
-                                              output=output, error=error, attempt=attempt,
-                                              emitted=emitted)
+                                              output_json=output_json, error=error,
+                                              attempt=attempt, emitted=emitted)
         if created is not None:
             await self._ended(run, emitted, created)
 
@@ -482,21 +520,24 @@ class Runner:
                 self.schedule(parent, self.clock.now_ms())
 
     def _lifecycle(
-        self, run: RunRecord, events: list[StoredEvent], status: str, output: Any,
+        self, run: RunRecord, events: list[StoredEvent], status: str, output_json: str | None,
         error: dict[str, Any] | None,
     ) -> list[NewEvent]:
         """The events a run's end emits, with the trigger's sessions. Only stored when some
         function or waiting run could use them: nothing else reads them."""
-        docs = [event_dict(ev) for ev in events]
-        base: dict[str, Any] = {"function_id": run.function_id, "run_id": run.run_id,
-                                "event": docs[0] if docs else {}, "events": docs}
-        outcome = {"result": output} if status == COMPLETED else {
-            "error": error or {"name": "FunctionCancelledError",
-                               "message": "the run was cancelled", "stack": None}}
         names = [FINISHED_EVENT, *{FAILED: [FAILED_EVENT],
                                    CANCELLED: [CANCELLED_EVENT]}.get(status, [])]
         wanted = [name for name in names
                   if (run.env, name) in self._waited or self._index.match(name)]
+        if not wanted:
+            return []
+        docs = [event_dict(ev) for ev in events]
+        base: dict[str, Any] = {"function_id": run.function_id, "run_id": run.run_id,
+                                "event": docs[0] if docs else {}, "events": docs}
+        output = None if output_json is None else json.loads(output_json)
+        outcome = {"result": output} if status == COMPLETED else {
+            "error": error or {"name": "FunctionCancelledError",
+                               "message": "the run was cancelled", "stack": None}}
         incoming = [
             IncomingEvent(name=name, data={**base, **outcome}, id=None, ts=None, v=None,
                           user=None, meta=None, sessions=dict(run.sessions))

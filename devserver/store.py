@@ -818,13 +818,17 @@ class Store:
     async def finish_run(
         self, run_id: str, status: str, now: int, *, output: Any = None,
         error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
-        emitted: list[NewEvent] | None = None,
+        emitted: list[NewEvent] | None = None, output_json: str | None = None,
     ) -> list[str] | None:
         """Record a run's final status, its last attempt and the events its end emits.
 
-        Returns the ids of runs those events started, or None if the run had already ended.
+        `output_json` is the output already encoded, if the caller has it. Returns the ids of
+        runs those events started, or None if the run had already ended.
         """
-        output_json = None if status != COMPLETED else dump_json(output)
+        if status != COMPLETED:
+            output_json = None
+        elif output_json is None:
+            output_json = dump_json(output)
         error_json = None if error is None else dump_json(error)
         return await self._write(lambda db: _finish_run(
             db, run_id, status, now, output_json, error_json, attempt, emitted or []))
