@@ -23,6 +23,7 @@ from .records import RunDetail, RunRecord, SessionStats, StepAttempt, StoredEven
 from .reload import AppReloader
 from .runner import DEFAULT_ENV as DEFAULT_ENV
 from .runner import Runner
+from .sdk_protocol import EVENT_ID_SEED_HEADER, seeded_ids
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,10 @@ async def post_events(request: web.Request) -> web.Response:
     if len(body) > MAX_BODY_BYTES:
         raise PayloadTooLarge(f"request body is larger than {MAX_BODY_BYTES} bytes")
     events = parse_body(body)
-    ids = await request.app[RUNNER].ingest(env_of(request), events)
+    # The SDKs seed their events' ids so that sending again (after a lost answer) starts
+    # nothing twice: the same seed gives the same ids, and a repeat is a no-op.
+    seeded = seeded_ids(request.headers.get(EVENT_ID_SEED_HEADER), len(events))
+    ids = await request.app[RUNNER].ingest(env_of(request), events, ids=seeded)
     return json_ok({"ids": ids, "status": 200})
 
 
@@ -376,7 +380,7 @@ async def api_functions(request: web.Request) -> web.Response:
     """The registered functions and their triggers."""
     return json_ok({"functions": [
         {"id": fn.id, "name": fn.name, "app_id": fn.app_id, "retries": fn.retries,
-         "triggers": [t.doc() for t in fn.triggers]}
+         "triggers": [t.doc() for t in fn.triggers], "sdk_url": fn.remote}
         for fn in request.app[RUNNER].functions
     ]})
 

@@ -123,6 +123,9 @@ class FunctionDef:
     retries: int
     handler: Handler
     cancel_on: tuple[CancelTrigger, ...] = ()
+    remote: str | None = None
+    """For a function of an Inngest SDK app: the URL the SDK serves it at (its
+    `steps.step.runtime.url`); runs go through the SDK call protocol. None for local ones."""
 
     @property
     def event_triggers(self) -> list[EventTrigger]:

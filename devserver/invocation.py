@@ -90,11 +90,25 @@ _INTERNAL_DIRS = (
 )
 
 
+class ReportedError(Exception):
+    """An error someone else reported in Inngest's shape (an SDK app): stored as given.
+
+    Subclasses mix in `NonRetriableError` or `RetryAfterError` to say how it retries.
+    """
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(f"{error.get('name', 'Error')}: {error.get('message', '')}")
+        self.error = error
+
+
 def error_info(exc: BaseException) -> dict[str, Any]:
     """The stored shape of an error: `{name, message, stack}`, as Inngest records it.
 
-    The stack starts at the user's code: devserver's own frames above it are dropped.
+    The stack starts at the user's code: devserver's own frames above it are dropped. An
+    error an SDK reported (`ReportedError`) keeps the shape the SDK gave it.
     """
+    if isinstance(exc, ReportedError):
+        return dict(exc.error)
     tb = traceback.TracebackException.from_exception(exc)
     frames = list(tb.stack)
     while len(frames) > 1 and frames[0].filename.startswith(_INTERNAL_DIRS):
@@ -251,7 +265,10 @@ class Invocation:
 
     async def sleep_until(self, step_id: str, until: Any) -> None:
         """Durable sleep until a point in time; the wake time survives restarts."""
-        uid = self.unique_id(step_id)
+        await self.sleep_until_step(self.unique_id(step_id), until)
+
+    async def sleep_until_step(self, uid: str, until: Any) -> None:
+        """`sleep_until` for a step id that is already unique (SDK steps come that way)."""
         if uid in self.memo:
             return
         pending = self.pending.get(uid)
@@ -261,6 +278,9 @@ class Invocation:
             except ValueError as exc:
                 raise TypeError(f"step {uid!r}: {exc}") from None
             pending = await self._wait(uid, "sleep", when, {"until": when})
+        await self._settle_sleep(pending)
+
+    async def _settle_sleep(self, pending: StepAttempt) -> None:
         assert pending.wait_until is not None
         if self.clock.now_ms() < pending.wait_until:
             raise Reschedule(pending.wait_until)
@@ -283,7 +303,13 @@ class Invocation:
         `if_` is a CEL condition with `event` (this run's trigger) and `async` (the candidate);
         `match="data.user_id"` is shorthand for `event.data.user_id == async.data.user_id`.
         """
-        uid = self.unique_id(step_id)
+        return await self.wait_for_event_step(self.unique_id(step_id), event, timeout, if_, match)
+
+    async def wait_for_event_step(
+        self, uid: str, event: str, timeout: Any, if_: str | None = None,
+        match: str | None = None,
+    ) -> dict[str, Any] | None:
+        """`wait_for_event` for a step id that is already unique (SDK steps come that way)."""
         if uid in self.memo:
             return self.replay(self.memo[uid])  # type: ignore[no-any-return]
         pending = self.pending.get(uid)
@@ -303,6 +329,9 @@ class Invocation:
                       "timeout_at": expires}
             pending = await self._wait(uid, "wait_for_event", expires, detail,
                                        WaitSpec(event_name=event))
+        return await self._settle_wait(pending)
+
+    async def _settle_wait(self, pending: StepAttempt) -> dict[str, Any] | None:
         found = await self._find_event(pending.detail)
         if found is not None:
             await self._resolve(pending, COMPLETED, output=found)
@@ -374,7 +403,11 @@ class Invocation:
 
         The child run carries this run's sessions. Its failure is raised here as `StepError`.
         """
-        uid = self.unique_id(step_id)
+        return await self.invoke_step(self.unique_id(step_id), function, data, timeout)
+
+    async def invoke_step(self, uid: str, function: object, data: Any = None,
+                          timeout: Any = None) -> Any:
+        """`invoke` for a step id that is already unique (SDK steps come that way)."""
         if uid in self.memo:
             return self.replay(self.memo[uid])
         pending = self.pending.get(uid)
@@ -405,6 +438,9 @@ class Invocation:
             assert created is not None
             self.pending[uid] = pending = record
             await self.runtime.after_ingest(self.env, [event], created)
+        return await self._settle_invoke(pending)
+
+    async def _settle_invoke(self, pending: StepAttempt) -> Any:
         child = await self.store.run(str(pending.detail["run_id"]))
         if child is not None and child.status in FINISHED:
             if child.status == COMPLETED:
@@ -418,3 +454,16 @@ class Invocation:
                      "message": f"invoked run {pending.detail['run_id']} did not finish in time"}
             raise step_error(await self._resolve(pending, FAILED, error=error))
         raise Reschedule(pending.wait_until)
+
+    async def settle(self, uid: str) -> None:
+        """Check a waiting step again: resolve it (its outcome joins the memo) if what it
+        waits for happened, else raise `Reschedule`. A failed invoke raises `StepError`."""
+        pending = self.pending.get(uid)
+        if pending is None:
+            return
+        if pending.kind == "sleep":
+            await self._settle_sleep(pending)
+        elif pending.kind == "wait_for_event":
+            await self._settle_wait(pending)
+        elif pending.kind == "invoke":
+            await self._settle_invoke(pending)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from . import api, dashboard
+from . import api, dashboard, sdk
 from .clock import Clock, WallClock
 from .errors import ConfigError
 from .events import MAX_BODY_BYTES
@@ -42,6 +42,12 @@ class Config:
     """The `--app` specs the functions came from, for hot reload."""
     reload: bool = False
     """Watch the apps' files and reload them on change."""
+    sdk_urls: list[str] = field(default_factory=list)
+    """Inngest SDK apps to sync at start (`-u URL`), e.g. http://127.0.0.1:3000/api/inngest."""
+    sdk_poll_interval: float = sdk.DEFAULT_POLL_INTERVAL
+    """Seconds between re-syncs of known SDK apps (picks up restarts); 0 turns it off."""
+    sdk_discover: bool = False
+    """Also look for SDK apps on the usual local dev ports (`--discover`)."""
 
     def backoff(self) -> Backoff:
         """The retry delay policy this config selects."""
@@ -56,8 +62,11 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     store = Store(config.db)
     runner = Runner(store, clock or WallClock(), config.backoff())
     runner.register(config.functions)
+    apps = sdk.SdkApps(runner, runner.clock, urls=config.sdk_urls,
+                       poll_interval=config.sdk_poll_interval, discover=config.sdk_discover)
     app[api.STORE] = store
     app[api.RUNNER] = runner
+    app[sdk.SDK_APPS] = apps
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -69,7 +78,14 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         yield
         await runner.stop()
 
-    app.cleanup_ctx.extend([store_ctx, runner_ctx])
+    async def sdk_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Opened before the runner starts and closed after it stops, so no run's call to
+        # an SDK app is cut off by the client closing.
+        await apps.start()
+        yield
+        await apps.stop()
+
+    app.cleanup_ctx.extend([store_ctx, sdk_ctx, runner_ctx])
     if config.reload and config.app_specs:
         reloader = AppReloader(config.app_specs, runner)
         app[api.RELOADER] = reloader
@@ -81,6 +97,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
 
         app.cleanup_ctx.append(reload_ctx)
     app.add_routes(api.routes)
+    app.add_routes(sdk.routes)
     dashboard.setup(app)
     return app
 
@@ -128,6 +145,11 @@ class Server:
         return self.app[api.RUNNER]
 
     @property
+    def sdk(self) -> sdk.SdkApps:
+        """The server's Inngest SDK apps (sync them, list them)."""
+        return self.app[sdk.SDK_APPS]
+
+    @property
     def port(self) -> int:
         """The bound port (the real one when 0 was asked for)."""
         if self._sock is None:
@@ -143,6 +165,7 @@ class Server:
     async def start(self) -> None:
         """Bind, open the database, resume unfinished runs and start serving."""
         self._sock = bind(self._host, self._port)
+        self.sdk.base_url = self.url
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=2.0)
         try:
