@@ -50,7 +50,7 @@ class Row:
     def line(self) -> str:
         mark = "ok  " if self.ok else "MISS"
         note = f"  ({self.note})" if self.note else ""
-        return (f"  {mark} {self.name:<44} {self.value:>10.2f} {self.unit:<10} "
+        return (f"  {mark} {self.name:<52} {self.value:>10.2f} {self.unit:<10} "
                 f"target {self.target}{note}")
 
 
