@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .clock import parse_duration
 from .errors import UserError
 from .expressions import Expression
 from .retry import DEFAULT_RETRIES
@@ -123,6 +124,8 @@ class FunctionDef:
     retries: int
     handler: Handler
     cancel_on: tuple[CancelTrigger, ...] = ()
+    timeout: float | None = None
+    """Seconds one execution of the function may take; None: the server's default."""
     remote: str | None = None
     """For a function of an Inngest SDK app: the URL the SDK serves it at (its
     `steps.step.runtime.url`); runs go through the SDK call protocol. None for local ones."""
@@ -173,6 +176,7 @@ class App:
         name: str | None = None,
         cancel_on: Cancel | Sequence[Cancel] = (),
         on_failure: Handler | None = None,
+        timeout: str | float | dt.timedelta | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated (sync or async) function to run on `trigger`.
 
@@ -182,6 +186,8 @@ class App:
         the full id is `<app id>-<id>`. `cancel_on` cancels runs when matching events arrive.
         `on_failure` is a function run (as `<full id>-failure`) when a run fails for good; its
         `ctx.event` is the `inngest/function.failed` event, with the error and original event.
+        `timeout` (`"30s"`, seconds, a timedelta) bounds one execution of the function body
+        (sleeps and waits between steps don't count); past it the run fails.
         The decorated function is returned unchanged, so it stays callable in unit tests.
         """
         triggers = _parse_triggers(trigger)
@@ -192,6 +198,14 @@ class App:
         )
         if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 20:
             raise UserError(f"retries must be an integer from 0 to 20, got {retries!r}")
+        seconds = None
+        if timeout is not None:
+            try:
+                seconds = parse_duration(timeout) / 1000
+            except ValueError as exc:
+                raise UserError(f"timeout: {exc}") from None
+            if seconds <= 0:
+                raise UserError("timeout must be more than zero")
 
         def register(handler: F) -> F:
             if not callable(handler):
@@ -202,7 +216,7 @@ class App:
             full_id = f"{self.id}-{local_id}"
             self._add(FunctionDef(id=full_id, name=name or handler.__name__, app_id=self.id,
                                   triggers=triggers, retries=retries, handler=handler,
-                                  cancel_on=cancels))
+                                  cancel_on=cancels, timeout=seconds))
             if on_failure is not None:
                 condition = f"event.data.function_id == {json.dumps(full_id)}"
                 self._add(FunctionDef(

@@ -68,6 +68,12 @@ DEFAULT_CONCURRENCY = 256
 """Invocations executing at once; more wait their turn."""
 DEFAULT_THREADS = 32
 """Worker threads for sync functions and sync step bodies."""
+DEFAULT_FUNCTION_TIMEOUT = 300.0
+"""Seconds one execution of a function body may take, unless the function sets its own."""
+
+
+class FunctionTimeoutError(NonRetriableError):
+    """A function's body ran longer than its timeout; the run fails without retrying."""
 
 RemoteExecutor = Callable[[Invocation], Awaitable[Any]]
 """Runs an invocation of a remote (SDK) function; returns its output or raises like a handler."""
@@ -89,8 +95,10 @@ class Runner:
     def __init__(
         self, store: Store, clock: Clock, backoff: Backoff, *,
         concurrency: int = DEFAULT_CONCURRENCY, threads: int = DEFAULT_THREADS,
+        function_timeout: float = DEFAULT_FUNCTION_TIMEOUT,
     ) -> None:
         self.store = store
+        self.function_timeout = function_timeout
         self.clock = clock
         self.backoff = backoff
         self._functions: dict[str, FunctionDef] = {}
@@ -451,7 +459,7 @@ class Runner:
                                        "has no SDK executor")
                 result = await self.remote_executor(inv)
             else:
-                result = await self._call_local(fn, inv)
+                result = await self._call_local_within_timeout(fn, inv)
         except Reschedule as resched:
             self.schedule(run_id, resched.at_ms)
             return
@@ -469,6 +477,23 @@ class Runner:
             await self._function_failed(inv, run, NonRetriableError(message), started)
             return
         await self._finish(run, inv.events, COMPLETED, output_json=output_json)
+
+    async def _call_local_within_timeout(self, fn: FunctionDef, inv: Invocation) -> Any:
+        # asyncio.timeout, not wait_for: the body runs in this task, so whatever it raises
+        # (SystemExit included) reaches `_invoke` instead of escaping into the event loop. A
+        # sync body's thread can't be stopped: past the timeout its result is ignored and its
+        # later step calls find the run ended.
+        limit = fn.timeout if fn.timeout is not None else self.function_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await self._call_local(fn, inv)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the function's own TimeoutError
+            raise FunctionTimeoutError(
+                f"{fn.id} ran for more than its {limit:g} s timeout (set timeout= on the "
+                "function to change it)") from None
 
     async def _call_local(self, fn: FunctionDef, inv: Invocation) -> Any:
         events = [Event.from_stored(ev) for ev in inv.events]

@@ -22,7 +22,7 @@ from .events import MAX_BODY_BYTES
 from .functions import FunctionDef
 from .reload import AppReloader
 from .retry import Backoff, FixedBackoff, InngestBackoff
-from .runner import Runner
+from .runner import DEFAULT_FUNCTION_TIMEOUT, Runner
 from .store import Store
 
 DEFAULT_HOST = "127.0.0.1"
@@ -42,6 +42,8 @@ class Config:
     """The `--app` specs the functions came from, for hot reload."""
     reload: bool = False
     """Watch the apps' files and reload them on change."""
+    function_timeout: float = DEFAULT_FUNCTION_TIMEOUT
+    """Seconds one execution of a function body may take, unless it sets `timeout=`."""
     sdk_urls: list[str] = field(default_factory=list)
     """Inngest SDK apps to sync at start (`-u URL`), e.g. http://127.0.0.1:3000/api/inngest."""
     sdk_poll_interval: float = sdk.DEFAULT_POLL_INTERVAL
@@ -60,7 +62,8 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     """The aiohttp application; the store opens and the runner starts when it starts."""
     app = web.Application(middlewares=[api.error_middleware], client_max_size=MAX_BODY_BYTES)
     store = Store(config.db)
-    runner = Runner(store, clock or WallClock(), config.backoff())
+    runner = Runner(store, clock or WallClock(), config.backoff(),
+                    function_timeout=config.function_timeout)
     runner.register(config.functions)
     apps = sdk.SdkApps(runner, runner.clock, urls=config.sdk_urls,
                        poll_interval=config.sdk_poll_interval, discover=config.sdk_discover)

@@ -427,3 +427,43 @@ async def test_unfinished_run_resumes_after_restart_from_its_last_committed_step
     assert status == 200
     assert body["stats"]["runs"] == 1
     assert body["stats"]["failed_runs"] == 0
+
+
+async def test_a_function_past_its_timeout_fails_alone(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    app = devserver.App("slowpoke")
+    release = threading.Event()
+
+    @app.function(trigger="app/hang", timeout=0.2)
+    async def hang(ctx: devserver.Context) -> None:
+        await asyncio.Event().wait()
+
+    @app.function(trigger="app/block", timeout="200ms", retries=3)
+    def block(ctx: devserver.Context) -> str:
+        release.wait(10)  # a sync function stuck in a call
+        return "too late"
+
+    @app.function(trigger="app/own-timeout", retries=0)
+    async def own(ctx: devserver.Context) -> None:
+        raise TimeoutError("the user's own timeout")
+
+    @app.function(trigger="app/ok")
+    async def ok(ctx: devserver.Context) -> str:
+        return "fine"
+
+    server = await make_server(app)
+    try:
+        hung = await only_run(http, server, await send(http, server, "app/hang"))
+        blocked = await only_run(http, server, await send(http, server, "app/block"))
+    finally:
+        release.set()
+    for run, limit in ((hung, "0.2 s"), (blocked, "0.2 s")):
+        assert run["status"] == "Failed"
+        assert run["error"]["name"] == "FunctionTimeoutError"
+        assert f"more than its {limit} timeout" in run["error"]["message"]
+        assert len(run["steps"]) == 1  # no retries: another attempt would hang the same way
+    own = await only_run(http, server, await send(http, server, "app/own-timeout"))
+    assert own["error"]["name"] == "TimeoutError"
+    assert own["error"]["message"] == "the user's own timeout"
+    assert (await only_run(http, server, await send(http, server, "app/ok")))["output"] == "fine"
