@@ -337,7 +337,8 @@ async def _replay_url(args: argparse.Namespace, events: list[dict[str, Any]], wh
         sent = await send_to_server(
             events, args.url, env=args.env, timing=args.timing, max_gap=args.max_gap,
             progress=_Progress("sent", len(events)), session=http)
-        capped = f"; {sent.capped} gaps capped at {args.max_gap:g}s" if sent.capped else ""
+        capped = (f"; {sent.capped} gap{'s' if sent.capped != 1 else ''} capped at "
+                  f"{args.max_gap:g}s" if sent.capped else "")
         print(f"sent {where} to {sent.base_url} (env {args.env or DEFAULT_ENV}) in "
               f"{sent.requests} request{'s' if sent.requests != 1 else ''}, "
               f"{time.monotonic() - started:.2f}s{capped}")
