@@ -358,7 +358,8 @@ class Runner:
         if run_id in self._tasks:
             self._rewake.add(run_id)
         elif self._started:
-            task = asyncio.get_running_loop().create_task(self._execute(run_id))
+            task = asyncio.get_running_loop().create_task(self._execute(run_id),
+                                                          name=f"run {run_id}")
             self._tasks[run_id] = task
             task.add_done_callback(lambda _: self._done(run_id))
         self._notify()
@@ -441,6 +442,9 @@ class Runner:
         if fn is None:
             log.warning("run %s waits: function %s is not registered", run_id, run.function_id)
             return
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name(f"run {run_id} of {fn.id}")  # named for the loop watchdog
         if run.status == QUEUED:
             # Queued, not awaited: the function starts at once and its later writes commit
             # after this one (the writer keeps order). If the run was cancelled meanwhile,

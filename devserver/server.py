@@ -24,6 +24,7 @@ from .reload import AppReloader
 from .retry import Backoff, FixedBackoff, InngestBackoff
 from .runner import DEFAULT_FUNCTION_TIMEOUT, Runner
 from .store import Store
+from .watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8288
@@ -44,6 +45,8 @@ class Config:
     """Watch the apps' files and reload them on change."""
     function_timeout: float = DEFAULT_FUNCTION_TIMEOUT
     """Seconds one execution of a function body may take, unless it sets `timeout=`."""
+    watchdog_threshold: float = DEFAULT_THRESHOLD
+    """Seconds the event loop may be blocked before the watchdog names the run doing it."""
     sdk_urls: list[str] = field(default_factory=list)
     """Inngest SDK apps to sync at start (`-u URL`), e.g. http://127.0.0.1:3000/api/inngest."""
     sdk_poll_interval: float = sdk.DEFAULT_POLL_INTERVAL
@@ -76,6 +79,12 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         yield
         await store.close()
 
+    async def watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
+        watchdog = LoopWatchdog(config.watchdog_threshold)
+        watchdog.start()
+        yield
+        watchdog.stop()
+
     async def runner_ctx(app: web.Application) -> AsyncIterator[None]:
         await runner.start()
         yield
@@ -88,7 +97,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         yield
         await apps.stop()
 
-    app.cleanup_ctx.extend([store_ctx, sdk_ctx, runner_ctx])
+    app.cleanup_ctx.extend([store_ctx, sdk_ctx, runner_ctx, watchdog_ctx])
     if config.reload and config.app_specs:
         reloader = AppReloader(config.app_specs, runner)
         app[api.RELOADER] = reloader

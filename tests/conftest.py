@@ -22,7 +22,7 @@ from .procs import spawn as spawn
 class MakeServer(Protocol):
     async def __call__(
         self, *apps: App, retry_interval: float | None = 0, db: Path | str | None = None,
-        clock: Clock | None = None,
+        clock: Clock | None = None, watchdog_threshold: float = 2.0,
     ) -> Server: ...
 
 
@@ -33,11 +33,11 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
 
     async def make(
         *apps: App, retry_interval: float | None = 0, db: Path | str | None = None,
-        clock: Clock | None = None,
+        clock: Clock | None = None, watchdog_threshold: float = 2.0,
     ) -> Server:
         path = db if db is not None else tmp_path / f"db{len(servers)}.sqlite3"
         config = Config(db=str(path), functions=[fn for app in apps for fn in app.functions],
-                        retry_interval=retry_interval)
+                        retry_interval=retry_interval, watchdog_threshold=watchdog_threshold)
         server = Server(config, port=0, clock=clock)
         await server.start()
         servers.append(server)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -467,3 +469,23 @@ async def test_a_function_past_its_timeout_fails_alone(
     assert own["error"]["name"] == "TimeoutError"
     assert own["error"]["message"] == "the user's own timeout"
     assert (await only_run(http, server, await send(http, server, "app/ok")))["output"] == "fine"
+
+
+async def test_the_watchdog_names_a_run_that_blocks_the_event_loop(
+    make_server: MakeServer, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = devserver.App("blocker")
+
+    @app.function(trigger="app/block")
+    async def blocks(ctx: devserver.Context) -> str:
+        time.sleep(1.0)  # the mistake the watchdog is for: blocking code in an async function
+        return "done"
+
+    server = await make_server(app, watchdog_threshold=0.3)
+    with caplog.at_level(logging.WARNING, logger="devserver.watchdog"):
+        run = await only_run(http, server, await send(http, server, "app/block"))
+    assert run["output"] == "done"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "devserver.watchdog"]
+    assert warnings, "the watchdog said nothing"
+    assert f"run {run['run_id']} of blocker-blocks" in warnings[0]
+    assert "blocking code" in warnings[0]
