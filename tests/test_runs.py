@@ -465,9 +465,9 @@ async def test_a_function_past_its_timeout_fails_alone(
         assert run["error"]["name"] == "FunctionTimeoutError"
         assert f"more than its {limit} timeout" in run["error"]["message"]
         assert len(run["steps"]) == 1  # no retries: another attempt would hang the same way
-    own = await only_run(http, server, await send(http, server, "app/own-timeout"))
-    assert own["error"]["name"] == "TimeoutError"
-    assert own["error"]["message"] == "the user's own timeout"
+    mine = await only_run(http, server, await send(http, server, "app/own-timeout"))
+    assert mine["error"]["name"] == "TimeoutError"
+    assert mine["error"]["message"] == "the user's own timeout"
     assert (await only_run(http, server, await send(http, server, "app/ok")))["output"] == "fine"
 
 
@@ -478,7 +478,7 @@ async def test_the_watchdog_names_a_run_that_blocks_the_event_loop(
 
     @app.function(trigger="app/block")
     async def blocks(ctx: devserver.Context) -> str:
-        time.sleep(1.0)  # the mistake the watchdog is for: blocking code in an async function
+        time.sleep(1.0)  # noqa: ASYNC251 - the mistake the watchdog is there to report
         return "done"
 
     server = await make_server(app, watchdog_threshold=0.3)
