@@ -208,10 +208,15 @@ WHEN NEW.status != OLD.status BEGIN
         (SELECT env, identifier, value FROM run_sessions WHERE run_id = NEW.run_id);
 END;
 """
-"""The latest schema, applied as a whole to a new database."""
+"""Version 1 of the schema, applied as a whole to a new database; MIGRATIONS follow it."""
 
-MIGRATIONS: dict[int, str] = {}
-"""SQL that upgrades a database from version N-1 to N; the latest schema is version 1."""
+MIGRATIONS: dict[int, str] = {
+    2: """
+-- wait_for_event looks for events by name received after the wait began.
+CREATE INDEX events_by_name ON events (env, name, internal_id);
+""",
+}
+"""SQL that upgrades a database from version N-1 to N; new databases run them too."""
 
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
@@ -604,6 +609,8 @@ def _statements(script: str) -> list[str]:
 
 
 def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database to SCHEMA_VERSION: a new one gets SCHEMA (version 1), then every
+    database gets the migrations it lacks, each in order, all in one transaction."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise ConfigError(
@@ -620,11 +627,11 @@ def _migrate(db: sqlite3.Connection) -> None:
                 raise ConfigError("the database file is not a devserver database")
             for statement in _statements(SCHEMA):
                 db.execute(statement)
-        else:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                log.info("migrating database schema to version %d", target)
-                for statement in _statements(MIGRATIONS[target]):
-                    db.execute(statement)
+            version = 1
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            log.info("migrating the database schema to version %d", target)
+            for statement in _statements(MIGRATIONS[target]):
+                db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
