@@ -97,7 +97,8 @@ class ReportedError(Exception):
     """
 
     def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(f"{error.get('name', 'Error')}: {error.get('message', '')}")
+        # Not super(): a subclass may mix in an exception whose __init__ wants more arguments.
+        Exception.__init__(self, f"{error.get('name', 'Error')}: {error.get('message', '')}")
         self.error = error
 
 

@@ -2,7 +2,7 @@
 
 Syncing an app (`-u URL`): the server sends `PUT <url>` with `X-Inngest-Server-Kind: dev`; the
 SDK answers by POSTing its functions to `/fn/register`, which turns them into `FunctionDef`s
-(see `sdk_protocol`) served remotely and swaps them in for that app's previous set. Known URLs
+(see `sdk_registration`) served remotely and swaps them in for that app's previous set. Known URLs
 are synced at start and again every few seconds, so an app that restarts with new code is
 picked up (an unchanged registration is a no-op: `"modified": false`); `POST /api/apps/sync`
 syncs on demand; with discovery on, the usual local dev ports are probed for apps too.
@@ -37,9 +37,8 @@ from .sdk_protocol import (
     SDK_HEADER,
     SERVER_KIND,
     SERVER_KIND_HEADER,
-    Registration,
-    parse_registration,
 )
+from .sdk_registration import Registration, parse_registration
 from .sdk_runs import DEFAULT_CALL_TIMEOUT, USER_AGENT, SdkExecutor
 
 log = logging.getLogger(__name__)
@@ -238,14 +237,12 @@ class SdkApps:
             registered = sync.done.result()
             return SyncResult(url, ok=registered.ok, app_id=registered.app_id,
                               modified=registered.modified, error=registered.error)
-        if status >= 400:
-            return SyncResult(url, ok=False,
-                              error=f"the app answered HTTP {status}: {text.strip()[:300]}")
+        answer = f"HTTP {status}: {text.strip()[:300]}" if status >= 400 else f"HTTP {status}"
         where = f" ({self.base_url})" if self.base_url else ""
         return SyncResult(url, ok=False, error=(
-            f"the app answered the sync but never registered with this server{where}: point "
-            "its SDK at this server (INNGEST_DEV=<url> or INNGEST_BASE_URL=<url>, or the "
-            "client's base URL option)"))
+            f"the app answered the sync ({answer}) but never registered with this "
+            f"server{where}: point its SDK at this server (INNGEST_DEV=<url> or "
+            "INNGEST_BASE_URL=<url>, or the client's base URL option)"))
 
     # -- registration ------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ reads the answers.
 Pure logic, no I/O and no aiohttp, so every rule is testable with dicts: the wire strings, the
 call body (both SDKs validate it strictly), the memo of step outcomes keyed by hashed step ids,
 the opcodes of a 206 answer, errors and `Retry-After`, event ids from an SDK's id seed, and a
-registration (`POST /fn/register`) turned into `FunctionDef`s. The facts come from the SDKs
+registration is `sdk_registration`'s. The facts come from the SDKs
 themselves (Python `inngest` 0.5.19, TypeScript `inngest` 4); see INNGEST.md.
 """
 
@@ -23,13 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .clock import parse_duration, to_ms
-from .errors import UserError
-from .expressions import Expression
-from .functions import CancelTrigger, FunctionDef, Handler, NonRetriableError, RetryAfterError
+from .functions import NonRetriableError, RetryAfterError
 from .invocation import ReportedError, event_dict
 from .records import StepAttempt, StoredEvent
-from .retry import DEFAULT_RETRIES
-from .triggers import CronTrigger, EventTrigger, parse_event_trigger
 
 # -- wire strings -----------------------------------------------------------------------------
 
@@ -58,11 +54,6 @@ OP_RUN_COMPLETE = "RunComplete"
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
                  OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE)
 
-MAX_SDK_RETRIES = 20
-"""Inngest refuses functions configured with more retries than this."""
-IGNORED_CONFIG = ("concurrency", "debounce", "idempotency", "batchEvents", "rateLimit",
-                  "throttle", "priority", "timeouts", "singleton")
-"""Function options a registration may carry that this server accepts but does not emulate."""
 MAX_STEP_REPEATS = 512
 """How many repeats of one step id (`id:1`, `id:2`...) we try when naming a hashed step."""
 
@@ -188,11 +179,11 @@ def parse_ops(body: Any) -> list[Op]:
     """The opcodes of a 206 answer: a JSON array of them (a lone object is taken as one)."""
     items = [body] if isinstance(body, dict) else body
     if not isinstance(items, list):
-        raise ProtocolError(f"a 206 answer must be a JSON array of opcodes, got {_kind(body)}")
+        raise ProtocolError(f"a 206 answer must be a JSON array of opcodes, got {kind_of(body)}")
     ops: list[Op] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
-            raise ProtocolError(f"opcode [{index}] must be an object, got {_kind(item)}")
+            raise ProtocolError(f"opcode [{index}] must be an object, got {kind_of(item)}")
         op, op_id = item.get("op"), item.get("id")
         if not isinstance(op, str) or not op:
             raise ProtocolError(f"opcode [{index}] has no 'op'")
@@ -203,10 +194,10 @@ def parse_ops(body: Any) -> list[Op]:
         userland = userland if isinstance(userland, dict) else {}
         index_hint = userland.get("index")
         ops.append(Op(
-            op=op, id=op_id, name=_text(item.get("name")),
-            display_name=_text(item.get("displayName")),
+            op=op, id=op_id, name=text_of(item.get("name")),
+            display_name=text_of(item.get("displayName")),
             opts=opts if isinstance(opts, dict) else {}, data=item.get("data"),
-            error=item.get("error"), userland_id=_text(userland.get("id")),
+            error=item.get("error"), userland_id=text_of(userland.get("id")),
             userland_index=index_hint if type(index_hint) is int and index_hint >= 0 else None))
     return ops
 
@@ -437,146 +428,13 @@ def _ulid(millis: int, rand: int) -> str:
     return "".join(_ULID_ALPHABET[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
-# -- registration -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Registration:
-    """An SDK app's `POST /fn/register`, validated."""
-
-    app_id: str
-    url: str
-    sdk: str
-    framework: str
-    functions: list[FunctionDef]
-    ignored: dict[str, list[str]]
-    """Per function id, the options it sets that this server does not emulate."""
-    checksum: str
-    configs: list[dict[str, Any]]
-    """The functions' configs as the SDK sent them (for `GET /dev`)."""
-
-
-def parse_registration(body: Any) -> Registration:
-    """Validate a registration and build its functions; `UserError` says what is wrong."""
-    if not isinstance(body, dict):
-        raise UserError(f"a registration must be a JSON object, got {_kind(body)}")
-    app_id = body.get("appname", body.get("appName"))
-    if not isinstance(app_id, str) or not app_id.strip():
-        raise UserError("registration: 'appname' (or 'appName') must be a non-empty string")
-    url = body.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise UserError("registration: 'url' must be the app's http(s) URL")
-    configs = body.get("functions")
-    if configs is None:
-        configs = []
-    if not isinstance(configs, list):
-        raise UserError(f"registration: 'functions' must be an array, got {_kind(configs)}")
-    functions: list[FunctionDef] = []
-    ignored: dict[str, list[str]] = {}
-    for index, config in enumerate(configs):
-        fn, skipped = _function(app_id, config, f"functions[{index}]")
-        if any(other.id == fn.id for other in functions):
-            raise UserError(f"functions[{index}]: two functions have the id {fn.id!r}")
-        functions.append(fn)
-        if skipped:
-            ignored[fn.id] = skipped
-    canonical = json.dumps({"app": app_id, "url": url, "functions": configs},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return Registration(
-        app_id=app_id, url=url, sdk=_text(body.get("sdk")),
-        framework=_text(body.get("framework")), functions=functions, ignored=ignored,
-        checksum=hashlib.sha256(canonical.encode("utf-8")).hexdigest(), configs=configs)
-
-
-def _function(app_id: str, config: Any, where: str) -> tuple[FunctionDef, list[str]]:
-    if not isinstance(config, dict):
-        raise UserError(f"{where}: must be an object, got {_kind(config)}")
-    fn_id = config.get("id")
-    if not isinstance(fn_id, str) or not fn_id:
-        raise UserError(f"{where}.id: must be a non-empty string")
-    name = config.get("name") if isinstance(config.get("name"), str) else ""
-    step = (config.get("steps") or {}).get(ROOT_STEP) if isinstance(config.get("steps"), dict) \
-        else None
-    if not isinstance(step, dict):
-        raise UserError(f"{where}.steps.{ROOT_STEP}: missing (where the SDK serves {fn_id!r})")
-    runtime = step.get("runtime")
-    url = runtime.get("url") if isinstance(runtime, dict) else None
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise UserError(f"{where}.steps.{ROOT_STEP}.runtime.url: must be an http(s) URL "
-                        "(connect/websocket apps are not supported)")
-    retries_doc = step.get("retries")
-    retries: Any = retries_doc.get("attempts") if isinstance(retries_doc, dict) else None
-    if retries is None:
-        retries = DEFAULT_RETRIES
-    if type(retries) is not int or not 0 <= retries <= MAX_SDK_RETRIES:
-        raise UserError(f"{where}.steps.{ROOT_STEP}.retries.attempts: must be an integer from "
-                        f"0 to {MAX_SDK_RETRIES}, got {retries!r}")
-    triggers = _triggers(config.get("triggers"), f"{where}.triggers")
-    cancels = _cancels(config.get("cancel"), f"{where}.cancel")
-    skipped = [key for key in IGNORED_CONFIG if config.get(key) not in (None, [], {})]
-    fn = FunctionDef(id=fn_id, name=name or fn_id, app_id=app_id, triggers=tuple(triggers),
-                     retries=retries, handler=_served_by_sdk(fn_id), cancel_on=tuple(cancels),
-                     remote=url)
-    return fn, skipped
-
-
-def _triggers(value: Any, where: str) -> list[EventTrigger | CronTrigger]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise UserError(f"{where}: must be an array, got {_kind(value)}")
-    found: list[EventTrigger | CronTrigger] = []
-    for index, item in enumerate(value):
-        at = f"{where}[{index}]"
-        if not isinstance(item, dict):
-            raise UserError(f"{at}: must be an object, got {_kind(item)}")
-        try:
-            if isinstance(item.get("cron"), str):
-                found.append(CronTrigger(item["cron"]))
-            elif isinstance(item.get("event"), str):
-                expression = item.get("expression")
-                found.append(parse_event_trigger(
-                    item["event"], expression if isinstance(expression, str) and expression
-                    else None))
-            else:
-                raise UserError("needs 'event' or 'cron'")
-        except UserError as exc:
-            raise UserError(f"{at}: {exc.message}") from None
-    return found
-
-
-def _cancels(value: Any, where: str) -> list[CancelTrigger]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise UserError(f"{where}: must be an array, got {_kind(value)}")
-    found: list[CancelTrigger] = []
-    for index, item in enumerate(value):
-        at = f"{where}[{index}]"
-        if not isinstance(item, dict) or not isinstance(item.get("event"), str):
-            raise UserError(f"{at}: must be an object with an 'event'")
-        condition = item.get("if")
-        try:
-            found.append(CancelTrigger(
-                parse_event_trigger(item["event"]),
-                Expression(condition) if isinstance(condition, str) and condition else None))
-        except UserError as exc:
-            raise UserError(f"{at}: {exc.message}") from None
-    return found
-
-
-def _served_by_sdk(fn_id: str) -> Handler:
-    """The `handler` of an SDK function: never called, the runner sends its runs to the SDK."""
-    async def served_by_sdk(ctx: Any) -> Any:
-        raise RuntimeError(f"{fn_id} runs in its SDK app, not in this process")
-    return served_by_sdk
-
-
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """`value` if it is a string, else an empty string."""
     return value if isinstance(value, str) else ""
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """The JSON type of a value, for error messages."""
     if value is None:
         return "null"
     return {dict: "object", list: "array", str: "string", bool: "boolean"}.get(
