@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the session, e.g. conversation_id=conv_1234 (the value is "
                              "everything after the first '=')")
     export.add_argument("--env", default=DEFAULT_ENV, help=f"environment (default {DEFAULT_ENV})")
-    export.add_argument("--db", default=DEFAULT_DB, help=f"database file (default {DEFAULT_DB})")
+    export.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
+                        help=f"database file (default {DEFAULT_DB})")
     export.add_argument("-o", "--output", default=None, metavar="FILE",
                         help="write to FILE instead of stdout")
     export.add_argument("--log-level", choices=LOG_LEVELS, default="warning",
@@ -344,8 +345,12 @@ async def _replay_url(args: argparse.Namespace, events: list[dict[str, Any]], wh
               f"{time.monotonic() - started:.2f}s{capped}")
         if not args.wait:
             return 0
-        finished = await wait_for_server(sent.base_url, http, args.timeout)
-        report = await server_report(sent.base_url, http, events, args.env)
+        try:
+            finished = await wait_for_server(sent.base_url, http, args.timeout)
+            report = await server_report(sent.base_url, http, events, args.env)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise ReplayError(f"the events were sent, but reading the runs from "
+                              f"{sent.base_url} failed: {exc}") from None
     report.timed_out = not finished
     if not finished:
         print(f"runs were still executing after {args.timeout:g}s (--timeout); "

@@ -209,12 +209,10 @@ def timed_groups(
     groups: list[tuple[int, list[dict[str, Any]]]] = []
     now: int | None = None
     for event in events:
-        ts = event.get("ts")
-        gap = 0
-        if isinstance(ts, int | float) and not isinstance(ts, bool):
-            if now is not None:
-                gap = max(0, int(ts) - now)
-            now = max(now or 0, int(ts))
+        ts, gap = _ts(event), 0
+        if ts is not None:
+            gap = 0 if now is None else max(0, ts - now)
+            now = ts if now is None else max(now, ts)
         if groups and gap == 0:
             groups[-1][1].append(event)
         else:
@@ -222,19 +220,19 @@ def timed_groups(
     return groups
 
 
+def _ts(event: dict[str, Any]) -> int | None:
+    ts = event.get("ts")
+    return int(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else None
+
+
 def first_ts(events: list[dict[str, Any]]) -> int | None:
     """The first `ts` among the events, where `timing="original"` starts the clock."""
-    for event in events:
-        ts = event.get("ts")
-        if isinstance(ts, int | float) and not isinstance(ts, bool):
-            return int(ts)
-    return None
+    return next((ts for ts in map(_ts, events) if ts is not None), None)
 
 
 def span_ms(events: list[dict[str, Any]]) -> int:
     """Milliseconds from the first `ts` to the last (0 without any)."""
-    stamps = [int(e["ts"]) for e in events
-              if isinstance(e.get("ts"), int | float) and not isinstance(e.get("ts"), bool)]
+    stamps = [ts for ts in map(_ts, events) if ts is not None]
     return max(stamps) - min(stamps) if stamps else 0
 
 
@@ -358,8 +356,6 @@ class Sent:
     events: int
     requests: int
     base_url: str
-    waited_ms: int = 0
-    """Real time spent waiting between events (`timing="original"`)."""
     capped: int = 0
     """Gaps shortened to `max_gap`."""
 
@@ -389,7 +385,6 @@ async def send_to_server(
             if gap_ms:
                 wait = min(gap_ms / 1000, max_gap)
                 sent.capped += wait < gap_ms / 1000
-                sent.waited_ms += int(wait * 1000)
                 await sleep(wait)
             for count, body in _request_bodies(group):
                 await _post(client, endpoint, body, count, headers, sent, total)
@@ -437,8 +432,10 @@ async def wait_for_server(base_url: str, session: aiohttp.ClientSession, timeout
     deadline = time.monotonic() + timeout
     while True:
         async with session.get(f"{base_url}/api/status") as resp:
-            doc = await resp.json() if resp.status == 200 else {}
-        if doc.get("busy_runs") == 0:
+            doc = await resp.json(content_type=None) if resp.status == 200 else None
+        if not isinstance(doc, dict) or "busy_runs" not in doc:
+            raise ReplayError(f"{base_url} has no /api/status: --wait needs a devserver")
+        if doc["busy_runs"] == 0:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -455,6 +452,7 @@ async def server_report(
             keys[(ident, value)] = None
     report = Report(events=len(events))
     failed: dict[str, FailedRun] = {}
+    unfinished: set[str] = set()
     for ident, value in sorted(keys):
         params = {"identifier": ident, "value": value, "limit": "500"}
         if env is not None:
@@ -467,6 +465,8 @@ async def server_report(
         report.sessions.append(SessionRow(ident, value, stats["runs"], stats["failed_runs"],
                                 list(stats["functions"])))
         for run in doc["runs"]:
+            if run["status"] in (QUEUED, RUNNING):
+                unfinished.add(run["run_id"])
             if run["status"] == FAILED and run["run_id"] not in failed:
                 failed[run["run_id"]] = FailedRun(run["run_id"], run["function_id"],
                                                   run["event_name"], {ident: value}, "")
@@ -478,6 +478,7 @@ async def server_report(
                 run.error = _error_text(detail.get("error"))
     report.failed_total = len(failed)
     report.failed = list(failed.values())[:FAILED_LISTED]
+    report.unfinished = len(unfinished)
     return report
 
 
