@@ -34,7 +34,13 @@ import aiohttp
 
 from .clock import VirtualClock
 from .errors import DevserverError, UserError
-from .events import MAX_EVENTS_PER_REQUEST, RESERVED_PREFIX, loads, validate_event
+from .events import (
+    MAX_EVENT_BYTES,
+    MAX_EVENTS_PER_REQUEST,
+    RESERVED_PREFIX,
+    loads,
+    validate_event,
+)
 from .functions import FunctionDef
 from .records import FAILED, QUEUED, RUNNING, RunRecord, StoredEvent
 from .runner import DEFAULT_ENV, Runner
@@ -86,6 +92,8 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
 
 def parse_events(text: bytes, name: str, *, array: bool) -> list[dict[str, Any]]:
     """Events from fixture text: a JSON event or array (`array`), else one event per line."""
+    # Re-encoding never makes an event more than 4x longer, so small files need no measuring.
+    measure = len(text) > MAX_EVENT_BYTES // 4
     if array:
         try:
             doc = loads(text)
@@ -93,7 +101,7 @@ def parse_events(text: bytes, name: str, *, array: bool) -> list[dict[str, Any]]
             raise UserError(f"{name}: {exc.message}") from None
         events = doc if isinstance(doc, list) else [doc]
         for index, event in enumerate(events):
-            _check(event, f"{name}: event {index}")
+            _check(event, f"{name}: event {index}", measure)
         return events
     events = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -104,16 +112,21 @@ def parse_events(text: bytes, name: str, *, array: bool) -> list[dict[str, Any]]
             event = loads(line)
         except UserError as exc:
             raise UserError(f"{where}: {exc.message}") from None
-        _check(event, where)
+        _check(event, where, measure)
         events.append(event)
     return events
 
 
-def _check(event: Any, where: str) -> None:
+def _check(event: Any, where: str, measure: bool) -> None:
     try:
         validate_event(event, 0)
     except UserError as exc:
         raise UserError(f"{where}: {exc.message.removeprefix('events[0].')}") from None
+    if measure:
+        size = len(_dumps(event).encode())
+        if size > MAX_EVENT_BYTES:
+            raise UserError(f"{where}: event is {size} bytes as compact JSON; at most "
+                            f"{MAX_EVENT_BYTES} bytes (3 MiB) are allowed")
 
 
 def read_all(paths: Iterable[str | Path]) -> list[dict[str, Any]]:

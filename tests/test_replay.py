@@ -253,6 +253,8 @@ BAD_LINES = {
                      "at most 5"),
     "nan": ('{"name": "x", "data": {"v": NaN}}', "x.jsonl:2"),
     "array-on-a-line": ('[{"name": "x"}]', "x.jsonl:2"),
+    "over-3-mib": (json.dumps({"name": "x", "data": {"blob": "y" * (3 * 1024 * 1024)}}),
+                   "at most 3145728 bytes"),
 }
 
 
