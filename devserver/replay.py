@@ -7,7 +7,7 @@ validation.
 
 Replaying goes one of two ways: `send_to_server` POSTs the events to a running server, and
 `run_in_process` runs them against functions on a private store and a `VirtualClock`, waits for
-every run to finish and reports per-session figures (`Report`, rendered by `format_summary`).
+every run to finish and reports per-session figures (`Report`; the CLI renders it).
 With `timing="original"` the gaps between the events' `ts` values are kept: as real waits over
 HTTP (each capped), as virtual time in-process, where runs progress through the gap as they would
 have (sleeps end, retries fire, waits time out) before the next event arrives.
