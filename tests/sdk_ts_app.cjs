@@ -1,0 +1,126 @@
+// A TypeScript-SDK (inngest@4) app for tests/test_sdk_ts.py, served by Node's http server.
+//
+// Environment: DEVSERVER_URL (the devserver to register with and send to), PORT (to listen
+// on, 127.0.0.1), APP_VERSION ("1" or "2": version 2 drops `strict` and adds `added`, to test
+// re-syncing an app that restarted with new code). Besides the Inngest endpoint at
+// /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`.
+"use strict";
+
+const http = require("node:http");
+const { Inngest, NonRetriableError, RetryAfterError } = require("inngest");
+const { serve } = require("inngest/node");
+
+const version = process.env.APP_VERSION || "1";
+const inngest = new Inngest({ id: "shop", isDev: true, baseUrl: process.env.DEVSERVER_URL });
+let charges = 0;
+
+const checkout = inngest.createFunction(
+  { id: "checkout", retries: 2, triggers: [{ event: "shop/order.placed" }] },
+  async ({ event, step }) => {
+    const total = await step.run("price", () => event.data.items.reduce((a, b) => a + b, 0));
+    const doubled = await step.run("price", () => total * 2); // a repeated step id
+    await step.sleep("cool-off", "1h");
+    const [tax, shipping] = await Promise.all([
+      step.run("tax", () => total / 10),
+      step.run("shipping", () => 5),
+    ]);
+    await step.sendEvent("receipt", { name: "shop/receipt.sent", data: { total } });
+    return { total, doubled, tax, shipping };
+  },
+);
+
+const receipt = inngest.createFunction(
+  { id: "receipt", triggers: [{ event: "shop/receipt.sent" }] },
+  async ({ event }) => ({ mailed: event.data.total }),
+);
+
+const charge = inngest.createFunction(
+  { id: "charge", retries: 2, triggers: [{ event: "shop/charge" }] },
+  async ({ step }) => step.run("charge-card", () => {
+    charges += 1;
+    if (charges < 3) throw new Error(`card declined (${charges})`);
+    return "charged";
+  }),
+);
+
+const ship = inngest.createFunction(
+  {
+    id: "ship", retries: 1, triggers: [{ event: "shop/ship" }],
+    onFailure: async ({ error }) => ({ handled: error.message }),
+  },
+  async ({ step }) => {
+    await step.run("call-carrier", () => { throw new Error("carrier API is down"); });
+  },
+);
+
+const strict = inngest.createFunction(
+  { id: "strict", retries: 3, triggers: [{ event: "shop/strict" }] },
+  async () => { throw new NonRetriableError("this order can never be processed"); },
+);
+
+const later = inngest.createFunction(
+  { id: "later", retries: 2, triggers: [{ event: "shop/later" }] },
+  async ({ attempt }) => {
+    if (attempt === 0) throw new RetryAfterError("rate limited", "2h");
+    return attempt;
+  },
+);
+
+const refund = inngest.createFunction(
+  { id: "refund", triggers: [{ event: "shop/refund" }] },
+  async ({ event }) => event.data.amount * 100,
+);
+
+const refundRequest = inngest.createFunction(
+  { id: "refund-request", triggers: [{ event: "shop/refund.requested", if: "event.data.amount > 0" }] },
+  async ({ step }) => {
+    const approval = await step.waitForEvent("approval", {
+      event: "shop/refund.approved", timeout: "1h",
+      if: "async.data.refund_id == event.data.refund_id",
+    });
+    if (approval === null) return { approved: false };
+    const cents = await step.invoke("refund", { function: refund, data: { amount: approval.data.amount } });
+    return { approved: true, cents };
+  },
+);
+
+const cancellable = inngest.createFunction(
+  {
+    id: "cancellable", triggers: [{ event: "shop/hold" }],
+    cancelOn: [{ event: "shop/hold.released", match: "data.order_id" }],
+  },
+  async ({ step }) => {
+    await step.sleep("hold", "1d");
+    return "held a day";
+  },
+);
+
+const added = inngest.createFunction(
+  { id: "added", triggers: [{ event: "shop/added" }] },
+  async () => "new in version 2",
+);
+
+const functions = [checkout, receipt, charge, ship, later, refund, refundRequest, cancellable];
+if (version === "1") functions.push(strict);
+else functions.push(added);
+const handler = serve({ client: inngest, functions });
+
+const server = http.createServer(async (req, res) => {
+  if (req.method === "POST" && req.url === "/send") {
+    let body = "";
+    for await (const chunk of req) body += chunk;
+    try {
+      const result = await inngest.send(JSON.parse(body));
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end(JSON.stringify(result));
+    } catch (err) {
+      res.writeHead(500, { "content-type": "text/plain" });
+      res.end(String((err && err.stack) || err));
+    }
+    return;
+  }
+  return handler(req, res);
+});
+server.listen(Number(process.env.PORT), "127.0.0.1", () => {
+  console.log(`listening on ${server.address().port}, version ${version}`);
+});

@@ -1,0 +1,346 @@
+"""A real Inngest TypeScript SDK app (`inngest@4` from the npm registry, served by Node's http
+server on 127.0.0.1) against a real devserver: syncing and re-syncing after a restart, steps,
+parallel steps, sleeps, waits, invokes, retries to failure, onFailure, cancelOn, events sent
+with `inngest.send` and `meta.sessions`, and the dashboard figures.
+
+The test setup installs `inngest@4` with npm once into a cache directory
+(`~/.cache/devserver-tests/npm`, or `$DEVSERVER_TEST_NPM_DIR`) and reuses it. Node 20+ and npm
+are required: without them these tests fail, they do not skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+import pytest
+
+from devserver.clock import VirtualClock
+from devserver.ids import ulid_time_ms
+from devserver.server import Server
+
+from .sdk_support import (
+    attempts,
+    eventually,
+    free_port,
+    get,
+    idle,
+    run_doc,
+    runs_of_event,
+    runs_of_function,
+    sdk_server,
+    the_run,
+    waiting_step,
+)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]  # the first npm install
+APP_SCRIPT = Path(__file__).with_name("sdk_ts_app.cjs")
+NPM_SPEC = "inngest@4"
+NPM_DIR = Path(os.environ.get("DEVSERVER_TEST_NPM_DIR")
+               or Path.home() / ".cache" / "devserver-tests" / "npm") / "inngest-4"
+INSTALL_TIMEOUT = 280.0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: the TypeScript SDK tests need Node.js 20+ and "
+                    "npm (https://nodejs.org/)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def node_modules() -> Path:
+    """`inngest@4` installed from the npm registry (once; cached across runs)."""
+    node = _tool("node")
+    npm = _tool("npm")
+    major = subprocess.run([node, "--version"], capture_output=True, text=True,
+                           check=True).stdout.strip().lstrip("v").split(".")[0]
+    if int(major) < 20:
+        pytest.fail(f"inngest@4 needs Node.js 20 or newer, found {major}", pytrace=False)
+    installed = NPM_DIR / "node_modules" / "inngest" / "package.json"
+    NPM_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(NPM_DIR.parent / "inngest-4.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one install at a time across test processes
+        if not installed.exists():
+            staging = NPM_DIR.with_name(f"inngest-4.tmp-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            (staging / "package.json").write_text('{"private": true}\n')
+            done = subprocess.run(
+                [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", NPM_SPEC],
+                cwd=staging, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+            if done.returncode != 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                pytest.fail(f"npm install {NPM_SPEC} failed:\n{done.stdout}\n{done.stderr}",
+                            pytrace=False)
+            shutil.rmtree(NPM_DIR, ignore_errors=True)
+            staging.rename(NPM_DIR)
+    version = json.loads(installed.read_text())["version"]
+    assert version.startswith("4."), version
+    return NPM_DIR / "node_modules"
+
+
+class NodeApp:
+    """The test app in a Node process, its output in a log file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.log = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/inngest"
+
+    @classmethod
+    async def start(cls, node_modules: Path, server: Server, log: Path, *, port: int = 0,
+                    version: str = "1") -> NodeApp:
+        port = port or free_port()
+        env = {**os.environ, "NODE_PATH": str(node_modules), "DEVSERVER_URL": server.url,
+               "PORT": str(port), "APP_VERSION": version, "NODE_ENV": "development"}
+        for name in ("INNGEST_DEV", "INNGEST_BASE_URL", "INNGEST_EVENT_KEY",
+                     "INNGEST_SIGNING_KEY"):
+            env.pop(name, None)
+        out = _append(log)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                _tool("node"), str(APP_SCRIPT), env=env, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+        app = cls(proc, port, log)
+
+        async def listening() -> bool:
+            if proc.returncode is not None:
+                pytest.fail(f"the node app exited with {proc.returncode}:\n{app.output()}")
+            return f"listening on {port}" in app.output()
+        await eventually(listening, f"the node app to listen on {port}")
+        return app
+
+    def output(self) -> str:
+        """What the node app printed so far."""
+        return self.log.read_text(errors="replace")
+
+    async def send(self, http: aiohttp.ClientSession, events: Any) -> list[str]:
+        """Send with the SDK's `inngest.send()` (meta.sessions, status check, id seed)."""
+        async with http.post(f"http://127.0.0.1:{self.port}/send", json=events) as resp:
+            text = await resp.text()
+            assert resp.status == 200, text
+            return list(json.loads(text)["ids"])
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+def _append(path: Path) -> IO[str]:
+    return open(path, "a")  # handed to the child process; the caller closes it
+
+
+@contextlib.asynccontextmanager
+async def node_app(node_modules: Path, server: Server, tmp_path: Path, *, sync: bool = True,
+                   port: int = 0, version: str = "1") -> AsyncIterator[NodeApp]:
+    app = await NodeApp.start(node_modules, server, tmp_path / "node.log", port=port,
+                              version=version)
+    try:
+        if sync:
+            result = await server.sdk.sync(app.url)
+            assert result.ok, (result, app.output())
+        yield app
+    finally:
+        await app.stop()
+
+
+@pytest.fixture
+def log_on_failure(tmp_path: Path) -> Iterator[None]:
+    """Print the node app's output when a test fails (pytest shows captured output)."""
+    yield
+    log = tmp_path / "node.log"
+    if log.exists():
+        print(f"--- node app output ---\n{log.read_text()[-20_000:]}")
+
+
+async def test_sync_steps_parallel_steps_sleep_and_sessions_from_meta(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    clock = VirtualClock()
+    async with sdk_server(tmp_path, clock=clock) as server, \
+            node_app(node_modules, server, tmp_path) as app:
+        functions = {fn["id"]: fn for fn in (await get(http, server, "/api/functions"))
+                     ["functions"]}
+        assert {"shop-checkout", "shop-ship-failure", "shop-refund-request"} <= set(functions)
+        assert functions["shop-checkout"]["retries"] == 2
+        assert functions["shop-refund-request"]["triggers"] == [
+            {"event": "shop/refund.requested", "expression": "event.data.amount > 0"}]
+        [listed] = (await get(http, server, "/api/apps"))["apps"]
+        assert (listed["id"], listed["sdk"]) == ("shop", "js:v" + json.loads(
+            (node_modules / "inngest" / "package.json").read_text())["version"])
+
+        start = clock.now_ms()
+        [event_id] = await app.send(http, {
+            "name": "shop/order.placed", "data": {"items": [10, 20]},
+            "meta": {"sessions": {"conversation_id": 42, "tenant": "acme/east"}}})
+        assert abs(ulid_time_ms(event_id) - start) < 60_000  # the SDK's seeded id
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert run["status"] == "Completed", run
+        assert run["output"] == {"total": 30, "doubled": 60, "tax": 3, "shipping": 5}
+        assert run["sessions"] == {"conversation_id": "42", "tenant": "acme/east"}
+        steps = [(s["step_id"], s["kind"], s["status"]) for s in run["steps"]]
+        assert steps[:3] == [("price", "run", "Completed"), ("price:1", "run", "Completed"),
+                             ("cool-off", "sleep", "Completed")]
+        assert sorted(steps[3:5]) == [("shipping", "run", "Completed"),
+                                      ("tax", "run", "Completed")]
+        assert steps[5] == ("receipt", "run", "Completed")
+        assert run["steps"][2]["duration_ms"] == 3_600_000
+        assert clock.now_ms() - start >= 3_600_000
+
+        # step.sendEvent propagated the run's sessions to the event it sent.
+        [receipt] = await runs_of_function(http, server, "shop-receipt")
+        assert receipt["status"] == "Completed"
+        receipt_run = await run_doc(http, server, receipt["run_id"])
+        assert receipt_run["output"] == {"mailed": 30}
+        assert receipt_run["sessions"] == {"conversation_id": "42", "tenant": "acme/east"}
+
+        doc = await get(http, server, "/api/session", identifier="conversation_id", value="42")
+        assert (doc["stats"]["runs"], doc["stats"]["failed_runs"]) == (2, 0)
+        assert doc["stats"]["functions"] == ["shop-checkout", "shop-receipt"]
+        values = (await get(http, server, "/api/sessions", identifier="tenant"))["sessions"]
+        assert [v["value"] for v in values] == ["acme/east"]
+
+
+async def test_retries_to_success_and_to_failure_on_failure_and_figures(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        meta = {"sessions": {"customer": "c_7"}}
+        charge_id, ship_id, strict_id = await app.send(http, [
+            {"name": "shop/charge", "meta": meta}, {"name": "shop/ship", "meta": meta},
+            {"name": "shop/strict", "meta": meta}])
+        await idle(server)
+
+        charge = await the_run(http, server, charge_id)
+        assert (charge["status"], charge["output"]) == ("Completed", "charged")
+        assert attempts(charge, "charge-card") == [(0, "Failed"), (1, "Failed"),
+                                                   (2, "Completed")]
+        assert charge["steps"][0]["error"]["message"] == "card declined (1)"
+        assert "sdk_ts_app.cjs" in charge["steps"][0]["error"]["stack"]
+
+        ship = await the_run(http, server, ship_id)
+        assert ship["status"] == "Failed"
+        assert attempts(ship, "call-carrier") == [(0, "Failed"), (1, "Failed")]
+        assert ship["error"]["message"] == "carrier API is down"
+        [handler] = await runs_of_function(http, server, "shop-ship-failure")
+        assert (await run_doc(http, server, handler["run_id"]))["output"] == {
+            "handled": "carrier API is down"}
+
+        strict = await the_run(http, server, strict_id)
+        assert strict["status"] == "Failed"
+        assert attempts(strict, None) == [(0, "Failed")]  # no retries for NonRetriableError
+        assert strict["error"]["message"] == "this order can never be processed"
+
+        v1 = (await get(http, server, f"/v1/runs/{ship['run_id']}"))["data"]
+        assert (v1["status"], v1["output"]["message"]) == ("Failed", "carrier API is down")
+        stats = (await get(http, server, "/api/session", identifier="customer",
+                           value="c_7"))["stats"]
+        assert (stats["runs"], stats["failed_runs"]) == (4, 2)
+        assert stats["failure_rate"] == pytest.approx(0.5)
+        assert stats["functions"] == ["shop-charge", "shop-ship", "shop-ship-failure",
+                                      "shop-strict"]
+
+
+async def test_retry_after_wait_for_event_invoke_timeout_and_cancel_on(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    clock = VirtualClock()
+    async with sdk_server(tmp_path, clock=clock) as server, \
+            node_app(node_modules, server, tmp_path) as app:
+        later_id, approved_id, skipped_id, unanswered_id, hold_id = await app.send(http, [
+            {"name": "shop/later"},
+            {"name": "shop/refund.requested", "data": {"refund_id": "r1", "amount": 3}},
+            {"name": "shop/refund.requested", "data": {"refund_id": "r0", "amount": 0}},
+            {"name": "shop/refund.requested", "data": {"refund_id": "r2", "amount": 4}},
+            {"name": "shop/hold", "data": {"order_id": "o1"}},
+        ])
+        assert await runs_of_event(http, server, skipped_id) == []  # the trigger's `if`
+        approved = (await runs_of_event(http, server, approved_id))[0]["run_id"]
+        unanswered = (await runs_of_event(http, server, unanswered_id))[0]["run_id"]
+        hold = (await runs_of_event(http, server, hold_id))[0]["run_id"]
+        await waiting_step(http, server, approved, "approval")
+        await waiting_step(http, server, unanswered, "approval")
+        await waiting_step(http, server, hold, "hold")
+        await app.send(http, [
+            {"name": "shop/refund.approved", "data": {"refund_id": "zz", "amount": 9}},
+            {"name": "shop/refund.approved", "data": {"refund_id": "r1", "amount": 3}},
+            {"name": "shop/hold.released", "data": {"order_id": "o1"}},
+        ])
+
+        async def finished(run_id: str) -> bool:
+            return (await run_doc(http, server, run_id))["status"] != "Running"
+        await eventually(lambda: finished(approved), "the approved refund to finish")
+        await eventually(lambda: finished(hold), "the hold to be cancelled")
+        run = await run_doc(http, server, approved)
+        assert (run["status"], run["output"]) == ("Completed", {"approved": True, "cents": 300})
+        wait = next(s for s in run["steps"] if s["step_id"] == "approval")
+        assert wait["output"]["data"] == {"refund_id": "r1", "amount": 3}
+        assert next(s for s in run["steps"] if s["step_id"] == "refund")["output"] == 300
+        [child] = await runs_of_function(http, server, "shop-refund")
+        assert (child["event_name"], child["status"]) == ("inngest/function.invoked",
+                                                          "Completed")
+        assert (await run_doc(http, server, hold))["status"] == "Cancelled"
+
+        await idle(server)  # r2 is never approved: its hour passes on the virtual clock
+        assert (await run_doc(http, server, unanswered))["output"] == {"approved": False}
+        later = await the_run(http, server, later_id)
+        assert (later["status"], later["output"]) == ("Completed", 1)
+        [first] = [s for s in later["steps"] if s["step_id"] is None]
+        assert first["error"]["message"] == "rate limited"
+
+
+async def test_an_app_that_restarts_with_new_code_is_resynced(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/inngest"
+    async with sdk_server(tmp_path, sdk_urls=[url], poll_interval=0.1) as server:
+        async def function_ids() -> set[str]:
+            return {fn["id"] for fn in (await get(http, server, "/api/functions"))["functions"]}
+
+        async with node_app(node_modules, server, tmp_path, sync=False, port=port):
+            async def has(fn_id: str) -> bool:
+                return fn_id in await function_ids()
+            await eventually(lambda: has("shop-strict"), "version 1 to be synced")
+        # The app is down: its functions stay registered, the sync says why it failed.
+        async def unreachable() -> bool:
+            urls = (await get(http, server, "/api/apps"))["urls"]
+            return any(u["error"] and "could not reach" in u["error"] for u in urls)
+        await eventually(unreachable, "the failed sync to show")
+        assert "shop-strict" in await function_ids()
+
+        async with node_app(node_modules, server, tmp_path, sync=False, port=port,
+                            version="2") as app:
+            async def replaced() -> bool:
+                ids = await function_ids()
+                return "shop-added" in ids and "shop-strict" not in ids
+            await eventually(replaced, "version 2 to replace version 1")
+            assert len(await function_ids()) == 10  # 9 functions and ship's onFailure
+            [event_id] = await app.send(http, {"name": "shop/added"})
+            await idle(server)
+            assert (await the_run(http, server, event_id))["output"] == "new in version 2"
+            [state] = (await get(http, server, "/api/apps"))["apps"]
+            assert "shop-added" in state["functions"]
