@@ -122,11 +122,13 @@ class SdkApps:
         self, runner: Runner, clock: Clock, *, urls: list[str] | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL, discover: bool = False,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        discovery_ports: tuple[int, ...] = DISCOVERY_PORTS,
     ) -> None:
         self.runner = runner
         self.clock = clock
         self.poll_interval = poll_interval
         self.discover = discover
+        self.discovery_ports = discovery_ports
         self.configured = list(urls or [])
         self.executor = SdkExecutor(clock, call_timeout=call_timeout)
         runner.remote_executor = self.executor
@@ -306,7 +308,7 @@ class SdkApps:
     async def discover_apps(self) -> list[str]:
         """Probe the usual local dev ports for Inngest serve endpoints; sync new ones."""
         own = urllib.parse.urlsplit(self.base_url).port if self.base_url else None
-        ports = [port for port in DISCOVERY_PORTS if port != own]
+        ports = [port for port in self.discovery_ports if port != own]
         open_ports = [port for port, ok in zip(
             ports, await asyncio.gather(*(_port_open(port) for port in ports)), strict=True)
             if ok]

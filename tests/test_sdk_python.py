@@ -254,6 +254,26 @@ async def test_sync_errors_say_what_is_wrong(
         assert (await get(http, server, "/api/functions"))["functions"] == []
 
 
+async def test_discovery_finds_an_app_on_a_dev_port_and_remove_forgets_it(
+    tmp_path: Path, apps: list[FlaskApp], http: aiohttp.ClientSession,
+) -> None:
+    async with sdk_server(tmp_path) as server:
+        app = FlaskApp(server.url)
+        apps.append(app)
+        port = int(app.url.split(":")[2].split("/")[0])
+        server.sdk.discovery_ports = (free_port(), port)  # nothing listens on the first
+        assert await server.sdk.discover_apps() == [app.url]
+        assert await server.sdk.discover_apps() == []  # known now: synced, not rediscovered
+        assert "shop-checkout" in {
+            fn["id"] for fn in (await get(http, server, "/api/functions"))["functions"]}
+
+        async with http.delete(f"{server.url}/fn/remove", params={"url": app.url}) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["removed"] == ["shop"]
+        assert (await get(http, server, "/api/functions"))["functions"] == []
+        assert (await get(http, server, "/api/apps"))["apps"] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 

@@ -222,6 +222,17 @@ async def test_sync_steps_parallel_steps_sleep_and_sessions_from_meta(
         assert doc["stats"]["functions"] == ["shop-checkout", "shop-receipt"]
         values = (await get(http, server, "/api/sessions", identifier="tenant"))["sessions"]
         assert [v["value"] for v in values] == ["acme/east"]
+        # The dashboard's pages show SDK runs like local ones.
+        async with http.get(f"{server.url}/runs/{run['run_id']}") as resp:
+            page = await resp.text()
+            assert resp.status == 200
+        assert all(text in page for text in ("shop-checkout", "price:1", "cool-off", "tax"))
+        async with http.get(f"{server.url}/session", params={
+                "identifier": "conversation_id", "value": "42"}) as resp:
+            page = await resp.text()
+            assert resp.status == 200
+        assert "shop-receipt" in page
+        assert run["run_id"] in page
 
 
 async def test_retries_to_success_and_to_failure_on_failure_and_figures(
@@ -344,3 +355,33 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
             [state] = (await get(http, server, "/api/apps"))["apps"]
             assert "shop-added" in state["functions"]
+
+
+async def test_a_run_waiting_in_an_sdk_function_survives_a_devserver_restart(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    port = free_port()  # the same URL for both servers: the app knows only that one
+    db = tmp_path / "kept"
+    db.mkdir()
+    async with sdk_server(db, port=port) as server:
+        app = await NodeApp.start(node_modules, server, tmp_path / "node.log")
+        try:
+            assert (await server.sdk.sync(app.url)).ok
+            [hold_id] = await app.send(http, {"name": "shop/hold", "data": {"order_id": "o9"}})
+            run_id = (await runs_of_event(http, server, hold_id))[0]["run_id"]
+            await waiting_step(http, server, run_id, "hold")
+        except BaseException:
+            await app.stop()
+            raise
+    try:
+        # A new server on the same database: the run waits until the app registers again
+        # (synced at start), then its day-long sleep passes on the virtual clock.
+        async with sdk_server(db, port=port, sdk_urls=[app.url]) as server:
+            await server.sdk.wait_synced()
+            await idle(server)
+            run = await run_doc(http, server, run_id)
+            assert (run["status"], run["output"]) == ("Completed", "held a day")
+            assert [(s["step_id"], s["status"]) for s in run["steps"]] == [
+                ("hold", "Completed")]
+    finally:
+        await app.stop()
