@@ -24,6 +24,7 @@ import aiohttp
 from . import __version__
 from .errors import UserError
 from .events import validate_event
+from .export import to_jsonl
 from .functions import FunctionDef
 from .loader import load_app
 from .replay import (
@@ -42,7 +43,6 @@ from .replay import (
     send_to_server,
     server_report,
     span_ms,
-    to_jsonl,
     wait_for_server,
 )
 from .runner import DEFAULT_ENV

@@ -32,7 +32,8 @@ from aiohttp import web
 
 from . import api
 from .errors import ConfigError, DevserverError, NotFound, UserError
-from .records import FINISHED, UNFINISHED, WAITING, StoredEvent
+from .export import export_events, to_jsonl
+from .records import FINISHED, UNFINISHED, WAITING
 from .triggers import EventTrigger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -166,23 +167,6 @@ def make_link(env: str) -> Callable[..., str]:
 def run_path(run_id: str) -> str:
     """The path of a run's page."""
     return "/runs/" + quote(run_id, safe="")
-
-
-def fixture_event(ev: StoredEvent) -> dict[str, Any]:
-    """A stored event as one fixture line: exactly what `POST /e/{key}` accepts."""
-    line = {"name": ev.name, "data": ev.data, "id": ev.event_id, "ts": ev.ts, "v": ev.v,
-            "user": ev.user, "meta": ev.meta or None, "sessions": ev.sessions or None}
-    return {key: value for key, value in line.items() if value is not None}
-
-
-def fixture_jsonl(events: list[StoredEvent]) -> bytes:
-    """The events users sent, as JSON Lines in the given order.
-
-    Events the runs produced (`send_event`, `invoke`, `inngest/function.finished`, cron) are
-    left out: replaying the user's events makes the runs produce them again.
-    """
-    return "".join(json.dumps(fixture_event(ev), ensure_ascii=False, separators=(",", ":")) + "\n"
-                   for ev in events if ev.source is None).encode()
 
 
 def fixture_filename(identifier: str, value: str) -> str:
@@ -473,7 +457,7 @@ async def session_fixture(request: web.Request) -> web.StreamResponse:
             f"no session {identifier}={value!r} in environment {env!r}",
             env=env, identifier=identifier, value=value)
     events = await store.session_events(env, identifier, value)
-    return web.Response(body=fixture_jsonl(events), headers={
+    return web.Response(body=to_jsonl(export_events(events)).encode(), headers={
         "Content-Type": "application/x-ndjson; charset=utf-8", "Cache-Control": "no-store",
         "Content-Disposition": f'attachment; filename="{fixture_filename(identifier, value)}"',
         "X-Content-Type-Options": "nosniff"})

@@ -37,12 +37,12 @@ from .errors import DevserverError, UserError
 from .events import (
     MAX_EVENT_BYTES,
     MAX_EVENTS_PER_REQUEST,
-    RESERVED_PREFIX,
     loads,
     validate_event,
 )
+from .export import export_events
 from .functions import FunctionDef
-from .records import FAILED, QUEUED, RUNNING, RunRecord, StoredEvent
+from .records import FAILED, QUEUED, RUNNING, RunRecord
 from .runner import DEFAULT_ENV, Runner
 from .server import Config
 from .store import Store
@@ -140,38 +140,12 @@ def batches(events: list[dict[str, Any]], size: int = BATCH_EVENTS) -> list[list
     return [events[i:i + size] for i in range(0, len(events), size)]
 
 
-def to_jsonl(events: list[dict[str, Any]]) -> str:
-    """Events as a `.jsonl` fixture: one compact JSON object per line."""
-    return "".join(_dumps(ev) + "\n" for ev in events)
-
-
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Exporting
-
-
-def fixture_event(ev: StoredEvent) -> dict[str, Any]:
-    """A stored event as one fixture line: exactly what `POST /e/{key}` accepts."""
-    line = {"name": ev.name, "data": ev.data, "id": ev.event_id, "ts": ev.ts, "v": ev.v,
-            "user": ev.user, "meta": ev.meta or None, "sessions": ev.sessions or None}
-    return {key: value for key, value in line.items() if value is not None}
-
-
-def sent_by_user(ev: StoredEvent) -> bool:
-    """Whether an event came in through the event API (not from a run, cron or devserver)."""
-    return ev.source is None and not ev.name.lower().startswith(RESERVED_PREFIX)
-
-
-def export_events(events: Iterable[StoredEvent]) -> list[dict[str, Any]]:
-    """A session's events as fixture lines, in the order given: only those users sent.
-
-    Run-produced events (`send_event`, lifecycle events) and cron's are left out: replaying the
-    fixture runs the functions again, and they produce those events anew.
-    """
-    return [fixture_event(ev) for ev in events if sent_by_user(ev)]
 
 
 async def export_session(
