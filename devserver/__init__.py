@@ -14,7 +14,7 @@ from .functions import (
     TriggerCron,
     TriggerEvent,
 )
-from .steps import Context, Event
+from .steps import Context, Event, SyncContext
 
 __all__ = [
     "App",
@@ -25,6 +25,7 @@ __all__ = [
     "NonRetriableError",
     "RetryAfterError",
     "StepError",
+    "SyncContext",
     "TriggerCron",
     "TriggerEvent",
     "VirtualClock",

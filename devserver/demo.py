@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .functions import App, NonRetriableError
-from .steps import Context, Step
+from .steps import Context
 
 app = App("support-bot")
 
@@ -106,17 +106,10 @@ def refund_payment(order: dict[str, Any]) -> dict[str, Any]:
 # -- functions ----------------------------------------------------------------------------------
 
 
-def _steps(ctx: Context) -> Step:
-    # `ctx.step` is typed for sync and async functions alike; these are async.
-    assert isinstance(ctx.step, Step)
-    return ctx.step
-
-
-
 @app.function(trigger="support/message.received", retries=2)
 async def triage(ctx: Context) -> dict[str, Any]:
     """Classify a customer's message, hand refunds off, think, then send a reply."""
-    step = _steps(ctx)
+    step = ctx.step
     message = await step.run("load-message", load_message, ctx.event.data)
     intent = await step.run("classify", classify, message["text"])
     if intent["intent"] == "refund" and intent["orders"]:

@@ -21,9 +21,10 @@ from .retry import DEFAULT_RETRIES
 from .triggers import CronTrigger, EventTrigger, parse_event_trigger
 
 if TYPE_CHECKING:
-    from .steps import Context
+    from .steps import Context, SyncContext
 
-Handler = Callable[["Context"], Any]
+Handler = Callable[["Context"], Any] | Callable[["SyncContext"], Any]
+"""An async function taking a `Context`, or a sync one taking a `SyncContext`."""
 F = TypeVar("F", bound=Handler)
 
 _SLUG_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -57,7 +58,7 @@ from .records import (
     StoredEvent,
 )
 from .retry import Backoff
-from .steps import Context, Event, Step, SyncStep
+from .steps import Context, Event, Step, SyncContext, SyncStep
 from .store import Store, dump_json
 from .triggers import CronTrigger, EventTrigger, TriggerIndex
 
@@ -501,14 +502,17 @@ class Runner:
 
     async def _call_local(self, fn: FunctionDef, inv: Invocation) -> Any:
         events = [Event.from_stored(ev) for ev in inv.events]
-        loop = asyncio.get_running_loop()
-        step = Step(inv, self._executor) if fn.is_async else SyncStep(inv, loop)
-        ctx = Context(event=events[0], events=events, run_id=inv.run_id, function_id=fn.id,
-                      env=inv.env, sessions=dict(inv.sessions), step=step, invocation=inv)
+        fields: dict[str, Any] = {
+            "event": events[0], "events": events, "run_id": inv.run_id, "function_id": fn.id,
+            "env": inv.env, "sessions": dict(inv.sessions), "invocation": inv}
+        # The decorator can't tell the two handler types apart statically; is_async can.
+        handler: Callable[[Any], Any] = fn.handler
         if fn.is_async:
-            return await fn.handler(ctx)
-        call = contextvars.copy_context().run
-        return await loop.run_in_executor(self._executor, call, fn.handler, ctx)
+            return await handler(Context(step=Step(inv, self._executor), **fields))
+        loop = asyncio.get_running_loop()
+        ctx = SyncContext(step=SyncStep(inv, loop), **fields)
+        return await loop.run_in_executor(
+            self._executor, functools.partial(contextvars.copy_context().run, handler, ctx))
 
     async def _function_failed(
         self, inv: Invocation, run: RunRecord, exc: BaseException, started: int,

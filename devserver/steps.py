@@ -197,12 +197,12 @@ async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-class Context:
-    """What a function receives: the triggering event(s), the run, its sessions and `step`."""
+class _ContextBase:
+    """What every function receives: the triggering event(s), the run and its sessions."""
 
     def __init__(
         self, *, event: Event, events: list[Event], run_id: str, function_id: str, env: str,
-        sessions: dict[str, str], step: Step | SyncStep, invocation: Invocation,
+        sessions: dict[str, str], invocation: Invocation,
     ) -> None:
         self.event = event
         self.events = events
@@ -210,7 +210,6 @@ class Context:
         self.function_id = function_id
         self.env = env
         self.sessions = sessions
-        self.step = step
         self.logger: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(
             logging.getLogger(f"devserver.functions.{function_id}"), {"run_id": run_id})
         self._invocation = invocation
@@ -221,4 +220,20 @@ class Context:
         return self._invocation.attempt
 
     def __repr__(self) -> str:
-        return f"<Context run_id={self.run_id} function_id={self.function_id}>"
+        return f"<{type(self).__name__} run_id={self.run_id} function_id={self.function_id}>"
+
+
+class Context(_ContextBase):
+    """What an async function receives; `await ctx.step.run(...)` and the other steps."""
+
+    def __init__(self, *, step: Step, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.step = step
+
+
+class SyncContext(_ContextBase):
+    """What a sync function receives; its `ctx.step.run(...)` calls block its thread."""
+
+    def __init__(self, *, step: SyncStep, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.step = step
