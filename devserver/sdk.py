@@ -196,6 +196,11 @@ class SdkApps:
         """Every app URL this server syncs."""
         return [result.url for result in self._urls.values()]
 
+    @property
+    def sync_results(self) -> list[SyncResult]:
+        """The last sync of every known app URL (`ok`, `app_id`, `error`)."""
+        return list(self._urls.values())
+
     async def sync_all(self) -> list[SyncResult]:
         """Sync every known app URL (concurrently)."""
         return list(await asyncio.gather(*(self.sync(url) for url in self.urls)))

@@ -130,10 +130,14 @@ def build_functions(client: inngest.Inngest, state: dict[str, Any]) -> list[inng
 class FlaskApp:
     """A Flask app serving SDK functions on 127.0.0.1 from a thread (werkzeug's server)."""
 
-    def __init__(self, base_url: str, *, port: int = 0, app_id: str = APP) -> None:
+    def __init__(self, base_url: str | None, *, port: int = 0, app_id: str = APP) -> None:
+        """`base_url` None: the SDK finds the server the usual way (`INNGEST_DEV=<url>`)."""
         self.state: dict[str, Any] = {"charges": 0}
-        self.client = inngest.Inngest(app_id=app_id, is_production=False,
-                                      api_base_url=base_url, event_api_base_url=base_url)
+        if base_url is None:
+            self.client = inngest.Inngest(app_id=app_id)
+        else:
+            self.client = inngest.Inngest(app_id=app_id, is_production=False,
+                                          api_base_url=base_url, event_api_base_url=base_url)
         self.flask = flask.Flask(app_id)
         inngest.flask.serve(self.flask, self.client, build_functions(self.client, self.state))
         self._server: BaseWSGIServer = make_server("127.0.0.1", port, self.flask, threaded=True)
@@ -252,6 +256,24 @@ async def test_sync_errors_say_what_is_wrong(
         assert "never registered with this server" in outcome["error"]
         assert server.url in outcome["error"]
         assert (await get(http, server, "/api/functions"))["functions"] == []
+
+
+async def test_an_app_pointed_here_by_inngest_dev_syncs_and_its_events_land(
+    tmp_path: Path, apps: list[FlaskApp], http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with sdk_server(tmp_path) as server:
+        monkeypatch.setenv("INNGEST_DEV", server.url)
+        for name in ("INNGEST_BASE_URL", "INNGEST_API_BASE_URL", "INNGEST_EVENT_API_BASE_URL",
+                     "INNGEST_EVENT_KEY", "INNGEST_SIGNING_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        app = FlaskApp(None)
+        apps.append(app)
+        assert (await server.sdk.sync(app.url)).ok
+        [event_id] = await asyncio.to_thread(
+            app.client.send_sync, inngest.Event(name="shop/refund", data={"amount": 2}))
+        await idle(server)
+        assert (await the_run(http, server, event_id))["output"] == 200
 
 
 async def test_discovery_finds_an_app_on_a_dev_port_and_remove_forgets_it(
