@@ -619,6 +619,7 @@ def _migrate(db: sqlite3.Connection) -> None:
         )
     if version == SCHEMA_VERSION:
         return
+    upgrading = version > 0
     db.execute("BEGIN IMMEDIATE")
     try:
         if version == 0:
@@ -629,7 +630,8 @@ def _migrate(db: sqlite3.Connection) -> None:
                 db.execute(statement)
             version = 1
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            log.info("migrating the database schema to version %d", target)
+            if upgrading:
+                log.info("migrating the database schema to version %d", target)
             for statement in _statements(MIGRATIONS[target]):
                 db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
