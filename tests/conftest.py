@@ -91,3 +91,45 @@ async def get_json(
     """GET a JSON endpoint; returns (status, JSON body)."""
     async with http.get(f"{server.url}{path}", params=params) as resp:
         return resp.status, await resp.json()
+
+
+async def send(
+    http: aiohttp.ClientSession, server: Server, name: str, data: dict[str, Any] | None = None,
+    sessions: dict[str, Any] | None = None, env: str | None = None,
+) -> str:
+    """Send one event with optional sessions; returns its id."""
+    event: dict[str, Any] = {"name": name, "data": data or {}}
+    if sessions:
+        event["sessions"] = sessions
+    status, body = await post_events(http, server, event, env=env)
+    assert status == 200, body
+    return str(body["ids"][0])
+
+
+async def runs_of(http: aiohttp.ClientSession, server: Server, event_id: str) -> list[Any]:
+    """The runs an event started (Inngest's shape)."""
+    status, body = await get_json(http, server, f"/v1/events/{event_id}/runs")
+    assert status == 200, body
+    return list(body["data"])
+
+
+async def run_detail(http: aiohttp.ClientSession, server: Server, run_id: str) -> Any:
+    """A run with its events and steps."""
+    status, body = await get_json(http, server, f"/api/runs/{run_id}")
+    assert status == 200, body
+    return body
+
+
+async def the_run(http: aiohttp.ClientSession, server: Server, event_id: str) -> Any:
+    """The one run an event started, in full."""
+    runs = await runs_of(http, server, event_id)
+    assert len(runs) == 1, runs
+    return await run_detail(http, server, runs[0]["run_id"])
+
+
+async def session_doc(http: aiohttp.ClientSession, server: Server, ident: str, value: str
+                      ) -> Any:
+    """`/api/session` for one session."""
+    status, body = await get_json(http, server, "/api/session", identifier=ident, value=value)
+    assert status == 200, body
+    return body

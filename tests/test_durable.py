@@ -11,47 +11,21 @@ import pytest
 
 import devserver
 from devserver.clock import VirtualClock
-from devserver.server import Server
 
-from .conftest import MakeServer, get_json, idle, post_events, wait_until
+from .conftest import (
+    MakeServer,
+    get_json,
+    idle,
+    run_detail,
+    runs_of,
+    send,
+    session_doc,
+    the_run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 HOUR_MS = 3_600_000
-
-
-async def send(http: aiohttp.ClientSession, server: Server, name: str,
-               data: dict[str, Any] | None = None, sessions: dict[str, Any] | None = None,
-               env: str | None = None) -> str:
-    event: dict[str, Any] = {"name": name, "data": data or {}}
-    if sessions:
-        event["sessions"] = sessions
-    status, body = await post_events(http, server, event, env=env)
-    assert status == 200, body
-    return str(body["ids"][0])
-
-
-async def runs_of(http: aiohttp.ClientSession, server: Server, event_id: str) -> list[Any]:
-    status, body = await get_json(http, server, f"/v1/events/{event_id}/runs")
-    assert status == 200, body
-    return list(body["data"])
-
-
-async def detail(http: aiohttp.ClientSession, server: Server, run_id: str) -> Any:
-    status, body = await get_json(http, server, f"/api/runs/{run_id}")
-    assert status == 200, body
-    return body
-
-
-async def the_run(http: aiohttp.ClientSession, server: Server, event_id: str) -> Any:
-    runs = await runs_of(http, server, event_id)
-    assert len(runs) == 1, runs
-    return await detail(http, server, runs[0]["run_id"])
-
-
-async def session(http: aiohttp.ClientSession, server: Server, ident: str, value: str) -> Any:
-    status, body = await get_json(http, server, "/api/session", identifier=ident, value=value)
-    assert status == 200, body
-    return body
 
 
 async def test_an_hour_of_sleep_and_inngest_backoff_take_no_wall_time(
@@ -72,7 +46,7 @@ async def test_an_hour_of_sleep_and_inngest_backoff_take_no_wall_time(
     server = await make_server(app, retry_interval=None, clock=clock)
     run = await the_run(http, server, await send(http, server, "app/go"))
     await idle(server)
-    run = await detail(http, server, run["run_id"])
+    run = await run_detail(http, server, run["run_id"])
     assert run["status"] == "Completed"
     assert run["output"] == 4
     # 1 h of sleep, then 15 s + 30 s + 1 min + 2 min of backoff, each with up to 30 s jitter.
@@ -153,12 +127,12 @@ async def test_send_event_inherits_sessions_and_runs_exactly_once(
     run = await the_run(http, server, await send(http, server, "app/parent",
                                                  sessions={"conversation_id": "c1"}))
     await idle(server)
-    run = await detail(http, server, run["run_id"])
+    run = await run_detail(http, server, run["run_id"])
     assert run["status"] == "Completed"
     assert sent[0] == sent[1] == run["output"]
     assert len(run["output"]) == 2
     assert sorted(children, key=repr) == [{"conversation_id": "c1"}, {"other": "x"}]
-    figures = await session(http, server, "conversation_id", "c1")
+    figures = await session_doc(http, server, "conversation_id", "c1")
     assert figures["stats"]["runs"] == 2
     assert figures["stats"]["functions"] == ["chain-child", "chain-parent"]
     for event_id in run["output"]:
@@ -204,7 +178,7 @@ async def test_wait_for_event_matches_later_events_by_condition(
 
     async def waiting() -> bool:
         runs = await runs_of(http, server, event_id)
-        run = await detail(http, server, runs[0]["run_id"])
+        run = await run_detail(http, server, runs[0]["run_id"])
         return any(s["status"] == "Waiting" for s in run["steps"])
 
     await wait_until(waiting, what="the run to wait for app/order.paid")
@@ -267,7 +241,7 @@ async def test_invoke_returns_the_child_output_or_raises_its_error(
     run = await the_run(http, server, event_id)
     assert run["status"] == "Completed"
     assert run["output"] == {"doubled": 42, "error": "ValueError", "message": "child broke"}
-    figures = await session(http, server, "user", "u1")
+    figures = await session_doc(http, server, "user", "u1")
     assert figures["stats"]["runs"] == 3
     assert figures["stats"]["failed_runs"] == 1
     assert figures["stats"]["functions"] == ["inv-broken", "inv-double", "inv-parent"]
@@ -324,7 +298,7 @@ async def test_cancel_on_and_cancel_through_the_api(
     assert statuses == ["Cancelled", "Cancelled", "Completed"]
     cancelled = await the_run(http, server, one)
     assert [s["status"] for s in cancelled["steps"]] == ["Cancelled"]
-    figures = await session(http, server, "team", "t")
+    figures = await session_doc(http, server, "team", "t")
     assert figures["stats"]["runs"] == 3
     assert figures["stats"]["failed_runs"] == 0
 
@@ -355,7 +329,7 @@ async def test_on_failure_and_lifecycle_events_carry_the_sessions(
     assert (await the_run(http, server, event_id))["status"] == "Failed"
     assert seen == [{"name": "inngest/function.failed", "sessions": {"conversation_id": "c9"},
                      "error": "always", "original": "app/go"}]
-    figures = await session(http, server, "conversation_id", "c9")
+    figures = await session_doc(http, server, "conversation_id", "c9")
     # the failing run, its on_failure handler, and audit runs for both (never for itself)
     assert figures["stats"]["functions"] == ["life-audit", "life-flaky", "life-flaky-failure"]
     assert figures["stats"]["runs"] == 4
@@ -387,7 +361,7 @@ async def test_cron_functions_fire_on_the_clock(
     stamps = []
     for run in reversed(body["runs"]):
         assert run["event_name"] == "inngest/scheduled.timer"
-        assert (await detail(http, server, run["run_id"]))["output"] == "*/5 * * * *"
+        assert (await run_detail(http, server, run["run_id"]))["output"] == "*/5 * * * *"
         _, event = await get_json(http, server, f"/v1/events/{run['event_id']}")
         stamps.append(event["data"]["ts"])
     assert stamps == [start + 4 * 60_000, start + 9 * 60_000]

@@ -19,7 +19,7 @@ import pytest
 import devserver
 from devserver.server import Server
 
-from .conftest import MakeServer, get_json, idle, post_events
+from .conftest import MakeServer, get_json, idle, runs_of, send, the_run
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,33 +28,9 @@ def _parse(stamp: str) -> dt.datetime:
     return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
-async def send(http: aiohttp.ClientSession, server: Server, name: str, data: dict[str, Any]
-               | None = None, sessions: dict[str, Any] | None = None) -> str:
-    event: dict[str, Any] = {"name": name, "data": data or {}}
-    if sessions:
-        event["sessions"] = sessions
-    status, body = await post_events(http, server, event)
-    assert status == 200, body
-    return str(body["ids"][0])
-
-
-async def runs_of(http: aiohttp.ClientSession, server: Server, event_id: str) -> list[Any]:
-    status, body = await get_json(http, server, f"/v1/events/{event_id}/runs")
-    assert status == 200, body
-    return list(body["data"])
-
-
-async def run_detail(http: aiohttp.ClientSession, server: Server, run_id: str) -> Any:
-    status, body = await get_json(http, server, f"/api/runs/{run_id}")
-    assert status == 200, body
-    return body
-
-
 async def only_run(http: aiohttp.ClientSession, server: Server, event_id: str) -> Any:
     await idle(server)
-    runs = await runs_of(http, server, event_id)
-    assert len(runs) == 1, runs
-    return await run_detail(http, server, runs[0]["run_id"])
+    return await the_run(http, server, event_id)
 
 
 async def test_async_function_runs_memoized_step_and_records_output(
