@@ -87,13 +87,18 @@ class SdkExecutor:
         url = inv.function.remote
         assert url is not None
         await self._settle(inv)
-        targets: deque[str] = deque()
+        targets: deque[str] = deque()  # planned steps to run, one call each
+        planned_at: dict[str, int] = {}  # the attempt each was planned in
+        retries: list[tuple[Op, Reply, int, int]] = []  # step errors to record once done
         waits: list[int | None] = []
         parallel = False
         for _ in range(MAX_CALLS):
+            if not targets and retries:
+                waits.extend(await self._record_retries(inv, retries))
             if not targets and waits:
                 raise Reschedule(_earliest(waits))
             target = targets.popleft() if targets else ROOT_STEP
+            inv.attempt = planned_at.pop(target, inv.attempt)
             started = self.clock.now_ms()
             reply = await self._call(inv, url, target, parallel)
             if reply.ops is None:
@@ -108,17 +113,46 @@ class SdkExecutor:
                 if op.op == OP_STEP_PLANNED:
                     if op.id not in targets and op.id not in planned:
                         planned.append(op.id)
-                    continue
-                try:
+                        planned_at[op.id] = inv.attempt
+                elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
+                    try:
+                        await self._wait(inv, op, step_uid(op), started)
+                    except Reschedule as wait:  # waiting now; planned steps may still run
+                        waits.append(wait.at_ms)
+                elif self._will_retry(inv, op, reply):
+                    # Recorded after the other planned steps ran: a retry reschedules the
+                    # run, and a sibling's success must not reset this step's attempt count.
+                    retries.append((op, reply, started, inv.attempt))
+                else:
                     await self._apply(inv, op, reply, started)
-                except Reschedule as wait:  # waits begun; planned steps may still run
-                    waits.append(wait.at_ms)
             parallel = parallel or len(planned) > 1
             targets.extend(planned)
         raise SdkNonRetriableError({
             "name": "StepLimitError", "stack": None,
             "message": f"the app was called {MAX_CALLS} times in one go without finishing: "
                        "does it plan the same steps again and again?"})
+
+    @staticmethod
+    def _will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
+        """Whether a step error leaves the step attempts (so the run is rescheduled)."""
+        if op.op not in (OP_STEP_ERROR, OP_STEP_FAILED) or step_uid(op) in inv.memo:
+            return False
+        final = op.op == OP_STEP_FAILED or reply.no_retry
+        return not final and inv.can_retry(sdk_error({}, no_retry=False,
+                                                     retry_at_ms=reply.retry_at_ms))
+
+    async def _record_retries(self, inv: Invocation,
+                              retries: list[tuple[Op, Reply, int, int]]) -> list[int | None]:
+        """Record step errors that will be retried; returns when to retry them."""
+        due: list[int | None] = []
+        for op, reply, started, attempt in retries:
+            inv.attempt = attempt
+            try:
+                await self._apply(inv, op, reply, started)
+            except Reschedule as retry:
+                due.append(retry.at_ms)
+        retries.clear()
+        return due
 
     async def _settle(self, inv: Invocation) -> None:
         """Check what the run waits for before calling the app: nothing to do while it waits."""
@@ -130,8 +164,10 @@ class SdkExecutor:
                 waits.append(wait.at_ms)
             except StepError:
                 pass  # a failed invoke, now memoized: the app raises it in the function
-        if waits:
+        if waits and inv.attempt == 0:
             raise Reschedule(_earliest(waits))
+        # A step retry is pending beside the waits (parallel steps): call the app, which
+        # runs the step again and reports the waits, still pending, once more.
 
     async def _apply(self, inv: Invocation, op: Op, reply: Reply, started: int) -> None:
         """Commit what one opcode reports, through the durable logic of its step kind."""
@@ -149,8 +185,6 @@ class SdkExecutor:
                                                      retry_at_ms=reply.retry_at_ms), started)
             except StepError:
                 pass  # spent: memoized as an error, which the app raises in the function
-        elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
-            await self._wait(inv, op, uid, started)
         else:
             raise SdkNonRetriableError({
                 "name": "UnsupportedStepError", "stack": None,

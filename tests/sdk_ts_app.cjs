@@ -53,6 +53,14 @@ const ship = inngest.createFunction(
   },
 );
 
+const bundle = inngest.createFunction(
+  { id: "bundle", retries: 1, triggers: [{ event: "shop/bundle" }] },
+  async ({ step }) => Promise.all([
+    step.run("pack", () => { throw new Error("no boxes left"); }),
+    step.run("label", () => "labelled"),
+  ]),
+);
+
 const strict = inngest.createFunction(
   { id: "strict", retries: 3, triggers: [{ event: "shop/strict" }] },
   async () => { throw new NonRetriableError("this order can never be processed"); },
@@ -100,7 +108,9 @@ const added = inngest.createFunction(
   async () => "new in version 2",
 );
 
-const functions = [checkout, receipt, charge, ship, later, refund, refundRequest, cancellable];
+const functions = [
+  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
+];
 if (version === "1") functions.push(strict);
 else functions.push(added);
 const handler = serve({ client: inngest, functions });

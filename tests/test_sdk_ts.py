@@ -240,10 +240,18 @@ async def test_retries_to_success_and_to_failure_on_failure_and_figures(
 ) -> None:
     async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
         meta = {"sessions": {"customer": "c_7"}}
-        charge_id, ship_id, strict_id = await app.send(http, [
+        charge_id, ship_id, strict_id, bundle_id = await app.send(http, [
             {"name": "shop/charge", "meta": meta}, {"name": "shop/ship", "meta": meta},
-            {"name": "shop/strict", "meta": meta}])
+            {"name": "shop/strict", "meta": meta}, {"name": "shop/bundle"}])
         await idle(server)
+
+        # Parallel steps: one fails on every attempt, the other succeeds; the failing one
+        # still gets exactly its attempts, then the run fails.
+        bundle = await the_run(http, server, bundle_id)
+        assert bundle["status"] == "Failed"
+        assert attempts(bundle, "pack") == [(0, "Failed"), (1, "Failed")]
+        assert attempts(bundle, "label") == [(0, "Completed")]
+        assert bundle["error"]["message"] == "no boxes left"
 
         charge = await the_run(http, server, charge_id)
         assert (charge["status"], charge["output"]) == ("Completed", "charged")
@@ -349,7 +357,7 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            assert len(await function_ids()) == 10  # 9 functions and ship's onFailure
+            assert len(await function_ids()) == 11  # 10 functions and ship's onFailure
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
