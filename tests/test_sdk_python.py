@@ -236,6 +236,19 @@ async def test_synced_at_start_beside_local_functions_and_listed_everywhere(
         assert runs["local-audit"]["output"] == "audited"
         assert runs["shop-checkout"]["output"] == {"total": 3, "doubled": 6}
 
+        # A hot reload swaps the local functions only; the SDK app's stay.
+        reloaded = devserver.App("local")
+
+        @reloaded.function(trigger="shop/other")
+        async def other(ctx: devserver.Context) -> None:
+            return None
+
+        await server.runner.replace(reloaded.functions)
+        ids = {fn.id for fn in server.runner.functions}
+        assert "local-other" in ids
+        assert "local-audit" not in ids
+        assert "shop-checkout" in ids
+
 
 async def test_sync_errors_say_what_is_wrong(
     tmp_path: Path, apps: list[FlaskApp], http: aiohttp.ClientSession,
