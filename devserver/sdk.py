@@ -275,11 +275,15 @@ class SdkApps:
         return modified, reg.app_id
 
     def _sync_for(self, url: Any) -> _Sync | None:
-        if isinstance(url, str) and normalize_url(url) in self._inflight:
+        if not isinstance(url, str):
+            return None
+        if normalize_url(url) in self._inflight:
             return self._inflight[normalize_url(url)]
-        # An app may register under another spelling of its URL; with one sync in flight,
-        # the registration is that sync's answer.
-        return next(iter(self._inflight.values())) if len(self._inflight) == 1 else None
+        # An app may register under another spelling of its URL (a hostname, a path its
+        # framework rewrote): one sync in flight to the same port is the one it answers.
+        port = _port_of(url)
+        candidates = [sync for sync in self._inflight.values() if _port_of(sync.url) == port]
+        return candidates[0] if port is not None and len(candidates) == 1 else None
 
     async def _apply(self, reg: Registration) -> bool:
         current = self._apps.get(reg.app_id)
@@ -372,6 +376,14 @@ class SdkApps:
             "isMissingEventKeys": False,
             "features": {},
         }
+
+
+def _port_of(url: str) -> int | None:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        return parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return None
 
 
 def _of_app(app_id: str) -> Callable[[FunctionDef], bool]:
