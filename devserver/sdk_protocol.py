@@ -54,6 +54,8 @@ OP_RUN_COMPLETE = "RunComplete"
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
                  OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE)
 
+MAX_RETRY_AFTER_SECONDS = 10 * 365 * 86400
+"""A `Retry-After` further off than this (or not a finite number) is ignored."""
 MAX_STEP_REPEATS = 512
 """How many repeats of one step id (`id:1`, `id:2`...) we try when naming a hashed step."""
 
@@ -127,7 +129,7 @@ def parse_retry_after(value: str | None, now_ms: int) -> int | None:
     except ValueError:
         pass
     else:
-        if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        if not -MAX_RETRY_AFTER_SECONDS <= seconds <= MAX_RETRY_AFTER_SECONDS:  # NaN too
             return None
         return now_ms + max(0, int(seconds * 1000))
     try:

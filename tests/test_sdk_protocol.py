@@ -206,6 +206,8 @@ def test_retry_after_in_seconds_http_dates_and_iso_dates() -> None:
     assert parse_retry_after(later.isoformat().replace("+00:00", "Z"), NOW) == NOW + 3_600_000
     assert parse_retry_after("2000-01-01T00:00:00Z", NOW) == NOW  # past: at once
     assert parse_retry_after("soon", NOW) is None
+    assert parse_retry_after("1e308", NOW) is None
+    assert parse_retry_after("nan", NOW) is None
     assert parse_retry_after(None, NOW) is None
 
 
