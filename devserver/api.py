@@ -61,6 +61,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except DevserverError as exc:
         return error_response(exc.status, exc.message, event_api=event_api)
+    except ConnectionResetError:
+        # The client went away mid-body (a truncated request): nothing was stored, and no
+        # one is left to answer. Not a bug in devserver, so no traceback in the log.
+        log.debug("client closed the connection during %s %s", request.method, request.path)
+        return error_response(400, "the request body was cut off", event_api=event_api)
     except web.HTTPRequestEntityTooLarge:
         return error_response(
             413, f"request body is larger than {MAX_BODY_BYTES} bytes", event_api=event_api)
@@ -197,9 +202,29 @@ def inngest_run_doc(run: RunRecord) -> dict[str, Any]:
 # Request parsing
 
 
+def encodes(text: str) -> bool:
+    """True when `text` can be stored and sent as UTF-8. Header values that were not valid
+    UTF-8 on the wire arrive with surrogate escapes, which can't."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def header_text(request: web.Request, name: str) -> str | None:
+    """A request header's value; `UserError` when its bytes are not UTF-8."""
+    value = request.headers.get(name)
+    if value is not None and not encodes(value):
+        raise UserError(f"header {name} is not valid UTF-8")
+    return value
+
+
 def env_of(request: web.Request) -> str:
     """The environment: `?env=`, else the `X-Inngest-Env` header, else `dev`."""
-    env = request.query.get("env") or request.headers.get(ENV_HEADER) or DEFAULT_ENV
+    env = request.query.get("env") or header_text(request, ENV_HEADER) or DEFAULT_ENV
     env = env.strip()
     if not env or len(env) > MAX_ENV_CHARS:
         raise UserError(f"environment name must be 1 to {MAX_ENV_CHARS} characters")
@@ -219,7 +244,9 @@ def limit_param(request: web.Request) -> int:
     raw = request.query.get("limit")
     if raw is None or raw == "":
         return DEFAULT_PAGE
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
+    # Length first: int() of thousands of digits is slow, then refused (a 500).
+    if (len(raw) > len(str(MAX_PAGE)) or not (raw.isascii() and raw.isdigit())
+            or not 1 <= int(raw) <= MAX_PAGE):
         raise UserError(f"limit must be an integer from 1 to {MAX_PAGE}, got {raw[:40]!r}")
     return int(raw)
 
@@ -237,7 +264,7 @@ async def post_events(request: web.Request) -> web.Response:
     events = parse_body(body)
     # The SDKs seed their events' ids so that sending again (after a lost answer) starts
     # nothing twice: the same seed gives the same ids, and a repeat is a no-op.
-    seeded = seeded_ids(request.headers.get(EVENT_ID_SEED_HEADER), len(events))
+    seeded = seeded_ids(header_text(request, EVENT_ID_SEED_HEADER), len(events))
     ids = await request.app[RUNNER].ingest(env_of(request), events, ids=seeded)
     return json_ok({"ids": ids, "status": 200})
 

@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from . import __version__
+from . import __version__, logs
 from .errors import UserError
 from .events import validate_event
 from .export import to_jsonl
@@ -57,6 +59,10 @@ DEMO_RETRY_INTERVAL = 2.0
 """Seconds between attempts in `--demo` (unless given), so its failing path fails in seconds."""
 DEFAULT_TIMEOUT = 600.0
 """Seconds of wall time `replay --app` (and `--url --wait`) waits for runs to finish."""
+ABANDON_AFTER = 1.0
+"""Seconds `serve` waits at exit for sync functions still running before leaving them."""
+FUNCTION_THREADS = "devserver-fn"
+"""The name prefix of the runner's worker threads (sync functions and sync step bodies)."""
 
 
 def _port(text: str) -> int:
@@ -102,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retry-interval", type=_seconds, default=None, metavar="SECONDS",
                        help="fixed delay between attempts (default: Inngest's backoff table; "
                             "0 retries at once)")
+    serve.add_argument("-u", "--sdk-url", action="append", default=[], metavar="URL",
+                       dest="sdk_urls",
+                       help="an Inngest SDK app to sync and run, e.g. "
+                            "http://127.0.0.1:3000/api/inngest (repeatable)")
+    serve.add_argument("--discover", action="store_true",
+                       help="also look for Inngest SDK apps on the usual local dev ports")
     serve.add_argument("--reload", action=argparse.BooleanOptionalAction, default=None,
                        help="reload the apps when their files change (default: on when --app "
                             "is given)")
@@ -194,7 +206,33 @@ def _banner(server: Server, db: str, functions: list[FunctionDef],
 
 
 def _serve(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve_async(args))
+    code = asyncio.run(_serve_async(args))
+    # Everything is committed and closed by now. A sync function still blocked in its worker
+    # thread can't be interrupted, and Python would wait for it at exit; its run resumes from
+    # its last committed step on the next start, so leave it behind.
+    deadline = time.monotonic() + ABANDON_AFTER
+    for thread in threading.enumerate():
+        if thread.name.startswith(FUNCTION_THREADS):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threading.enumerate() if t.name.startswith(FUNCTION_THREADS)
+             and t.is_alive()]
+    if stuck:
+        log.warning("%d sync function(s) still running were left behind; their runs resume "
+                    "from their last committed step on the next start", len(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def exposure_warning(server: Server) -> str | None:
+    """The warning to print when the server listens beyond this machine, else None."""
+    if server.loopback_only:
+        return None
+    return (f"devserver: warning: listening on {server.host}, so other machines can reach "
+            "this server; it has no authentication (events, runs and their data are open to "
+            f"anyone who can connect). Use --host {DEFAULT_HOST} (the default) to keep it local.")
 
 
 async def _serve_async(args: argparse.Namespace) -> int:
@@ -215,16 +253,34 @@ async def _serve_async(args: argparse.Namespace) -> int:
         retry_interval = DEMO_RETRY_INTERVAL
     reload = bool(args.app) if args.reload is None else args.reload
     config = Config(db=db, functions=functions, retry_interval=retry_interval,
-                    app_specs=list(args.app), reload=reload)
+                    app_specs=list(args.app), reload=reload, sdk_urls=list(args.sdk_urls),
+                    sdk_discover=args.discover)
     server = Server(config, host=args.host, port=args.port)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second Ctrl-C: the user won't wait (SQLite survives this)
+            log.warning("second signal: exiting without finishing shutdown")
+            os._exit(1)
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
     await server.start()
     try:
+        warning = exposure_warning(server)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         notes: list[tuple[str, str]] = []
+        if config.sdk_urls or config.sdk_discover:
+            await server.sdk.wait_synced()  # apps register over HTTP once the server serves
+            for result in server.sdk.sync_results:
+                notes.append(("sdk app", f"{result.url}  " + (
+                    f"synced: {result.app_id}" if result.ok else
+                    f"not synced yet (retried every {config.sdk_poll_interval:g}s): "
+                    f"{result.error}")))
         if events:
             # Preloaded before the banner, so the dashboard it links to already has them.
             progress = _Progress("preloaded", len(events))
@@ -239,9 +295,10 @@ async def _serve_async(args: argparse.Namespace) -> int:
                                   "conversation_id"))
         db_text = ("temporary, deleted on exit (--demo; pass --db PATH to keep it)"
                    if temporary else None)
-        print(_banner(server, db, functions, notes, db_text), flush=True)
+        print(_banner(server, db, server.runner.functions, notes, db_text), flush=True)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: no new requests; acknowledged events are committed; "
+                 "unfinished runs resume on the next start")
     finally:
         await server.stop()
     return 0
@@ -492,12 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          ("-h", "--help", "--version")):
         args_list.insert(0, "serve")
     args = build_parser().parse_args(args_list)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logs.setup(args.log_level)
     command = {"replay": _replay, "export": _export}.get(args.command, _serve)
     try:
         return command(args)

@@ -126,8 +126,18 @@ def format_percent(rate: float) -> str:
 
 
 def pretty_json(value: Any) -> str:
-    """JSON indented for reading, non-ASCII kept (escaping is the template's job)."""
-    return json.dumps(value, indent=2, ensure_ascii=False)
+    """JSON indented for reading, non-ASCII kept (escaping is the template's job).
+
+    Indenting recurses in Python; a value nested deeper than that allows (user code can
+    return one) is shown compact, or as a note, rather than failing the page.
+    """
+    try:
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    except RecursionError:
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except RecursionError:
+            return "(nested too deeply to show)"
 
 
 def iso_stamp(stamp: str | int | None) -> str | None:
@@ -306,8 +316,15 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         "link": make_link(env), "run_link": lambda run_id: make_link(env)(run_path(run_id)),
         "static_url": static_url, "json_url": _twin_url(request),
         "now_ms": request.app[api.RUNNER].clock.now_ms(), "live_ms": live_ms, "status": 200,
-        "version": dash.version, "base_url": f"{request.scheme}://{request.host}",
+        "version": dash.version, "base_url": f"{request.scheme}://{_host(request)}",
     }
+
+
+def _host(request: web.Request) -> str:
+    """The Host the browser used (for the curl examples); bytes that are not UTF-8 shown
+    escaped, so the page can still be encoded."""
+    host = request.host
+    return host if api.encodes(host) else host.encode("utf-8", "backslashreplace").decode()
 
 
 def _busy(request: web.Request) -> bool:

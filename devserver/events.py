@@ -13,7 +13,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,9 @@ from .errors import InvalidEvent, PayloadTooLarge
 MAX_EVENT_BYTES = 3 * 1024 * 1024  # one event as compact JSON, UTF-8 bytes
 MAX_EVENTS_PER_REQUEST = 5000
 MAX_BODY_BYTES = 64 * 1024 * 1024  # whole request body (enforced by the HTTP layer)
+MAX_DEPTH = 100
+"""Levels of nesting a request body may have (the array, the event, its data...). Deeper
+JSON decodes, but Python's recursion limit would then stop it being encoded or shown."""
 MAX_SESSIONS = 5
 MAX_IDENTIFIER_CHARS = 128
 MAX_VALUE_CHARS = 512
@@ -132,6 +135,11 @@ def parse_body(body: bytes) -> list[IncomingEvent]:
         raise InvalidEvent("request body is empty")
     text = _decode_utf8(body)
     doc = loads(text)
+    # Nesting needs at least as many brackets as levels: counting them (in C) spares the
+    # walk for almost every body.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and too_deep(doc, MAX_DEPTH):
+        raise InvalidEvent(f"request body is nested more than {MAX_DEPTH} levels deep; "
+                           f"at most {MAX_DEPTH} are allowed")
     if isinstance(doc, dict):
         doc = [doc]
     elif not isinstance(doc, list):
@@ -152,6 +160,23 @@ def parse_body(body: bytes) -> list[IncomingEvent]:
         if measure:
             _check_size(obj, index)
     return events
+
+
+def too_deep(doc: object, limit: int) -> bool:
+    """Whether JSON arrays and objects (dicts, lists, tuples) nest more than `limit` levels.
+    Iterative, so there is no recursion limit to hit."""
+    stack: list[tuple[object, int]] = [(doc, 1)] if isinstance(doc, _NESTED) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        assert isinstance(children, Iterable)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, _NESTED))
+    return False
+
+
+_NESTED = (dict, list, tuple)
 
 
 def _check_size(obj: object, index: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from .clock import Clock, parse_duration, to_ms
 from .errors import UserError
-from .events import IncomingEvent, validate_event
+from .events import MAX_DEPTH, IncomingEvent, too_deep, validate_event
 from .expressions import compile_expression
 from .functions import (
     INVOKED_EVENT,
@@ -118,12 +118,29 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     return {"name": type(exc).__name__, "message": str(exc), "stack": "".join(tb.format())}
 
 
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+"""The most a step or a function may return, as JSON (Inngest's limit for step data)."""
+
+
+def encode_output(value: Any, what: str) -> str:
+    """`value` as stored JSON text, or `TypeError` saying why it can't be stored: not JSON,
+    nested more than MAX_DEPTH levels, or larger than MAX_OUTPUT_BYTES."""
+    try:
+        text = dump_json(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
+    if len(text) > MAX_OUTPUT_BYTES // 4 and len(text.encode()) > MAX_OUTPUT_BYTES:
+        raise TypeError(
+            f"{what} is {len(text.encode()):,} bytes as JSON; at most {MAX_OUTPUT_BYTES:,} "
+            "(4 MiB) can be stored. Keep large data elsewhere and return a reference to it")
+    if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(value, MAX_DEPTH):
+        raise TypeError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return text
+
+
 def to_json_value(value: Any, what: str) -> Any:
     """`value` as it will read back from storage, or `TypeError` saying what can't be stored."""
-    try:
-        return json.loads(dump_json(value))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
+    return json.loads(encode_output(value, what))
 
 
 def event_dict(ev: StoredEvent) -> dict[str, Any]:

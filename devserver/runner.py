@@ -41,6 +41,7 @@ from .invocation import (
     Invocation,
     Reschedule,
     RunEnded,
+    encode_output,
     error_info,
     event_dict,
 )
@@ -476,10 +477,9 @@ class Runner:
             await self._function_failed(inv, run, exc, started)
             return
         try:
-            output_json = dump_json(result)
-        except (TypeError, ValueError) as exc:
-            message = f"the value returned by the function is not JSON-serializable: {exc}"
-            await self._function_failed(inv, run, NonRetriableError(message), started)
+            output_json = encode_output(result, "the value returned by the function")
+        except TypeError as exc:  # not JSON, too large or too deep: retrying can't help
+            await self._function_failed(inv, run, NonRetriableError(str(exc)), started)
             return
         await self._finish(run, inv.events, COMPLETED, output_json=output_json)
 

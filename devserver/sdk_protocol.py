@@ -408,7 +408,9 @@ def seeded_ids(header: str | None, count: int) -> list[str] | None:
     if not header or count < 1:
         return None
     millis_text, sep, entropy_text = header.strip().partition(",")
-    if not sep or not millis_text.isdigit():
+    # ASCII digits only, and few: int() refuses '²' and thousands of digits (a 500).
+    if (not sep or len(millis_text) > 15
+            or not (millis_text.isascii() and millis_text.isdigit())):
         return None
     millis = int(millis_text)
     try:

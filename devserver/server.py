@@ -9,6 +9,7 @@ URL before the first request and no other process can take the port in between.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -167,6 +168,18 @@ class Server:
         if self._sock is None:
             raise RuntimeError("server is not started")
         return int(self._sock.getsockname()[1])
+
+    @property
+    def host(self) -> str:
+        """The address the socket is bound to (e.g. 127.0.0.1, 0.0.0.0, ::)."""
+        if self._sock is None:
+            raise RuntimeError("server is not started")
+        return str(self._sock.getsockname()[0])
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when only this machine can connect (the socket is on a loopback address)."""
+        return ipaddress.ip_address(self.host.partition("%")[0]).is_loopback
 
     @property
     def url(self) -> str:

@@ -20,6 +20,7 @@ import binascii
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -250,9 +251,23 @@ def decode_cursor(cursor: str, length: int) -> list[Any]:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         key = None
     if (not isinstance(key, list) or len(key) != length
-            or not all(isinstance(k, str | int | float) and not isinstance(k, bool) for k in key)):
+            or not all(_cursor_part(k) for k in key)):
         raise UserError(f"cursor {cursor[:40]!r} is not a cursor this server returned")
     return key
+
+
+def _cursor_part(part: object) -> bool:
+    """A value SQLite can compare with a column: text, a finite REAL or a 64-bit INTEGER
+    (binding a larger int raises OverflowError, a text with surrogates UnicodeEncodeError)."""
+    if isinstance(part, str):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(part, float):
+        return math.isfinite(part)
+    return isinstance(part, int) and not isinstance(part, bool) and -(2**63) <= part < 2**63
 
 
 def _event(row: sqlite3.Row) -> StoredEvent:
@@ -526,6 +541,8 @@ def _read_sessions(
 ) -> Page:
     if sort not in SESSION_SORTS:
         raise UserError(f"sort must be one of {', '.join(SESSION_SORTS)}, got {sort!r}")
+    # The f-strings below interpolate only `sort` (checked against SESSION_SORTS just above:
+    # a column name) and fixed SQL fragments; every value from a request is a `?` parameter.
     # Keyset pagination over an index (env, identifier, <sort>, value): O(page), never OFFSET.
     where = ["env = ?", "identifier = ?"]
     params: list[Any] = [env, ident]
@@ -566,7 +583,7 @@ def _read_session(
         return None
     stats = _session_stats(row, _functions_of(db, env, ident, value))
     params: list[Any] = [env, ident, value]
-    after = ""
+    after = ""  # a fixed fragment, the only thing the f-string below interpolates
     if cursor is not None:
         after = "AND rs.run_id < ?"
         params.extend(decode_cursor(cursor, 1))
@@ -634,7 +651,7 @@ def _migrate(db: sqlite3.Connection) -> None:
                 log.info("migrating the database schema to version %d", target)
             for statement in _statements(MIGRATIONS[target]):
                 db.execute(statement)
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # a constant: PRAGMA takes no ?
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
@@ -844,7 +861,7 @@ class Store:
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""
-        marks = ", ".join("?" * len(names))
+        marks = ", ".join("?" * len(names))  # placeholders only; the names are parameters
         return await self._read(lambda db: [r[0] for r in db.execute(
             f"SELECT DISTINCT run_id FROM waits WHERE env = ? AND event_name IN ({marks})",
             (env, *names))])
@@ -907,6 +924,7 @@ class Store:
         limit: int = 100,
     ) -> list[RunRecord]:
         """Runs of an environment, newest first, optionally of one function or status."""
+        # `where` holds fixed fragments with `?` placeholders; the values go in `params`.
         where, params = ["env = ?"], [env]
         if function_id is not None:
             where.append("function_id = ?")
