@@ -46,7 +46,7 @@ _JSON_TYPES: dict[type, str] = {bool: "boolean", int: "number", float: "number",
 _JSON_TYPES |= {list: "array", dict: "object", type(None): "null"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and frozen init is slow
 class IncomingEvent:
     """One validated event, ready to store; `ts` None means "use the receive time"."""
 

@@ -19,7 +19,7 @@ FINISHED = (COMPLETED, FAILED, CANCELLED)
 
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and frozen init is slow
 class NewRun:
     """A run to create for an event, unless the event turns out to be a duplicate."""
 
@@ -27,7 +27,7 @@ class NewRun:
     function_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and frozen init is slow
 class NewEvent:
     """A validated event ready to store; JSON fields are already encoded."""
 
@@ -45,7 +45,7 @@ class NewEvent:
     """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and frozen init is slow
 class StoredEvent:
     """An event as stored."""
 
@@ -65,7 +65,7 @@ class StoredEvent:
     """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made on every request, and frozen init is slow
 class RunRecord:
     """A run's row."""
 

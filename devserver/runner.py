@@ -164,6 +164,15 @@ class Runner:
         if self._started:
             await self._resume(only_idle=True)
 
+    def _match_incoming(self, ev: IncomingEvent, ts: int) -> list[FunctionDef]:
+        candidates = self._index.match(ev.name)
+        if not candidates:
+            return []
+        if all(trigger.expression is None for _, trigger in candidates):
+            return list({fn.id: fn for fn, _ in candidates}.values())  # no filter to evaluate
+        return self.match({"name": ev.name, "data": ev.data, "id": ev.id or "", "ts": ts,
+                           "v": ev.v, "user": ev.user or {}})
+
     def match(self, event: dict[str, Any]) -> list[FunctionDef]:
         """The functions an event starts (name matched, filter expression passed)."""
         found: list[FunctionDef] = []
@@ -190,9 +199,7 @@ class Runner:
         prepared = []
         for index, ev in enumerate(events):
             ts = now if ev.ts is None else ev.ts
-            doc = {"name": ev.name, "data": ev.data, "id": ev.id or "", "ts": ts, "v": ev.v,
-                   "user": ev.user or {}}
-            runs = tuple(NewRun(new_ulid(), fn.id) for fn in self.match(doc)
+            runs = tuple(NewRun(new_ulid(), fn.id) for fn in self._match_incoming(ev, ts)
                          if fn.id != skip_function)
             prepared.append(NewEvent(
                 internal_id=new_ulid() if internal_ids is None else internal_ids[index],
