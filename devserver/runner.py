@@ -458,7 +458,7 @@ class Runner:
             # Queued, not awaited: the function starts at once and its later writes commit
             # after this one (the writer keeps order). If the run was cancelled meanwhile,
             # those writes find it ended and the invocation stops (RunEnded).
-            marking = asyncio.ensure_future(self.store.start_run(run_id, self.clock.now_ms()))
+            marking = self.store.submit_start_run(run_id, self.clock.now_ms())
             marking.add_done_callback(_log_write_failure)
         inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
                          sessions=dict(run.sessions), memo=dict(state.memo),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
@@ -400,7 +401,7 @@ def _ingest(
     return created
 
 
-def _start_run(db: sqlite3.Connection, run_id: str, now: int) -> bool:
+def _start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
     return bool(db.execute(
         "UPDATE runs SET status = ?, started_at = ? WHERE run_id = ? AND status = ?",
         (RUNNING, now, run_id, QUEUED),
@@ -661,7 +662,9 @@ def _migrate(db: sqlite3.Connection) -> None:
         raise
 
 
-_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", bool]
+"""A queued write: the function, the caller's future, and whether it needs its own savepoint
+(a single statement has nothing to undo when it fails)."""
 
 
 class Store:
@@ -738,7 +741,7 @@ class Store:
         if self._writer_task is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((fn, future))
+        self._queue.put_nowait((fn, future, True))
         return await future
 
     async def _write_loop(self) -> None:
@@ -770,7 +773,7 @@ class Store:
             except Exception as exc:  # the commit itself failed: nothing in the batch is stored
                 log.exception("database commit failed")
                 results = [exc] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
@@ -799,7 +802,16 @@ class Store:
 
     async def start_run(self, run_id: str, now: int) -> bool:
         """Mark a queued run Running; False when it was not Queued."""
-        return await self._write(lambda db: _start_run(db, run_id, now))
+        return await self.submit_start_run(run_id, now)
+
+    def submit_start_run(self, run_id: str, now: int) -> asyncio.Future[bool]:
+        """Queue marking a run Running without waiting for it; later writes commit after it."""
+        if self._writer_task is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(
+            (functools.partial(_start_run, run_id=run_id, now=now), future, False))
+        return future
 
     async def record_attempt(
         self, run_id: str, attempt: StepAttempt, next_attempt: int, next_at: int | None = None,
@@ -1011,7 +1023,13 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
     results: list[Any] = []
     db.execute("BEGIN IMMEDIATE")
     try:
-        for fn, _ in batch:
+        for fn, _, savepoint in batch:
+            if not savepoint:
+                try:
+                    results.append(fn(db))
+                except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
+                    results.append(exc)
+                continue
             db.execute("SAVEPOINT w")
             try:
                 results.append(fn(db))
