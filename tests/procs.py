@@ -6,6 +6,7 @@ URL. Waits are for a line on stdout, an HTTP answer or the child's exit, always 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
@@ -203,6 +204,53 @@ class Devserver:
 
 
 Spawn = Callable[..., Devserver]
+
+
+class Http:
+    """A keep-alive HTTP/1.1 client for one server (one per thread): thousands of small
+    requests without a new connection each. Reconnects after an error."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """One request; (status, body, headers). Raises OSError / HTTPException on failure."""
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            self._conn.request(method, path, body=body, headers=headers or {})
+            resp = self._conn.getresponse()
+            data = resp.read()
+        except BaseException:
+            self.close()
+            raise
+        if resp.will_close:
+            self.close()
+        return resp.status, data, dict(resp.getheaders())
+
+    def get_json(self, path: str, **params: str) -> tuple[int, Any]:
+        """GET a JSON endpoint; (status, parsed body)."""
+        query = urllib.parse.urlencode(params)
+        status, data, _ = self.request("GET", f"{path}?{query}" if query else path)
+        return status, json.loads(data)
+
+    def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        """POST a JSON body; (status, parsed body)."""
+        status, data, _ = self.request("POST", path, json.dumps(body).encode(),
+                                       {"Content-Type": "application/json"})
+        return status, json.loads(data)
+
+    def close(self) -> None:
+        """Drop the connection (the next request opens a new one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def child_env(pythonpath: Path | None = None) -> dict[str, str]:
