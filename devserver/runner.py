@@ -119,6 +119,8 @@ class Runner:
         self._started = False
         # State of runs just created, so their first invocation needn't read it back.
         self._fresh: dict[str, RunState] = {}
+        # Start times not written yet (see `_invoke`), by run id.
+        self._unstarted: dict[str, int] = {}
         self.remote_executor: RemoteExecutor | None = None
         """Runs invocations of SDK functions (`FunctionDef.remote`); set by the server."""
 
@@ -455,11 +457,12 @@ class Runner:
         if task is not None:
             task.set_name(f"run {run_id} of {fn.id}")  # named for the loop watchdog
         if run.status == QUEUED:
-            # Queued, not awaited: the function starts at once and its later writes commit
-            # after this one (the writer keeps order). If the run was cancelled meanwhile,
-            # those writes find it ended and the invocation stops (RunEnded).
-            marking = self.store.submit_start_run(run_id, self.clock.now_ms())
-            marking.add_done_callback(_log_write_failure)
+            # The start is written on the next turn of the loop, not awaited: the function
+            # starts at once. A function that is done by then records its start with its end
+            # (one write instead of two). If the run was cancelled meanwhile, its later writes
+            # find it ended and the invocation stops (RunEnded).
+            self._unstarted[run_id] = self.clock.now_ms()
+            asyncio.get_running_loop().call_soon(self._write_start, run_id)
         inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
                          sessions=dict(run.sessions), memo=dict(state.memo),
                          pending=dict(state.pending), attempt=run.attempt, store=self.store,
@@ -541,6 +544,12 @@ class Runner:
                               error, final=True)
         await self._finish(run, inv.events, FAILED, error=error, attempt=attempt)
 
+    def _write_start(self, run_id: str) -> None:
+        started_at = self._unstarted.pop(run_id, None)
+        if started_at is not None and self._started:
+            marking = self.store.submit_start_run(run_id, started_at)
+            marking.add_done_callback(_log_write_failure)
+
     async def _finish(
         self, run: RunRecord, events: list[StoredEvent], status: str, *,
         output_json: str | None = None, error: dict[str, Any] | None = None,
@@ -549,7 +558,8 @@ class Runner:
         emitted = self._lifecycle(run, events, status, output_json, error)
         created = await self.store.finish_run(run.run_id, status, self.clock.now_ms(),
                                               output_json=output_json, error=error,
-                                              attempt=attempt, emitted=emitted)
+                                              attempt=attempt, emitted=emitted,
+                                              started_at=self._unstarted.pop(run.run_id, None))
         if created is not None:
             await self._ended(run, emitted, created)
 

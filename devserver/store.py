@@ -475,22 +475,29 @@ def _end_wait(
 def _finish_run(
     db: sqlite3.Connection, run_id: str, status: str, now: int, output: str | None,
     error: str | None, attempt: StepAttempt | None, emitted: list[NewEvent],
+    started_at: int | None = None,
 ) -> list[str] | None:
-    """End a run; None if it had already ended, else the ids of runs its events started."""
-    if not _live(db, run_id):
+    """End a run; None if it had already ended, else the ids of runs its events started.
+
+    `started_at` is given when the run's start was never written on its own (it finished
+    before that write was due): one UPDATE records both.
+    """
+    row = db.execute("SELECT status, env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None or row[0] not in (QUEUED, RUNNING):
         return None
     if attempt is not None:
         _add_attempt(db, run_id, attempt)
-    # A cancelled run's pending step stays visible as cancelled rather than "Waiting".
-    db.execute("UPDATE steps SET status = ?, ended_at = ?, final = 1 WHERE run_id = ? "
-               "AND status = ?", (CANCELLED, now, run_id, WAITING))
+    if status == CANCELLED:
+        # A cancelled run's pending step stays visible as cancelled rather than "Waiting".
+        db.execute("UPDATE steps SET status = ?, ended_at = ?, final = 1 WHERE run_id = ? "
+                   "AND status = ?", (CANCELLED, now, run_id, WAITING))
     db.execute("DELETE FROM waits WHERE run_id = ?", (run_id,))
     db.execute(
-        "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL "
-        "WHERE run_id = ?", (status, now, output, error, run_id),
+        "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
+        "started_at = coalesce(started_at, ?) WHERE run_id = ?",
+        (status, now, output, error, started_at, run_id),
     )
-    env = db.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
-    return _ingest(db, env, now, emitted) if emitted else []
+    return _ingest(db, row[1], now, emitted) if emitted else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -871,11 +878,13 @@ class Store:
         self, run_id: str, status: str, now: int, *, output: Any = None,
         error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
         emitted: list[NewEvent] | None = None, output_json: str | None = None,
+        started_at: int | None = None,
     ) -> list[str] | None:
         """Record a run's final status, its last attempt and the events its end emits.
 
-        `output_json` is the output already encoded, if the caller has it. Returns the ids of
-        runs those events started, or None if the run had already ended.
+        `output_json` is the output already encoded, if the caller has it; `started_at` the
+        run's start when that was never written. Returns the ids of runs those events
+        started, or None if the run had already ended.
         """
         if status != COMPLETED:
             output_json = None
@@ -883,7 +892,8 @@ class Store:
             output_json = dump_json(output)
         error_json = None if error is None else dump_json(error)
         return await self._write(lambda db: _finish_run(
-            db, run_id, status, now, output_json, error_json, attempt, emitted or []))
+            db, run_id, status, now, output_json, error_json, attempt, emitted or [],
+            started_at))
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""
