@@ -30,6 +30,10 @@ from .watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8288
 DEFAULT_DB = ".devserver/devserver.sqlite3"
+SHUTDOWN_GRACE = 1.0
+"""Seconds requests in flight get to finish when the server stops (an event request waits for
+one commit: milliseconds). A body still arriving is not read any more (aiohttp stops reading
+once it closes connections), so such a request is dropped, unanswered, after this."""
 
 
 @dataclass
@@ -192,7 +196,7 @@ class Server:
         self._sock = bind(self._host, self._port)
         self.sdk.base_url = self.url
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=2.0)
+                                    shutdown_timeout=SHUTDOWN_GRACE)
         try:
             await self._runner.setup()
             await web.SockSite(self._runner, self._sock).start()
