@@ -87,7 +87,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_dumps = _ENCODER.encode
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def _dumps(body: Any) -> str:
+    # Text that can't be UTF-8 (a lone surrogate from a stored value) would fail to encode
+    # as the response body; escaped, it is still the same JSON.
+    text = _ENCODER.encode(body)
+    if not text.isascii() and not encodes(text):
+        return _ASCII_ENCODER.encode(body)
+    return text
 
 
 def json_ok(body: Any, status: int = 200) -> web.Response:

@@ -334,7 +334,11 @@ def _busy(request: web.Request) -> bool:
 def render(request: web.Request, template: str, context: dict[str, Any]) -> web.Response:
     """Render a page with the dashboard's headers (CSP, the JSON twin's `Link`)."""
     html = request.app[DASHBOARD].templates.get_template(template).render(context)
-    response = web.Response(text=html, status=context["status"], content_type="text/html")
+    # backslashreplace: a lone surrogate in stored data shows as `\\ud800` instead of
+    # failing the whole page.
+    response = web.Response(body=html.encode("utf-8", "backslashreplace"),
+                            status=context["status"], content_type="text/html",
+                            charset="utf-8")
     response.headers.update({
         "Content-Security-Policy": CSP, "Cache-Control": "no-cache",
         "Link": f'<{context["json_url"]}>; rel="alternate"; type="application/json"',

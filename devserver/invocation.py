@@ -115,7 +115,28 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     while len(frames) > 1 and frames[0].filename.startswith(_INTERNAL_DIRS):
         frames.pop(0)
     tb.stack = traceback.StackSummary.from_list(frames)
-    return {"name": type(exc).__name__, "message": str(exc), "stack": "".join(tb.format())}
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - user code: an exception whose __str__ fails
+        message = f"<{type(exc).__name__}: str() failed>"
+    return {"name": _cap(type(exc).__name__), "message": _cap(message),
+            "stack": _cap("".join(tb.format()))}
+
+
+MAX_ERROR_CHARS = 64 * 1024
+"""The longest error message or stack stored (an exception can carry megabytes of text)."""
+
+
+def _cap(text: str) -> str:
+    """Error text as stored: lone surrogates escaped (they can't be UTF-8), at most
+    MAX_ERROR_CHARS characters."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    half = MAX_ERROR_CHARS // 2  # the start says what, the end where (the stack's last line)
+    return (f"{text[:half]}\n… [{len(text) - 2 * half:,} characters cut] …\n"
+            f"{text[-half:]}")
 
 
 MAX_OUTPUT_BYTES = 4 * 1024 * 1024
