@@ -264,7 +264,7 @@ def limit_param(request: web.Request) -> int:
 # Event API and health
 
 
-@routes.post("/e/{event_key}")
+@routes.post("/e/{event_key:[^/]+}")  # any key: aiohttp's default pattern refuses { and }
 async def post_events(request: web.Request) -> web.Response:
     """Inngest's event API: store the events (all or none) and start their runs."""
     body = await request.read()

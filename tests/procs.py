@@ -218,7 +218,7 @@ class Http:
 
     def request(
         self, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str | bytes] | None = None,
     ) -> tuple[int, bytes, dict[str, str]]:
         """One request; (status, body, headers). Raises OSError / HTTPException on failure."""
         if self._conn is None:
