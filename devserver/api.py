@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 RUNNER = web.AppKey("runner", Runner)
 STORE = web.AppKey("store", Store)
 RELOADER = web.AppKey("reloader", AppReloader)
+NOT_FOUND_PAGE = web.AppKey[
+    Callable[[web.Request], Awaitable[web.StreamResponse | None]]]("not_found_page")
+"""Set by the dashboard: the HTML page a browser gets for an unknown path (None: JSON)."""
 
 ENV_HEADER = "X-Inngest-Env"
 DEFAULT_PAGE = 50
@@ -72,6 +75,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        page = request.app.get(NOT_FOUND_PAGE) if exc.status == 404 else None
+        if page is not None:
+            html = await page(request)
+            if html is not None:
+                return html
         message = exc.text if exc.text and exc.status != 404 else exc.reason
         if exc.status == 404:
             message = f"no such endpoint: {request.method} {request.path}"
@@ -101,7 +109,8 @@ def _dumps(body: Any) -> str:
 
 def json_ok(body: Any, status: int = 200) -> web.Response:
     """A JSON response with non-ASCII text kept as is."""
-    return web.json_response(body, status=status, dumps=_dumps)
+    return web.Response(body=_dumps(body).encode(), status=status,
+                        content_type="application/json", charset="utf-8")
 
 
 def iso(ms: int | None) -> str | None:
