@@ -1,6 +1,8 @@
 """SQLite storage: the schema, its migrations, the single batching writer, and every query.
 
 All SQL in the project lives here. Callers pass and get plain dataclasses, never cursors.
+Every value reaches SQLite as a `?` parameter; the few f-strings interpolate only column names
+checked against a whitelist, placeholders and fixed fragments (tests/test_safety.py checks).
 
 One owner for writes: every write is a small function queued to the writer task, which applies
 all pending writes in one transaction (each inside its own savepoint, so one failing write does
