@@ -203,7 +203,13 @@ def test_kill_9_under_load_loses_nothing_acknowledged_and_figures_match_a_recoun
             server.proc.send_signal(signal.SIGKILL)
             server.kill()  # reaped, pipes closed
             cut_off.append(unfinished_runs(tmp_path / "crash.sqlite3"))
+            with load.changed:
+                latest = list(load.acked)[-50:]  # the acks most at risk: just before the kill
             server = start(spawn, tmp_path, app)
+            check = Http(server.url)
+            for event_id in latest:
+                assert check.get_json(f"/v1/events/{event_id}")[0] == 200, event_id
+            check.close()
             load.set_url(server.url)
             done += 1
         wait_for_acks(load, 20, timeout=20)  # the last server takes load too
