@@ -13,7 +13,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,15 +164,19 @@ def parse_body(body: bytes) -> list[IncomingEvent]:
 
 def too_deep(doc: object, limit: int) -> bool:
     """Whether JSON arrays and objects (dicts, lists, tuples) nest more than `limit` levels.
-    Iterative, so there is no recursion limit to hit."""
-    stack: list[tuple[object, int]] = [(doc, 1)] if isinstance(doc, _NESTED) else []
-    while stack:
-        item, depth = stack.pop()
+    Level by level, without recursion (so no recursion limit to hit)."""
+    level = [doc] if isinstance(doc, _NESTED) else []
+    depth = 0
+    while level:
+        depth += 1
         if depth > limit:
             return True
-        children = item.values() if isinstance(item, dict) else item
-        assert isinstance(children, Iterable)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, _NESTED))
+        below: list[Any] = []
+        for item in level:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, _NESTED):
+                    below.append(child)
+        level = below
     return False
 
 
