@@ -762,7 +762,7 @@ class Store:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
             raise RuntimeError("store is not open")
-        return await self._call(self._reader, fn)
+        return await self._call(self._reader, functools.partial(_in_snapshot, fn=fn))
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer_task is None:
@@ -1046,6 +1046,17 @@ class Store:
             "SELECT e.* FROM event_sessions es JOIN events e ON e.internal_id = es.internal_id "
             "WHERE es.env = ? AND es.identifier = ? AND es.value = ? ORDER BY es.internal_id",
             (env, identifier, value))])
+
+
+def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run a read's queries in one transaction: they all see the same commit. (Without it
+    each statement sees the latest, and a session's figures could be read before a commit
+    and its runs after it.)"""
+    db.execute("BEGIN")
+    try:
+        return fn(db)
+    finally:
+        db.execute("COMMIT")
 
 
 def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:

@@ -7,6 +7,7 @@ stored with its runs finished."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import http.client
 import os
@@ -16,9 +17,14 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
+import devserver
+
+from .conftest import MakeServer, get_json, idle, post_events
 from .procs import Http, Spawn
 
 SOAK_SECONDS = float(os.environ.get("DEVSERVER_SOAK_SECONDS", "20"))
@@ -126,11 +132,18 @@ class Soak:
             elif choice == 3:
                 status, data = self.timed(
                     conn, "GET /api/session", "GET", "/api/session?" + urllib.parse.urlencode(
-                        {"identifier": "conversation_id", "value": value}))
+                        {"identifier": "conversation_id", "value": value, "limit": "500"}))
                 if status == 200:
-                    runs = json.loads(data)["runs"]
+                    doc = json.loads(data)
+                    runs = doc["runs"]
                     with self.lock:
                         self.run_ids.extend(r["run_id"] for r in runs[:2])
+                        # One answer is one snapshot: its figures match its own run list.
+                        recount = (len(runs), sum(r["status"] == "Failed" for r in runs))
+                        shown = (doc["stats"]["runs"], doc["stats"]["failed_runs"])
+                        if doc["next_cursor"] is None and recount != shown:
+                            self.failures.append(f"/api/session {value}: figures {shown}, "
+                                                 f"its runs {recount}")
             elif choice == 4:
                 self.timed(conn, "GET /api/runs", "GET", "/api/runs?limit=50")
             else:
@@ -208,3 +221,57 @@ def test_writers_and_readers_at_once_latency_bounded_memory_flat(
     assert 0 < failed < total
     http.close()
     assert child.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_session_answer_is_one_snapshot_while_its_runs_finish(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    """Read while runs finish: every /api/session answer's figures equal a count of the runs
+    in that same answer (its queries see one commit, not the figures before a commit and the
+    runs after it)."""
+    app = devserver.App("snap")
+
+    @app.function(trigger="snap/x", retries=0)
+    async def flip(ctx: devserver.Context) -> int:
+        if ctx.event.data["n"] % 2:
+            raise devserver.NonRetriableError("odd")
+        return int(ctx.event.data["n"])
+
+    server = await make_server(app)
+    values = [f"v{i}" for i in range(8)]
+    torn: list[tuple[str, Any, Any]] = []
+    reads = 0
+
+    async def write() -> None:
+        for n in range(0, 1600, 20):
+            body = [{"name": "snap/x", "data": {"n": n + i},
+                     "sessions": {"snap": values[(n + i) % len(values)]}} for i in range(20)]
+            status, doc = await post_events(http, server, body)
+            assert status == 200, doc
+
+    async def read(stop: asyncio.Event) -> None:
+        nonlocal reads
+        while not stop.is_set():
+            for value in values:
+                status, doc = await get_json(http, server, "/api/session", identifier="snap",
+                                             value=value, limit="500")
+                if status != 200:
+                    continue
+                reads += 1
+                runs = doc["runs"]
+                recount = (len(runs), sum(r["status"] == "Failed" for r in runs))
+                shown = (doc["stats"]["runs"], doc["stats"]["failed_runs"])
+                if recount != shown:
+                    torn.append((value, shown, recount))
+
+    stop = asyncio.Event()
+    readers = [asyncio.create_task(read(stop)) for _ in range(3)]
+    try:
+        await write()
+        await idle(server)
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+    assert reads > 100
+    assert torn == []
