@@ -228,7 +228,7 @@ def e2e_row(seconds: float, bare: float, tmp: Path) -> Row:
 
 def dashboard_rows(sizes: list[int], tmp: Path, requests: int = 60) -> list[Row]:
     """Median latency of the sessions list and a session page at each DB size."""
-    from .store import seed_runs
+    from .schema import seed_runs
 
     medians: dict[int, tuple[float, float]] = {}
     for runs in sizes:

@@ -33,6 +33,7 @@ from .functions import (
     StepError,
 )
 from .ids import new_ulid
+from .queries import dump_json
 from .records import (
     CANCELLED,
     COMPLETED,
@@ -46,7 +47,7 @@ from .records import (
     WaitSpec,
 )
 from .retry import Backoff
-from .store import Store, dump_json
+from .store import Store
 
 
 class Unwind(BaseException):

@@ -45,6 +45,7 @@ from .invocation import (
     error_info,
     event_dict,
 )
+from .queries import dump_json
 from .records import (
     CANCELLED,
     COMPLETED,
@@ -60,7 +61,7 @@ from .records import (
 )
 from .retry import Backoff
 from .steps import Context, Event, Step, SyncContext, SyncStep
-from .store import Store, dump_json
+from .store import Store
 from .triggers import CronTrigger, EventTrigger, TriggerIndex
 
 log = logging.getLogger(__name__)

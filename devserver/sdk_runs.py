@@ -24,6 +24,7 @@ from .clock import Clock
 from .errors import UserError
 from .functions import NonRetriableError, StepError
 from .invocation import Invocation, Reschedule
+from .queries import dump_json
 from .sdk_protocol import (
     OP_INVOKE,
     OP_RUN_COMPLETE,
@@ -50,7 +51,6 @@ from .sdk_protocol import (
     step_uid,
     timeout_seconds,
 )
-from .store import dump_json
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import pytest
 
 import devserver
 from devserver.cli import exposure_warning
+from devserver.schema import SCHEMA_VERSION
 from devserver.server import Config, Server
-from devserver.store import SCHEMA_VERSION
 
 from .procs import START_TIMEOUT, Spawn
 from .test_store import make_v1_database
@@ -99,15 +99,19 @@ def _sql_calls(tree: ast.AST) -> list[ast.Call]:
             and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS]
 
 
+STORE_MODULES = ("store.py", "queries.py", "schema.py")
+"""The store's modules: the only ones with SQL."""
+
+
 def test_sql_interpolates_only_whitelisted_names() -> None:
     """Every SQL string is a constant or an f-string whose holes are whitelisted names; values
     always travel as `?` parameters. (`%` or `.format` or `+` on SQL would show up here too.)"""
-    source = (PACKAGE / "store.py").read_text()
-    calls = _sql_calls(ast.parse(source))
+    calls = [(name, call) for name in STORE_MODULES
+             for call in _sql_calls(ast.parse((PACKAGE / name).read_text()))]
     assert len(calls) > 50
-    for call in calls:
+    for name, call in calls:
         sql = call.args[0]
-        where = f"store.py line {call.lineno}"
+        where = f"{name} line {call.lineno}"
         if isinstance(sql, ast.Constant):
             assert isinstance(sql.value, str), where
         elif isinstance(sql, ast.JoinedStr):
@@ -126,7 +130,7 @@ def test_only_the_store_talks_to_sqlite() -> None:
                    for alias in node.names}
         imports |= {node.module or "" for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom)}
-        if module.name in ("store.py", "bench.py"):  # bench only prints SQLite's version
+        if module.name in (*STORE_MODULES, "bench.py"):  # bench only prints SQLite's version
             continue
         assert not imports & {"sqlite3", "aiosqlite"}, module.name
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from devserver.errors import ConfigError
-from devserver.store import SCHEMA, SCHEMA_VERSION, Store, _statements
+from devserver.schema import SCHEMA, SCHEMA_VERSION, statements
+from devserver.store import Store
 
 
 def make_v1_database(path: Path) -> None:
     """A database as devserver's first schema version left it, with one event in it."""
     db = sqlite3.connect(path, isolation_level=None)
-    for statement in _statements(SCHEMA):
+    for statement in statements(SCHEMA):
         db.execute(statement)
     db.execute("INSERT INTO events (internal_id, env, name, ts, received_at, data, sessions) "
                "VALUES ('01J00000000000000000000000', 'dev', 'app/old', 1, 1, '{}', '{}')")

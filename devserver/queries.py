@@ -1,0 +1,438 @@
+"""Every query of the store, as plain functions of a `sqlite3.Connection`: the writes the
+writer batches into one transaction, the reads the reader runs, and the row-to-record mapping.
+Every value reaches SQLite as a `?` parameter; the few f-strings interpolate only column names
+checked against a whitelist, placeholders and fixed fragments (tests/test_safety.py checks).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import sqlite3
+from typing import Any, TypeVar
+
+from .errors import UserError
+from .records import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    WAITING,
+    NewEvent,
+    Page,
+    RunDetail,
+    RunRecord,
+    RunState,
+    SessionStats,
+    StepAttempt,
+    StoredEvent,
+    WaitSpec,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+
+IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
+SESSION_SORTS = ("last_active", "runs", "failure_rate", "value")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON text as stored in the database: always valid UTF-8.
+
+    A string with a lone surrogate (an SDK's `\\ud800` escape, say) can't be UTF-8 text, so
+    SQLite would refuse the whole write; such a value is stored with its non-ASCII characters
+    escaped instead, which is still valid JSON and reads back as the same value.
+    """
+    text = _ENCODER.encode(value)
+    if not text.isascii() and not utf8_encodable(text):
+        return _ASCII_ENCODER.encode(value)
+    return text
+
+
+def utf8_encodable(text: str) -> bool:
+    """True when `text` has no lone surrogates (so it can be encoded as UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def encode_cursor(key: list[Any]) -> str:
+    """An opaque, URL-safe page cursor."""
+    return base64.urlsafe_b64encode(dump_json(key).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, length: int) -> list[Any]:
+    """Decode a cursor from `encode_cursor`, or raise `UserError`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = json.loads(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        key = None
+    if (not isinstance(key, list) or len(key) != length
+            or not all(_cursor_part(k) for k in key)):
+        raise UserError(f"cursor {cursor[:40]!r} is not a cursor this server returned")
+    return key
+
+
+def _cursor_part(part: object) -> bool:
+    """A value SQLite can compare with a column: text, a finite REAL or a 64-bit INTEGER
+    (binding a larger int raises OverflowError, a text with surrogates UnicodeEncodeError)."""
+    if isinstance(part, str):
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(part, float):
+        return math.isfinite(part)
+    return isinstance(part, int) and not isinstance(part, bool) and -(2**63) <= part < 2**63
+
+
+def event_from_row(row: sqlite3.Row) -> StoredEvent:
+    return StoredEvent(
+        internal_id=row["internal_id"],
+        env=row["env"],
+        name=row["name"],
+        event_id=row["event_id"],
+        ts=row["ts"],
+        received_at=row["received_at"],
+        data=json.loads(row["data"]),
+        v=_load(row["v"]),
+        user=_load(row["user"]),
+        meta=_load(row["meta"]),
+        sessions=json.loads(row["sessions"]),
+        duplicate=bool(row["duplicate"]),
+        source=row["source"],
+    )
+
+
+def run_from_row(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        run_id=row["run_id"],
+        env=row["env"],
+        function_id=row["function_id"],
+        event_id=row["event_id"],
+        event_name=row["event_name"],
+        status=row["status"],
+        attempt=row["attempt"],
+        queued_at=row["queued_at"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        next_at=row["next_at"],
+        output=_load(row["output"]),
+        error=_load(row["error"]),
+        sessions=json.loads(row["sessions"]),
+    )
+
+
+def step_from_row(row: sqlite3.Row) -> StepAttempt:
+    return StepAttempt(
+        seq=row["seq"],
+        step_id=row["step_id"],
+        kind=row["kind"],
+        attempt=row["attempt"],
+        status=row["status"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        output=_load(row["output"]),
+        error=_load(row["error"]),
+        final=bool(row["final"]),
+        wait_until=row["wait_until"],
+        detail=_load(row["detail"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writes (run by the writer, inside the batch transaction)
+
+
+def ingest(
+    db: sqlite3.Connection, env: str, received_at: int, events: list[NewEvent]
+) -> list[str]:
+    """Store events and create their runs; returns the ids of the runs created.
+
+    One `executemany` per table for the whole batch; the schema's triggers keep the
+    per-session and per-identifier counters.
+    """
+    created: list[str] = []
+    event_rows: list[tuple[Any, ...]] = []
+    session_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+    event_session_rows: list[tuple[Any, ...]] = []
+    run_rows: list[tuple[Any, ...]] = []
+    run_session_rows: list[tuple[Any, ...]] = []
+    keys_seen: set[str] = set()
+    for ev in events:
+        duplicate = ev.event_id is not None and (
+            ev.event_id in keys_seen
+            or db.execute(
+                "SELECT 1 FROM events WHERE env = ? AND event_id = ? AND received_at > ? "
+                "AND duplicate = 0 LIMIT 1",
+                (env, ev.event_id, received_at - IDEMPOTENCY_WINDOW_MS),
+            ).fetchone() is not None
+        )
+        if ev.event_id is not None:
+            keys_seen.add(ev.event_id)
+        sessions_json = dump_json(ev.sessions)
+        event_rows.append((ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at, ev.data,
+                           ev.v, ev.user, ev.meta, sessions_json, int(duplicate), ev.source))
+        for ident, value in ev.sessions.items():
+            session_rows[(ident, value)] = (env, ident, value, received_at, received_at)
+            event_session_rows.append((env, ident, value, ev.internal_id))
+        if duplicate:
+            continue
+        for run in ev.runs:
+            run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name, QUEUED,
+                             received_at, received_at, sessions_json))
+            run_session_rows.extend((env, ident, value, run.run_id)
+                                    for ident, value in ev.sessions.items())
+            created.append(run.run_id)
+    db.execute(
+        "INSERT INTO environments (env, events, last_active) VALUES (?, ?, ?) ON CONFLICT "
+        "DO UPDATE SET events = events + excluded.events, "
+        "last_active = max(last_active, excluded.last_active)",
+        (env, len(events), received_at),
+    )
+    db.executemany(
+        "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
+        "user, meta, sessions, duplicate, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        event_rows)
+    if session_rows:
+        db.executemany(
+            "INSERT INTO sessions (env, identifier, value, first_seen, last_active) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "last_active = max(last_active, excluded.last_active)",
+            session_rows.values())
+        db.executemany(
+            "INSERT INTO event_sessions (env, identifier, value, internal_id) "
+            "VALUES (?, ?, ?, ?)", event_session_rows)
+    if run_rows:
+        db.executemany(
+            "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
+            "queued_at, next_at, sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", run_rows)
+        db.executemany(
+            "INSERT INTO run_sessions (env, identifier, value, run_id) VALUES (?, ?, ?, ?)",
+            run_session_rows)
+    return created
+
+
+def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
+    return bool(db.execute(
+        "UPDATE runs SET status = ?, started_at = ? WHERE run_id = ? AND status = ?",
+        (RUNNING, now, run_id, QUEUED),
+    ).rowcount)
+
+
+def add_attempt(db: sqlite3.Connection, run_id: str, attempt: StepAttempt) -> None:
+    db.execute(
+        "INSERT INTO steps (run_id, seq, step_id, kind, attempt, status, started_at, ended_at, "
+        "output, error, final, wait_until, detail) VALUES (?, (SELECT coalesce(max(seq), 0) + 1 "
+        "FROM steps WHERE run_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, run_id, attempt.step_id, attempt.kind, attempt.attempt, attempt.status,
+         attempt.started_at, attempt.ended_at,
+         None if attempt.error is not None else dump_json(attempt.output),
+         None if attempt.error is None else dump_json(attempt.error), int(attempt.final),
+         attempt.wait_until, None if attempt.detail is None else dump_json(attempt.detail)),
+    )
+
+
+def live(db: sqlite3.Connection, run_id: str) -> bool:
+    row = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return row is not None and row[0] in (QUEUED, RUNNING)
+
+
+def record_attempt(
+    db: sqlite3.Connection, run_id: str, attempt: StepAttempt, next_attempt: int,
+    next_at: int | None,
+) -> bool:
+    if not live(db, run_id):
+        return False
+    add_attempt(db, run_id, attempt)
+    db.execute(
+        "UPDATE runs SET attempt = ?, next_at = coalesce(?, next_at) WHERE run_id = ?",
+        (next_attempt, next_at, run_id),
+    )
+    return True
+
+
+def begin_wait(
+    db: sqlite3.Connection, env: str, run_id: str, step: StepAttempt, wait: WaitSpec | None,
+) -> bool:
+    if not live(db, run_id):
+        return False
+    add_attempt(db, run_id, step)
+    if wait is not None:
+        db.execute(
+            "INSERT OR REPLACE INTO waits (run_id, step_id, env, kind, event_name, child_run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, step.step_id, env, step.kind, wait.event_name, wait.child_run_id),
+        )
+    db.execute("UPDATE runs SET next_at = ? WHERE run_id = ?", (step.wait_until, run_id))
+    return True
+
+
+def end_wait(
+    db: sqlite3.Connection, run_id: str, step_id: str, status: str, now: int,
+    output: str | None, error: str | None,
+) -> bool:
+    if not live(db, run_id):
+        return False
+    changed = db.execute(
+        "UPDATE steps SET status = ?, ended_at = ?, output = ?, error = ?, final = 1 "
+        "WHERE run_id = ? AND step_id = ? AND status = ?",
+        (status, now, output, error, run_id, step_id, WAITING),
+    ).rowcount
+    db.execute("DELETE FROM waits WHERE run_id = ? AND step_id = ?", (run_id, step_id))
+    db.execute("UPDATE runs SET attempt = 0 WHERE run_id = ?", (run_id,))
+    return bool(changed)
+
+
+def finish_run(
+    db: sqlite3.Connection, run_id: str, status: str, now: int, output: str | None,
+    error: str | None, attempt: StepAttempt | None, emitted: list[NewEvent],
+    started_at: int | None = None,
+) -> list[str] | None:
+    """End a run; None if it had already ended, else the ids of runs its events started.
+
+    `started_at` is given when the run's start was never written on its own (it finished
+    before that write was due): one UPDATE records both.
+    """
+    row = db.execute("SELECT status, env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None or row[0] not in (QUEUED, RUNNING):
+        return None
+    if attempt is not None:
+        add_attempt(db, run_id, attempt)
+    if status == CANCELLED:
+        # A cancelled run's pending step stays visible as cancelled rather than "Waiting".
+        db.execute("UPDATE steps SET status = ?, ended_at = ?, final = 1 WHERE run_id = ? "
+                   "AND status = ?", (CANCELLED, now, run_id, WAITING))
+    db.execute("DELETE FROM waits WHERE run_id = ?", (run_id,))
+    db.execute(
+        "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
+        "started_at = coalesce(started_at, ?) WHERE run_id = ?",
+        (status, now, output, error, started_at, run_id),
+    )
+    return ingest(db, row[1], now, emitted) if emitted else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reads (each runs in the reader thread)
+
+
+def read_run_state(db: sqlite3.Connection, run_id: str) -> RunState | None:
+    row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    run = run_from_row(row)
+    events = [event_from_row(r) for r in db.execute(
+        "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    memo: dict[str, StepAttempt] = {}
+    pending: dict[str, StepAttempt] = {}
+    for step in map(step_from_row, db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND step_id IS NOT NULL "
+            "AND (final = 1 OR status = ?) ORDER BY seq", (run_id, WAITING))):
+        assert step.step_id is not None
+        (memo if step.final else pending)[step.step_id] = step
+    return RunState(run=run, events=events, memo=memo, pending=pending)
+
+
+def read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:
+    row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return None
+    run = run_from_row(row)
+    events = [event_from_row(r) for r in db.execute(
+        "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    steps = [step_from_row(r) for r in db.execute(
+        "SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))]
+    return RunDetail(run=run, events=events, steps=steps)
+
+
+def _functions_of(db: sqlite3.Connection, env: str, ident: str, value: str) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT function_id FROM session_functions WHERE env = ? AND identifier = ? "
+        "AND value = ? ORDER BY function_id", (env, ident, value))]
+
+
+def _session_stats(row: sqlite3.Row, functions: list[str]) -> SessionStats:
+    return SessionStats(
+        identifier=row["identifier"], value=row["value"], runs=row["runs"],
+        failed_runs=row["failed_runs"], last_active=row["last_active"], functions=functions,
+    )
+
+
+def read_sessions(
+    db: sqlite3.Connection, env: str, ident: str, q: str | None, sort: str, limit: int,
+    cursor: str | None,
+) -> Page:
+    if sort not in SESSION_SORTS:
+        raise UserError(f"sort must be one of {', '.join(SESSION_SORTS)}, got {sort!r}")
+    # The f-strings below interpolate only `sort` (checked against SESSION_SORTS just above:
+    # a column name) and fixed SQL fragments; every value from a request is a `?` parameter.
+    # Keyset pagination over an index (env, identifier, <sort>, value): O(page), never OFFSET.
+    where = ["env = ?", "identifier = ?"]
+    params: list[Any] = [env, ident]
+    if q:
+        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append("value LIKE ? ESCAPE '\\'")
+        params.append(f"%{escaped}%")
+    if sort == "value":
+        order, key_cols = "value ASC", ["value"]
+        if cursor is not None:
+            where.append("value > ?")
+            params.extend(decode_cursor(cursor, 1))
+    else:
+        order, key_cols = f"{sort} DESC, value DESC", [sort, "value"]
+        if cursor is not None:
+            where.append(f"({sort}, value) < (?, ?)")
+            params.extend(decode_cursor(cursor, 2))
+    rows = db.execute(
+        f"SELECT identifier, value, runs, failed_runs, last_active, failure_rate "
+        f"FROM sessions WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
+        (*params, limit + 1),
+    ).fetchall()
+    stats = [_session_stats(r, _functions_of(db, env, ident, r["value"])) for r in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor([last[c] for c in key_cols])
+    return Page(rows=stats, next_cursor=next_cursor)
+
+
+def read_session(
+    db: sqlite3.Connection, env: str, ident: str, value: str, limit: int, cursor: str | None,
+) -> tuple[SessionStats, Page] | None:
+    row = db.execute(
+        "SELECT identifier, value, runs, failed_runs, last_active FROM sessions "
+        "WHERE env = ? AND identifier = ? AND value = ?", (env, ident, value)).fetchone()
+    if row is None:
+        return None
+    stats = _session_stats(row, _functions_of(db, env, ident, value))
+    params: list[Any] = [env, ident, value]
+    after = ""  # a fixed fragment, the only thing the f-string below interpolates
+    if cursor is not None:
+        after = "AND rs.run_id < ?"
+        params.extend(decode_cursor(cursor, 1))
+    runs = [run_from_row(r) for r in db.execute(
+        "SELECT r.* FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
+        f"WHERE rs.env = ? AND rs.identifier = ? AND rs.value = ? {after} "
+        "ORDER BY rs.run_id DESC LIMIT ?", (*params, limit + 1))]
+    next_cursor = encode_cursor([runs[limit - 1].run_id]) if len(runs) > limit else None
+    return stats, Page(rows=runs[:limit], next_cursor=next_cursor)
