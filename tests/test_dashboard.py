@@ -125,7 +125,8 @@ class Browser:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+        pytest.fail(f"Chromium not found at {CHROMIUM}: the page tests need it "
+                    "(apt-get install chromium; .ci/run does)")
     owner = Browser()
     owner.start()
     yield owner
@@ -469,7 +470,8 @@ async def test_empty_state_teaches_a_curl_command_that_works(
         expect(page.locator("#identifier-name")).to_have_text("ticket id")
 
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+        pytest.fail("curl is not installed: this test runs the page's curl command "
+                    "(apt-get install curl; .ci/run does)")
     await browser.check(check, ignore=(NOT_FOUND_LOG,))
 
 
