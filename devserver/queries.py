@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sqlite3
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import UserError
@@ -164,51 +165,80 @@ def step_from_row(row: sqlite3.Row) -> StepAttempt:
 # Writes (run by the writer, inside the batch transaction)
 
 
+@dataclass(slots=True)
+class Ingest:
+    """A queued `ingest` of one request's events. The writer applies the ingests that share a
+    batch together (`ingest_many`): one statement per table for the whole batch."""
+
+    env: str
+    received_at: int
+    events: list[NewEvent]
+
+    def __call__(self, db: sqlite3.Connection) -> list[str]:
+        return ingest_many(db, [self])[0]
+
+
 def ingest(
     db: sqlite3.Connection, env: str, received_at: int, events: list[NewEvent]
 ) -> list[str]:
-    """Store events and create their runs; returns the ids of the runs created.
+    """Store events and create their runs; returns the ids of the runs created."""
+    return ingest_many(db, [Ingest(env, received_at, events)])[0]
 
-    One `executemany` per table for the whole batch; the schema's triggers keep the
-    per-session and per-identifier counters.
+
+def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]:
+    """Apply ingests in order; returns, for each, the ids of the runs it created.
+
+    One `executemany` per table for all of them; the schema's triggers keep the per-session
+    and per-identifier counters. An event whose `id` was seen in the last 24 hours (in the
+    database or earlier in `writes`) is stored as a duplicate and starts no runs.
     """
-    created: list[str] = []
+    results: list[list[str]] = []
+    envs: dict[str, tuple[str, int, int]] = {}
     event_rows: list[tuple[Any, ...]] = []
-    session_rows: dict[tuple[str, str], tuple[Any, ...]] = {}
+    session_rows: dict[tuple[str, str, str], tuple[str, str, str, int, int]] = {}
     event_session_rows: list[tuple[Any, ...]] = []
     run_rows: list[tuple[Any, ...]] = []
     run_session_rows: list[tuple[Any, ...]] = []
-    keys_seen: set[str] = set()
-    for ev in events:
-        duplicate = ev.event_id is not None and (
-            ev.event_id in keys_seen
-            or db.execute(
-                "SELECT 1 FROM events WHERE env = ? AND event_id = ? AND received_at > ? "
-                "AND duplicate = 0 LIMIT 1",
-                (env, ev.event_id, received_at - IDEMPOTENCY_WINDOW_MS),
-            ).fetchone() is not None
-        )
-        if ev.event_id is not None:
-            keys_seen.add(ev.event_id)
-        sessions_json = dump_json(ev.sessions)
-        event_rows.append((ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at, ev.data,
-                           ev.v, ev.user, ev.meta, sessions_json, int(duplicate), ev.source))
-        for ident, value in ev.sessions.items():
-            session_rows[(ident, value)] = (env, ident, value, received_at, received_at)
-            event_session_rows.append((env, ident, value, ev.internal_id))
-        if duplicate:
-            continue
-        for run in ev.runs:
-            run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name, QUEUED,
-                             received_at, received_at, sessions_json))
-            run_session_rows.extend((env, ident, value, run.run_id)
-                                    for ident, value in ev.sessions.items())
-            created.append(run.run_id)
-    db.execute(
+    keys_seen: set[tuple[str, str]] = set()
+    for write in writes:
+        env, received_at = write.env, write.received_at
+        created: list[str] = []
+        results.append(created)
+        count, last = envs[env][1:] if env in envs else (0, received_at)
+        envs[env] = (env, count + len(write.events), max(last, received_at))
+        for ev in write.events:
+            duplicate = ev.event_id is not None and (
+                (env, ev.event_id) in keys_seen
+                or db.execute(
+                    "SELECT 1 FROM events WHERE env = ? AND event_id = ? AND received_at > ? "
+                    "AND duplicate = 0 LIMIT 1",
+                    (env, ev.event_id, received_at - IDEMPOTENCY_WINDOW_MS),
+                ).fetchone() is not None
+            )
+            if ev.event_id is not None:
+                keys_seen.add((env, ev.event_id))
+            sessions_json = dump_json(ev.sessions)
+            event_rows.append((ev.internal_id, env, ev.name, ev.event_id, ev.ts, received_at,
+                               ev.data, ev.v, ev.user, ev.meta, sessions_json, int(duplicate),
+                               ev.source))
+            for ident, value in ev.sessions.items():
+                key = (env, ident, value)
+                first = session_rows[key][3] if key in session_rows else received_at
+                session_rows[key] = (env, ident, value, min(first, received_at), received_at)
+                event_session_rows.append((env, ident, value, ev.internal_id))
+            if duplicate:
+                continue
+            for run in ev.runs:
+                run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name,
+                                 QUEUED, received_at, received_at, sessions_json))
+                run_session_rows.extend((env, ident, value, run.run_id)
+                                        for ident, value in ev.sessions.items())
+                created.append(run.run_id)
+    db.executemany(
         "INSERT INTO environments (env, events, last_active) VALUES (?, ?, ?) ON CONFLICT "
         "DO UPDATE SET events = events + excluded.events, "
         "last_active = max(last_active, excluded.last_active)",
-        (env, len(events), received_at),
+        envs.values(),
     )
     db.executemany(
         "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
@@ -230,7 +260,7 @@ def ingest(
         db.executemany(
             "INSERT INTO run_sessions (env, identifier, value, run_id) VALUES (?, ?, ?, ?)",
             run_session_rows)
-    return created
+    return results
 
 
 def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:

@@ -5,7 +5,8 @@ in `queries`, the connections here. Callers pass and get plain dataclasses, neve
 
 One owner for writes: every write is a small function queued to the writer task, which applies
 all pending writes in one transaction (each inside its own savepoint, so one failing write does
-not undo the others), commits once and only then resolves the callers' futures. A caller that
+not undo the others; the event API's ingests together, a few statements for the whole batch),
+commits once and only then resolves the callers' futures. A caller that
 awaits a write therefore knows it is durable; under load many writes share one commit.
 The writer runs its batches on the event loop's own thread: a batch is a few C-level
 `executemany` calls and one commit (WAL, no fsync per commit), cheaper than handing it to a
@@ -190,7 +191,7 @@ class Store:
 
     async def ingest(self, env: str, received_at: int, events: list[NewEvent]) -> list[str]:
         """Store a request's events atomically and create their runs; returns new run ids."""
-        return await self._write(lambda db: queries.ingest(db, env, received_at, events))
+        return await self._write(queries.Ingest(env, received_at, events))
 
     async def ingest_once(
         self, env: str, received_at: int, events: list[NewEvent],
@@ -438,27 +439,57 @@ def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T
 
 
 def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
-    """Apply queued writes in one transaction; each gets its result or its exception."""
-    results: list[Any] = []
+    """Apply queued writes in one transaction; each gets its result or its exception.
+
+    The event API's ingests in the batch go first, together, as one `ingest_many` (a few
+    statements instead of a few per request: most of the cost of a busy batch). Should that
+    fail, they are applied one by one like every other write, so only a bad one fails.
+    """
+    results: list[Any] = [None] * len(batch)
     db.execute("BEGIN IMMEDIATE")
     try:
-        for fn, _, savepoint in batch:
-            if not savepoint:
+        merged = _apply_ingests(db, batch)
+        for index, (fn, _, savepoint) in enumerate(batch):
+            if index in merged:
+                results[index] = merged[index]
+            elif not savepoint:
                 try:
-                    results.append(fn(db))
+                    results[index] = fn(db)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
-                    results.append(exc)
-                continue
-            db.execute("SAVEPOINT w")
-            try:
-                results.append(fn(db))
-            except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
-                db.execute("ROLLBACK TO w")
-                results.append(exc)
-            db.execute("RELEASE w")
+                    results[index] = exc
+            else:
+                db.execute("SAVEPOINT w")
+                try:
+                    results[index] = fn(db)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
+                    db.execute("ROLLBACK TO w")
+                    results[index] = exc
+                db.execute("RELEASE w")
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
     return results
+
+
+def _apply_ingests(db: sqlite3.Connection, batch: list[_Write]) -> dict[int, list[str]]:
+    """Apply the batch's ingests together; their results by position in the batch, or {}
+    (and nothing applied) when there are fewer than two or applying them together failed.
+
+    They may go before writes queued ahead of them: a write's effects are seen by no one
+    until the commit, and no other write reads what an ingest writes, except other ingests
+    (duplicate event ids), whose order is kept."""
+    positions = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
+    if len(positions) < 2:
+        return {}
+    writes = [cast(queries.Ingest, batch[i][0]) for i in positions]
+    db.execute("SAVEPOINT ingests")
+    try:
+        created = queries.ingest_many(db, writes)
+    except Exception:  # noqa: BLE001 - retried one by one, where the failure is reported
+        db.execute("ROLLBACK TO ingests")
+        db.execute("RELEASE ingests")
+        return {}
+    db.execute("RELEASE ingests")
+    return dict(zip(positions, created, strict=True))

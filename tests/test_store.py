@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from devserver.errors import ConfigError
+from devserver.ids import new_ulid
+from devserver.records import NewEvent, NewRun
 from devserver.schema import SCHEMA, SCHEMA_VERSION, statements
 from devserver.store import Store
 
@@ -62,3 +65,57 @@ async def test_a_newer_or_foreign_database_is_refused(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(ConfigError, match="cannot open database"):
         await Store(junk).open()
+
+
+def new_event(name: str, *, event_id: str | None = None, internal_id: str | None = None,
+              sessions: dict[str, str] | None = None, runs: int = 1) -> NewEvent:
+    return NewEvent(
+        internal_id=internal_id or new_ulid(), name=name, event_id=event_id, ts=1, data="{}",
+        v=None, user=None, meta=None, sessions=sessions or {},
+        runs=tuple(NewRun(new_ulid(), f"fn-{i}") for i in range(runs)))
+
+
+@pytest.mark.asyncio
+async def test_ingests_sharing_a_commit_are_applied_together_each_with_its_own_result(
+        tmp_path: Path) -> None:
+    """Concurrent ingests queue before the writer wakes, so they share one batch (applied as
+    one `ingest_many`): each still gets its own runs, duplicates across requests are caught,
+    counters are right, and one bad ingest fails alone."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        taken = new_event("app/first")
+        assert len(await store.ingest("dev", 100, [taken])) == 1
+        conv = {"conversation_id": "conv_1"}
+        results = await asyncio.gather(
+            store.ingest("dev", 200, [new_event("app/a", sessions=conv, event_id="key-1")]),
+            store.ingest("dev", 201, [new_event("app/b", sessions=conv, runs=2)]),
+            # The same event id as the first request of the batch: stored, starts nothing.
+            store.ingest("dev", 202, [new_event("app/c", sessions=conv, event_id="key-1")]),
+            store.ingest("other", 204, [new_event("app/e", sessions=conv), new_event("app/f")]),
+        )
+        assert [len(r) for r in results] == [1, 2, 0, 2]
+        # An internal id already stored: that request alone fails, the others are stored.
+        failing = await asyncio.gather(
+            store.ingest("dev", 205, [new_event("app/g")]),
+            store.ingest("dev", 206, [new_event("app/h", internal_id=taken.internal_id)]),
+            store.ingest("dev", 207, [new_event("app/i", sessions=conv)]),
+            return_exceptions=True)
+        assert isinstance(failing[1], sqlite3.IntegrityError)
+        assert [len(r) for r in (failing[0], failing[2]) if isinstance(r, list)] == [1, 1]
+
+        found = await store.session("dev", "conversation_id", "conv_1")
+        assert found is not None
+        stats, runs = found
+        assert (stats.runs, stats.last_active) == (4, 207)
+        assert sorted(run.event_name for run in runs.rows) == ["app/a", "app/b", "app/b", "app/i"]
+        assert [ev.name for ev in await store.session_events(
+            "dev", "conversation_id", "conv_1")] == ["app/a", "app/b", "app/c", "app/i"]
+        envs = {e.env: (e.events, e.last_active) for e in await store.environments()}
+        assert envs == {"dev": (6, 207), "other": (2, 204)}
+        assert [i.sessions for i in await store.identifiers("other")] == [1]
+        kept = await store.event(taken.internal_id)
+        assert kept is not None
+        assert kept.name == "app/first"
+    finally:
+        await store.close()
