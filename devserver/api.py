@@ -284,7 +284,11 @@ async def post_events(request: web.Request) -> web.Response:
     # nothing twice: the same seed gives the same ids, and a repeat is a no-op.
     seeded = seeded_ids(header_text(request, EVENT_ID_SEED_HEADER), len(events))
     ids = await request.app[RUNNER].ingest(env_of(request), events, ids=seeded)
-    return json_ok({"ids": ids, "status": 200})
+    # The busiest answer of all, built directly: ULIDs are ASCII and need no escaping.
+    quoted = '","'.join(ids)
+    return web.Response(body=f'{{"ids":["{quoted}"],"status":200}}'.encode() if ids
+                        else b'{"ids":[],"status":200}', content_type="application/json",
+                        charset="utf-8")
 
 
 @routes.post("/e")

@@ -228,7 +228,7 @@ class Runner:
             created: list[str] | None = await self.store.ingest(env, now, prepared)
         else:
             created = await self.store.ingest_once(env, now, prepared)
-        if created is not None:
+        if created or (created is not None and (self._waited or self._cancels)):
             await self.after_ingest(env, prepared, created)
         return [ev.internal_id for ev in prepared]
 

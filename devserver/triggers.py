@@ -122,6 +122,9 @@ class TriggerIndex(Generic[T]):
         if item not in bucket:
             bucket.append(item)
 
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._wildcards)
+
     def match(self, name: str) -> list[T]:
         """The items triggered by an event called `name`, each once, in registration order."""
         found = list(self._exact.get(name, ()))
