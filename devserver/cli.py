@@ -3,7 +3,8 @@
 `main(argv)` is callable in-process and returns the exit code. User errors (bad path, bad module,
 busy port, unwritable database, a bad fixture line) print one line on stderr and exit with 2; no
 traceback. `replay` exits with 1 when a run failed (or the server refused events partway), so it
-works as a CI step. Progress and summaries are printed here; the work is done in `replay`.
+works as a CI step. Progress is printed here; the work is done in `replay`, and the summary is
+gathered and rendered by `report`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,7 @@ from .loader import load_app
 from .replay import (
     DEFAULT_MAX_GAP,
     TIMINGS,
-    FailedRun,
     ReplayError,
-    Report,
-    SessionRow,
     batches,
     event_endpoint,
     export_session,
@@ -43,10 +41,10 @@ from .replay import (
     read_all,
     run_in_process,
     send_to_server,
-    server_report,
     span_ms,
     wait_for_server,
 )
+from .report import print_report, server_report
 from .runner import DEFAULT_ENV
 from .server import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, Config, Server
 
@@ -377,7 +375,7 @@ def _replay(args: argparse.Namespace) -> int:
     if report.timed_out:
         print(f"runs were still executing after {args.timeout:g}s (--timeout); "
               "the figures below are as they stood")
-    _print_report(report, args.limit)
+    print_report(report, args.limit)
     if args.db and args.db != ":memory:":
         print(f"database kept at {Path(args.db).resolve()}: "
               f"python -m devserver --db {args.db} to browse it")
@@ -412,20 +410,8 @@ async def _replay_url(args: argparse.Namespace, events: list[dict[str, Any]], wh
     if not finished:
         print(f"runs were still executing after {args.timeout:g}s (--timeout); "
               "the figures below are as they stood")
-    _print_report(report, args.limit)
+    print_report(report, args.limit)
     return 0 if report.ok else 1
-
-
-def _print_report(report: Report, limit: int) -> None:
-    print(format_table(report.sessions, limit))
-    failed = format_failed(report.failed, report.failed_total)
-    if failed:
-        print(failed)
-    if report.unfinished:
-        print(f"{report.unfinished} run(s) still unfinished (waiting for an event or an "
-              "invoked run that never came)")
-    print("result: " + ("ok, no run failed" if report.ok else
-                        "FAILED" if report.failed_total else "TIMED OUT"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,75 +453,6 @@ def _export(args: argparse.Namespace) -> int:
         print("devserver: warning: no event in this session was sent by a user; the fixture "
               "is empty", file=sys.stderr)
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Summary rendering
-
-
-VALUE_WIDTH = 40
-FUNCTIONS_WIDTH = 400
-
-
-def _cell(text: str, width: int) -> str:
-    shown = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
-                    for ch in text)
-    return shown if len(shown) <= width else shown[:width - 1] + "…"
-
-
-def percent(rate: float) -> str:
-    """A failure rate as a percent: `0%`, `50%`, `33.3%`."""
-    value = rate * 100
-    return f"{value:.0f}%" if value == int(value) else f"{value:.1f}%"
-
-
-def pick_rows(rows: list[SessionRow], limit: int) -> tuple[list[SessionRow], int]:
-    """At most `limit` rows (0: all), sessions with failed runs first; (rows, rows left out).
-    The rows come back sorted by identifier, then value."""
-    ordered = sorted(rows, key=lambda r: (r.identifier, r.value))
-    if limit <= 0 or len(ordered) <= limit:
-        return ordered, 0
-    chosen = sorted(ordered, key=lambda r: (r.failed_runs == 0, -r.failed_runs))[:limit]
-    return sorted(chosen, key=lambda r: (r.identifier, r.value)), len(ordered) - limit
-
-
-def format_table(rows: list[SessionRow], limit: int = 100) -> str:
-    """The per-session table: identifier, value, runs, failed, failure rate, functions."""
-    if not rows:
-        return "no sessions: none of the events carried sessions"
-    shown, left_out = pick_rows(rows, limit)
-    header = ("IDENTIFIER", "VALUE", "RUNS", "FAILED", "RATE", "FUNCTIONS")
-    body = [(_cell(r.identifier, VALUE_WIDTH), _cell(r.value, VALUE_WIDTH), str(r.runs),
-             str(r.failed_runs), percent(r.failure_rate),
-             _cell(", ".join(r.functions) or "-", FUNCTIONS_WIDTH)) for r in shown]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    lines = []
-    for row in [header, *body]:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]),
-                 row[3].rjust(widths[3]), row[4].rjust(widths[4]), row[5]]
-        lines.append("  ".join(cells).rstrip())
-    if left_out:
-        failing = sum(1 for r in rows if r.failed_runs)
-        lines.append(f"... {left_out} more sessions not shown ({failing} of {len(rows)} have "
-                     "failed runs, listed first); --limit 0 shows every session")
-    return "\n".join(lines)
-
-
-def format_failed(failed: list[FailedRun], total: int) -> str:
-    """The failed runs, two lines each: function, run id, trigger and sessions; the error."""
-    if not total:
-        return ""
-    more = "+" if total >= 1000 else ""
-    lines = [f"{total}{more} failed run{'s' if total != 1 else ''}:"]
-    for run in failed:
-        sessions = " ".join(f"{k}={_cell(v, VALUE_WIDTH)}" for k, v in run.sessions.items())
-        lines.append(f"  {run.function_id}  run {run.run_id}  on {run.event_name}"
-                     + (f"  [{sessions}]" if sessions else ""))
-        if run.error:
-            lines.append(f"      {_cell(run.error, 200)}")
-    if total > len(failed):
-        lines.append(f"  ... and {total - len(failed)}{more} more")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

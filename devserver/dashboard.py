@@ -34,6 +34,7 @@ from . import api
 from .errors import ConfigError, DevserverError, NotFound, UserError
 from .export import export_events, to_jsonl
 from .records import FINISHED, UNFINISHED, WAITING
+from .report import format_percent as format_percent  # shared with the CLI table
 from .triggers import EventTrigger
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -115,14 +116,6 @@ def format_duration(ms: int | None) -> str:
         return f"{hours} h {minutes:02d} min"
     days, hours = divmod(hours, 24)
     return f"{days} d {hours} h"
-
-
-def format_percent(rate: float) -> str:
-    """A failure rate (a fraction) as a percent: `0%`, `<0.1%`, `33.3%`, `>99.9%`, `100%`."""
-    percent = rate * 100
-    if percent in (0, 100) or 0.1 <= percent <= 99.9:
-        return f"{percent:.1f}".rstrip("0").rstrip(".") + "%"
-    return "<0.1%" if percent < 0.1 else ">99.9%"
 
 
 def pretty_json(value: Any) -> str:

@@ -7,7 +7,8 @@ validation.
 
 Replaying goes one of two ways: `send_to_server` POSTs the events to a running server, and
 `run_in_process` runs them against functions on a private store and a `VirtualClock`, waits for
-every run to finish and reports per-session figures (`Report`; the CLI renders it).
+every run to finish and returns per-session figures as a `Report` (the `report` module owns it:
+filling one, from a server too for `--url --wait`, and rendering it).
 With `timing="original"` the gaps between the events' `ts` values are kept: as real waits over
 HTTP (each capped), as virtual time in-process, where runs progress through the gap as they would
 have (sleeps end, retries fire, waits time out) before the next event arrives.
@@ -26,7 +27,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -42,7 +43,7 @@ from .events import (
 )
 from .export import export_events
 from .functions import FunctionDef
-from .records import FAILED, QUEUED, RUNNING, RunRecord
+from .report import Report, fill_report
 from .runner import DEFAULT_ENV, Runner
 from .server import Config
 from .store import Store
@@ -58,8 +59,6 @@ DEFAULT_MAX_GAP = 10.0
 """Seconds: the longest real wait between two events with `timing="original"` over HTTP."""
 DEFAULT_KEY = "replay"
 """The event key used in `/e/<key>` when the URL names none (devserver accepts any key)."""
-FAILED_LISTED = 20
-"""Failed runs described in a report; the count goes on beyond it."""
 
 Progress = Callable[[int, int], None]
 """Called with (events sent so far, events in all) after each request."""
@@ -238,70 +237,6 @@ def human_ms(ms: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reports
-
-
-@dataclass
-class SessionRow:
-    """One session's figures in a report."""
-
-    identifier: str
-    value: str
-    runs: int
-    failed_runs: int
-    functions: list[str] = field(default_factory=list)
-
-    @property
-    def failure_rate(self) -> float:
-        """failed_runs / runs, 0 without runs."""
-        return self.failed_runs / self.runs if self.runs else 0.0
-
-
-@dataclass
-class FailedRun:
-    """A failed run in a report."""
-
-    run_id: str
-    function_id: str
-    event_name: str
-    sessions: dict[str, str]
-    error: str
-
-
-@dataclass
-class Report:
-    """The outcome of a replay: per-session figures and the runs that failed."""
-
-    events: int
-    sessions: list[SessionRow] = field(default_factory=list)
-    failed: list[FailedRun] = field(default_factory=list)
-    failed_total: int = 0
-    unfinished: int = 0
-    timed_out: bool = False
-    virtual_ms: int = 0
-    """How far virtual time moved (sleeps, backoff and gaps that took no wall time)."""
-
-    @property
-    def ok(self) -> bool:
-        """No run failed and everything finished in time."""
-        return self.failed_total == 0 and not self.timed_out
-
-
-def _error_text(error: Any) -> str:
-    if not isinstance(error, dict):
-        return ""
-    text = f"{error.get('name') or 'Error'}: {error.get('message') or ''}".strip()
-    if error.get("step_id"):
-        text += f" (step {error['step_id']!r})"
-    return " ".join(text.split())
-
-
-def _failed_run(run: RunRecord) -> FailedRun:
-    return FailedRun(run.run_id, run.function_id, run.event_name, dict(run.sessions),
-                     _error_text(run.error))
-
-
-# ---------------------------------------------------------------------------------------------
 # Sending to a running server
 
 
@@ -429,46 +364,6 @@ async def wait_for_server(base_url: str, session: aiohttp.ClientSession, timeout
         await asyncio.sleep(poll)
 
 
-async def server_report(
-    base_url: str, session: aiohttp.ClientSession, events: list[dict[str, Any]], env: str | None,
-) -> Report:
-    """The figures of every session the events carry, and their failed runs, read over HTTP."""
-    keys: dict[tuple[str, str], None] = {}
-    for index, event in enumerate(events):
-        for ident, value in validate_event(event, index).sessions.items():
-            keys[(ident, value)] = None
-    report = Report(events=len(events))
-    failed: dict[str, FailedRun] = {}
-    unfinished: set[str] = set()
-    for ident, value in sorted(keys):
-        params = {"identifier": ident, "value": value, "limit": "500"}
-        if env is not None:
-            params["env"] = env
-        async with session.get(f"{base_url}/api/session", params=params) as resp:
-            if resp.status != 200:
-                continue
-            doc = await resp.json()
-        stats = doc["stats"]
-        report.sessions.append(SessionRow(ident, value, stats["runs"], stats["failed_runs"],
-                                list(stats["functions"])))
-        for run in doc["runs"]:
-            if run["status"] in (QUEUED, RUNNING):
-                unfinished.add(run["run_id"])
-            if run["status"] == FAILED and run["run_id"] not in failed:
-                failed[run["run_id"]] = FailedRun(run["run_id"], run["function_id"],
-                                                  run["event_name"], {ident: value}, "")
-    for run in list(failed.values())[:FAILED_LISTED]:
-        async with session.get(f"{base_url}/api/runs/{urllib.parse.quote(run.run_id)}") as resp:
-            if resp.status == 200:
-                detail = await resp.json()
-                run.sessions = dict(detail.get("sessions") or run.sessions)
-                run.error = _error_text(detail.get("error"))
-    report.failed_total = len(failed)
-    report.failed = list(failed.values())[:FAILED_LISTED]
-    report.unfinished = len(unfinished)
-    return report
-
-
 # ---------------------------------------------------------------------------------------------
 # Running in-process
 
@@ -513,7 +408,7 @@ async def run_in_process(
         finally:
             await runner.stop()
         report.virtual_ms = clock.now_ms() - began
-        await _fill_report(report, store, env)
+        await fill_report(report, store, env)
     finally:
         await store.close()
     return report
@@ -533,21 +428,3 @@ async def _advance(runner: Runner, clock: VirtualClock, target: int) -> None:
     await asyncio.sleep(0)
     await runner.wait_idle(skip_time=False)
 
-
-async def _fill_report(report: Report, store: Store, env: str) -> None:
-    for summary in await store.identifiers(env):
-        cursor: str | None = None
-        while True:
-            page = await store.sessions(env, summary.identifier, sort="value", limit=500,
-                                        cursor=cursor)
-            report.sessions.extend(
-                SessionRow(s.identifier, s.value, s.runs, s.failed_runs, list(s.functions))
-                for s in page.rows)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-    failed = await store.runs(env, status=FAILED, limit=1000)
-    report.failed_total = len(failed)
-    report.failed = [_failed_run(run) for run in reversed(failed)][:FAILED_LISTED]
-    for status in (QUEUED, RUNNING):
-        report.unfinished += len(await store.runs(env, status=status, limit=1000))

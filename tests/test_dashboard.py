@@ -31,7 +31,7 @@ from playwright.sync_api import Browser as PlaywrightBrowser
 from playwright.sync_api import Page, Playwright, expect, sync_playwright
 
 import devserver
-from devserver import dashboard
+from devserver import dashboard, report
 from devserver.clock import VirtualClock
 from devserver.server import Server
 
@@ -873,12 +873,14 @@ async def test_fixture_download_headers_and_unknown_session(
 
 
 def test_formatting_helpers() -> None:
-    assert dashboard.format_percent(0) == "0%"
-    assert dashboard.format_percent(1 / 3) == "33.3%"
-    assert dashboard.format_percent(0.5) == "50%"
-    assert dashboard.format_percent(0.0001) == "<0.1%"
-    assert dashboard.format_percent(0.99999) == ">99.9%"
-    assert dashboard.format_percent(1) == "100%"
+    assert report.format_percent(0) == "0%"
+    assert report.format_percent(1 / 3) == "33.3%"
+    assert report.format_percent(0.5) == "50%"
+    assert report.format_percent(0.0001) == "<0.1%"
+    assert report.format_percent(0.99999) == ">99.9%"
+    assert report.format_percent(1) == "100%"
+    # One formatter for the dashboard's `percent` filter and the CLI table; the old name stays.
+    assert dashboard.format_percent is report.format_percent
     assert dashboard.format_duration(None) == "—"
     assert dashboard.format_duration(850) == "850 ms"
     assert dashboard.format_duration(1250) == "1.25 s"

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 import devserver
-from devserver import cli, demo, replay
+from devserver import cli, demo, replay, report
 from devserver.records import StoredEvent
 from devserver.store import Store
 
@@ -177,7 +177,7 @@ def test_replay_url_sends_every_file_in_order_and_matches_in_process_figures(
     for key, (runs, failed, rate, functions) in rows.items():
         stats = over_http[key]["stats"]
         assert (runs, failed) == (stats["runs"], stats["failed_runs"]), key
-        assert rate == cli.percent(stats["failure_rate"])
+        assert rate == report.format_percent(stats["failure_rate"])
         assert functions == (", ".join(stats["functions"]) or "-")
     assert child.stop() == 0
 
@@ -527,18 +527,22 @@ def test_timed_groups_and_event_endpoint() -> None:
 
 
 def test_summary_lists_failing_sessions_first_when_truncated() -> None:
-    rows = [replay.SessionRow("s", f"v{i:02d}", 2, 1 if i in (3, 17) else 0, ["f"])
+    rows = [report.SessionRow("s", f"v{i:02d}", 2, 1 if i in (3, 17) else 0, ["f"])
             for i in range(20)]
-    text = cli.format_table(rows, limit=5)
+    text = report.format_table(rows, limit=5)
     shown = [line.split()[1] for line in text.splitlines()[1:6]]
     assert {"v03", "v17"} <= set(shown)
     assert shown == sorted(shown)
     assert "15 more sessions not shown (2 of 20 have failed runs" in text
-    assert len(cli.format_table(rows, limit=0).splitlines()) == 21
-    odd = cli.format_table([replay.SessionRow("id", "line\nbreak" + "x" * 60, 0, 0)])
+    assert len(report.format_table(rows, limit=0).splitlines()) == 21
+    odd = report.format_table([report.SessionRow("id", "line\nbreak" + "x" * 60, 0, 0)])
     assert "line\\nbreak" in odd
     assert "…" in odd
     assert len(odd.splitlines()) == 2
+    # The RATE column is written the dashboard's way, tiny and near-1 rates included.
+    rare = report.format_table([report.SessionRow("s", "rare", 2000, 1),
+                                report.SessionRow("s", "most", 2000, 1999)])
+    assert [line.split()[4] for line in rare.splitlines()[1:]] == [">99.9%", "<0.1%"]
 
 
 # ---------------------------------------------------------------------------------------------
