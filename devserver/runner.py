@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .clock import Clock, TimerHandle, VirtualClock
-from .errors import NotFound, UserError
+from .errors import NotFound
 from .events import IncomingEvent
 from .functions import (
     CANCELLED_EVENT,
@@ -59,10 +59,11 @@ from .records import (
     StepAttempt,
     StoredEvent,
 )
+from .registry import Registry, is_local
 from .retry import Backoff
 from .steps import Context, Event, Step, SyncContext, SyncStep
 from .store import Store
-from .triggers import CronTrigger, EventTrigger, TriggerIndex
+from .triggers import CronTrigger
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,6 @@ RemoteExecutor = Callable[[Invocation], Awaitable[Any]]
 """Runs an invocation of a remote (SDK) function; returns its output or raises like a handler."""
 
 
-def is_local(fn: FunctionDef) -> bool:
-    """True for functions defined in Python with `@app.function` (not served by an SDK)."""
-    return fn.remote is None
-
-
 def _log_write_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("recording a run's start failed", exc_info=future.exception())
@@ -104,9 +100,7 @@ class Runner:
         self.function_timeout = function_timeout
         self.clock = clock
         self.backoff = backoff
-        self._functions: dict[str, FunctionDef] = {}
-        self._index: TriggerIndex[tuple[FunctionDef, EventTrigger]] = TriggerIndex()
-        self._cancels: TriggerIndex[tuple[FunctionDef, CancelTrigger]] = TriggerIndex()
+        self.registry = Registry()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="devserver-fn")
         self._slots = asyncio.Semaphore(concurrency)
@@ -130,22 +124,11 @@ class Runner:
     @property
     def functions(self) -> list[FunctionDef]:
         """Every registered function, in registration order."""
-        return list(self._functions.values())
+        return self.registry.functions
 
     def register(self, functions: Iterable[FunctionDef]) -> None:
         """Add functions; a function id registered twice is an error."""
-        new = list(functions)
-        ids = [fn.id for fn in new]
-        for fn in new:
-            if ids.count(fn.id) > 1 or (fn.id in self._functions
-                                        and self._functions[fn.id] is not fn):
-                raise UserError(f"two functions have the id {fn.id!r}")
-        for fn in new:
-            self._functions[fn.id] = fn
-            for trigger in fn.event_triggers:
-                self._index.add(trigger, (fn, trigger))
-            for cancel in fn.cancel_on:
-                self._cancels.add(cancel.event, (fn, cancel))
+        self.registry.add(functions)
         if self._started:
             self._arm_crons()
 
@@ -156,40 +139,14 @@ class Runner:
         """Swap the functions `scope` selects (by default every local one: hot reload) for a
         new set; the others stay. Executing invocations finish with the code they started
         with; queued and parked runs pick up the new code."""
-        new = [fn for fn in self._functions.values() if not scope(fn)] + list(functions)
-        old = (self._functions, self._index, self._cancels)
-        self._functions, self._index, self._cancels = {}, TriggerIndex(), TriggerIndex()
-        try:
-            self.register(new)
-        except UserError:
-            self._functions, self._index, self._cancels = old
-            raise
+        self.registry = self.registry.replaced(functions, scope)
         if self._started:
+            self._arm_crons()
             await self._resume(only_idle=True)
-
-    def _match_incoming(self, ev: IncomingEvent, ts: int) -> list[FunctionDef]:
-        candidates = self._index.match(ev.name)
-        if not candidates:
-            return []
-        if all(trigger.expression is None for _, trigger in candidates):
-            return list({fn.id: fn for fn, _ in candidates}.values())  # no filter to evaluate
-        return self.match({"name": ev.name, "data": ev.data, "id": ev.id or "", "ts": ts,
-                           "v": ev.v, "user": ev.user or {}})
-
-    def match(self, event: dict[str, Any]) -> list[FunctionDef]:
-        """The functions an event starts (name matched, filter expression passed)."""
-        found: list[FunctionDef] = []
-        for fn, trigger in self._index.match(event["name"]):
-            if fn not in found and trigger.accepts(event):
-                found.append(fn)
-        return found
 
     def resolve_function(self, ref: object) -> FunctionDef:
         """A registered function from its FunctionDef, its decorated handler or its id."""
-        for fn in self._functions.values():
-            if ref is fn or ref is fn.handler or ref == fn.id:
-                return fn
-        raise UserError(f"no registered function {getattr(ref, '__name__', ref)!r} to invoke")
+        return self.registry.resolve(ref)
 
     # -- events in ---------------------------------------------------------------------------
 
@@ -202,7 +159,7 @@ class Runner:
         prepared = []
         for index, ev in enumerate(events):
             ts = now if ev.ts is None else ev.ts
-            runs = tuple(NewRun(new_ulid(), fn.id) for fn in self._match_incoming(ev, ts)
+            runs = tuple(NewRun(new_ulid(), fn.id) for fn in self.registry.match_incoming(ev, ts)
                          if fn.id != skip_function)
             prepared.append(NewEvent(
                 internal_id=new_ulid() if internal_ids is None else internal_ids[index],
@@ -228,7 +185,8 @@ class Runner:
             created: list[str] | None = await self.store.ingest(env, now, prepared)
         else:
             created = await self.store.ingest_once(env, now, prepared)
-        if created or (created is not None and (self._waited or self._cancels)):
+        if created or (created is not None and (self._waited
+                                                or self.registry.cancels_anything)):
             await self.after_ingest(env, prepared, created)
         return [ev.internal_id for ev in prepared]
 
@@ -244,7 +202,7 @@ class Runner:
             for run_id in await self.store.waiting_for_events(env, names):
                 self.schedule(run_id, now)
         for ev in events:
-            for fn, cancel in self._cancels.match(ev.name):
+            for fn, cancel in self.registry.cancels(ev.name):
                 await self._cancel_matching(env, fn, cancel, ev)
 
     def _remember_fresh(self, env: str, events: list[NewEvent], created: set[str],
@@ -299,7 +257,7 @@ class Runner:
         for run_id, function_id, due in await self.store.unfinished_runs():
             if only_idle and (run_id in self._tasks or run_id in self._timers):
                 continue
-            if function_id in self._functions:
+            if self.registry.get(function_id) is not None:
                 self.schedule(run_id, due)
             else:
                 parked[function_id] = parked.get(function_id, 0) + 1
@@ -388,7 +346,7 @@ class Runner:
             timer.cancel()
         self._crons.clear()
         now = self.clock.now_ms()
-        for fn in self._functions.values():
+        for fn in self.registry.functions:
             for cron in fn.crons:
                 self._arm_cron(fn, cron, cron.next_after(now))
 
@@ -398,7 +356,7 @@ class Runner:
         self._crons.append(self.clock.call_at(due, fire))
 
     async def _fire_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
-        if not self._started or self._functions.get(fn.id) is not fn:
+        if not self._started or self.registry.get(fn.id) is not fn:
             return
         self._arm_cron(fn, cron, cron.next_after(due))
         event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
@@ -450,7 +408,7 @@ class Runner:
         if state is None or state.run.status not in UNFINISHED:
             return
         run = state.run
-        fn = self._functions.get(run.function_id)
+        fn = self.registry.get(run.function_id)
         if fn is None:
             log.warning("run %s waits: function %s is not registered", run_id, run.function_id)
             return
@@ -579,7 +537,7 @@ class Runner:
         names = [FINISHED_EVENT, *{FAILED: [FAILED_EVENT],
                                    CANCELLED: [CANCELLED_EVENT]}.get(status, [])]
         wanted = [name for name in names
-                  if (run.env, name) in self._waited or self._index.match(name)]
+                  if (run.env, name) in self._waited or self.registry.triggered_by(name)]
         if not wanted:
             return []
         docs = [event_dict(ev) for ev in events]
