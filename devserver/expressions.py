@@ -12,8 +12,6 @@ import functools
 import logging
 from typing import Any
 
-import cel
-
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,6 +25,11 @@ class Expression:
     def __init__(self, source: str) -> None:
         if not isinstance(source, str) or not source.strip():
             raise UserError(f"expression must be a non-empty string, got {source!r}")
+        # Imported on first use: the `cel` package loads its command line (rich,
+        # prompt_toolkit) on import, a sixth of devserver's start-up, and most apps
+        # have no expression at all.
+        import cel
+
         try:
             self._program = cel.compile(source)
         except ValueError as exc:
