@@ -223,8 +223,10 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
                                ev.source))
             for ident, value in ev.sessions.items():
                 key = (env, ident, value)
-                first = session_rows[key][3] if key in session_rows else received_at
-                session_rows[key] = (env, ident, value, min(first, received_at), received_at)
+                first, last = session_rows[key][3:] if key in session_rows else (
+                    received_at, received_at)
+                session_rows[key] = (env, ident, value, min(first, received_at),
+                                     max(last, received_at))
                 event_session_rows.append((env, ident, value, ev.internal_id))
             if duplicate:
                 continue

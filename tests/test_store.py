@@ -114,6 +114,13 @@ async def test_ingests_sharing_a_commit_are_applied_together_each_with_its_own_r
         envs = {e.env: (e.events, e.last_active) for e in await store.environments()}
         assert envs == {"dev": (6, 207), "other": (2, 204)}
         assert [i.sessions for i in await store.identifiers("other")] == [1]
+        # A clock that went back between two requests of a batch: last active stays the latest.
+        await asyncio.gather(
+            store.ingest("dev", 300, [new_event("app/j", sessions=conv)]),
+            store.ingest("dev", 250, [new_event("app/k", sessions=conv)]))
+        found = await store.session("dev", "conversation_id", "conv_1")
+        assert found is not None
+        assert found[0].last_active == 300
         kept = await store.event(taken.internal_id)
         assert kept is not None
         assert kept.name == "app/first"
