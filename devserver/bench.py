@@ -5,8 +5,11 @@
 
 Each row prints the figure, the target and whether it was met, after a header that says what
 machine it ran on. HTTP rows drive a server in a child process with the same load generator for
-both sides of a ratio: wrk when installed, else a built-in aiohttp client. The exit code is 1 when
-a row misses its target (CI runs `--short --no-fail`: a shared machine is too noisy to gate on).
+both sides of a ratio: wrk when installed, else a built-in aiohttp client. The two sides run in
+alternating rounds (bare, ours, bare, ours, ...) and a ratio is the median of the rounds' ratios,
+so a noisy neighbour slows both alike; `DEVSERVER_BENCH_VERBOSE=1` prints every round. The exit
+code is 1 when a row misses its target (CI runs `--short --no-fail`: a shared machine is too
+noisy to gate on).
 """
 
 from __future__ import annotations
@@ -388,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load generator: {'wrk' if shutil.which('wrk') else 'built-in aiohttp client'}, "
           "32 connections, one event with 2 sessions per request")
     rows: list[Row] = []
-    seconds, rounds = (1.0, 2) if short else (2.0, 5)
+    seconds, rounds = (1.0, 2) if short else (2.0, 7)
     bare_url: list[str] = []
     stack = ExitStack()
 

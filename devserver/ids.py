@@ -28,6 +28,14 @@ def _encode(value: int, length: int) -> str:
     return "".join(out)
 
 
+def _encode_random(value: int) -> str:
+    """The 80 random bits as 16 digits: `_encode(value, 16)` unrolled (twice as fast)."""
+    p = _PAIRS
+    return (p[value >> 70] + p[(value >> 60) & 1023] + p[(value >> 50) & 1023]
+            + p[(value >> 40) & 1023] + p[(value >> 30) & 1023] + p[(value >> 20) & 1023]
+            + p[(value >> 10) & 1023] + p[value & 1023])
+
+
 class UlidGenerator:
     """Thread-safe monotonic ULID factory."""
 
@@ -35,6 +43,7 @@ class UlidGenerator:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_random = 0
+        self._prefix = ""  # _last_ms encoded: ids made in the same millisecond share it
         # Seeded once from the OS: ids need uniqueness, not secrecy, and a syscall per id
         # would cost more than the rest of making one.
         self._rng = random.Random(os.urandom(32))
@@ -52,8 +61,11 @@ class UlidGenerator:
             else:
                 # Keep the top bit clear so increments within a millisecond never overflow.
                 rand = self._rng.getrandbits(_RANDOM_BITS - 1)
+            if ms != self._last_ms:
+                self._prefix = _encode(ms, 10)
             self._last_ms, self._last_random = ms, rand
-        return _encode(ms, 10) + _encode(rand, 16)
+            prefix = self._prefix
+        return prefix + _encode_random(rand)
 
 
 _default = UlidGenerator()
