@@ -188,9 +188,10 @@ def ingest(
 def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]:
     """Apply ingests in order; returns, for each, the ids of the runs it created.
 
-    One `executemany` per table for all of them; the schema's triggers keep the per-session
-    and per-identifier counters. An event whose `id` was seen in the last 24 hours (in the
-    database or earlier in `writes`) is stored as a duplicate and starts no runs.
+    One `executemany` per table for all of them; a session's run count is added once per
+    batch, the schema's triggers keep the other counters. An event whose `id` was seen in the
+    last 24 hours (in the database or earlier in `writes`) is stored as a duplicate and starts
+    no runs.
     """
     results: list[list[str]] = []
     envs: dict[str, tuple[str, int, int]] = {}
@@ -199,6 +200,8 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
     event_session_rows: list[tuple[Any, ...]] = []
     run_rows: list[tuple[Any, ...]] = []
     run_session_rows: list[tuple[Any, ...]] = []
+    session_runs: dict[tuple[str, str, str], int] = {}
+    session_functions: set[tuple[str, str, str, str]] = set()
     keys_seen: set[tuple[str, str]] = set()
     for write in writes:
         env, received_at = write.env, write.received_at
@@ -233,8 +236,11 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
             for run in ev.runs:
                 run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name,
                                  QUEUED, received_at, received_at, sessions_json))
-                run_session_rows.extend((env, ident, value, run.run_id)
-                                        for ident, value in ev.sessions.items())
+                for ident, value in ev.sessions.items():
+                    run_session_rows.append((env, ident, value, run.run_id))
+                    key = (env, ident, value)
+                    session_runs[key] = session_runs.get(key, 0) + 1
+                    session_functions.add((env, ident, value, run.function_id))
                 created.append(run.run_id)
     db.executemany(
         "INSERT INTO environments (env, events, last_active) VALUES (?, ?, ?) ON CONFLICT "
@@ -262,6 +268,14 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         db.executemany(
             "INSERT INTO run_sessions (env, identifier, value, run_id) VALUES (?, ?, ?, ?)",
             run_session_rows)
+        # A run counts toward each of its sessions, summed over the batch: one UPDATE a
+        # session, not one a run (schema version 3 dropped the trigger that did it per row).
+        db.executemany(
+            "UPDATE sessions SET runs = runs + ? WHERE env = ? AND identifier = ? AND value = ?",
+            ((count, *key) for key, count in session_runs.items()))
+        db.executemany(
+            "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
+            "VALUES (?, ?, ?, ?)", session_functions)
     return results
 
 

@@ -2,8 +2,9 @@
 connection settings, and a bulk loader for benchmark databases. Part of the store: SQL lives
 here and in `queries`; `store` owns the connections.
 
-The per-session figures (SPEC 2.3) are counters kept by triggers in the schema, in the same
-transaction as the write that changes them, so reading them never scans runs.
+The per-session figures (SPEC 2.3) are counters, kept in the same transaction as the write that
+changes them (by triggers in the schema, and by the ingest for a new run's count), so reading
+them never scans runs.
 """
 
 from __future__ import annotations
@@ -181,6 +182,11 @@ MIGRATIONS: dict[int, str] = {
 -- wait_for_event looks for events by name received after the wait began.
 CREATE INDEX events_by_name ON events (env, name, internal_id);
 """,
+    3: """
+-- A run's count toward its sessions, and its function among theirs, are written by the
+-- ingest that creates it, summed over the batch (one UPDATE a session instead of one a run).
+DROP TRIGGER run_session_added;
+""",
 }
 """SQL that upgrades a database from version N-1 to N; new databases run them too."""
 
@@ -249,8 +255,8 @@ def migrate(db: sqlite3.Connection) -> None:
 def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
               identifier: str = "conversation_id") -> None:
     """Bulk-fill a new database with `runs` finished runs (every 7th failed) over `sessions`
-    session values, with the rows and counters the normal write path keeps (the schema's
-    triggers count them). For benchmarks of large databases; it writes without the server."""
+    session values, with the rows and counters the normal write path keeps (counted here in
+    bulk). For benchmarks of large databases; it writes without the server."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
         connect_pragmas(db)
@@ -287,10 +293,14 @@ def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
                 "VALUES ('dev', ?, ?, ?)",
                 ((identifier, f"conv_{i % sessions}", f"E{i:025d}") for i in rows))
         db.execute(
-            "UPDATE sessions SET failed_runs = (SELECT count(*) FROM run_sessions rs "
+            "UPDATE sessions SET (runs, failed_runs) = (SELECT count(*), "
+            "coalesce(sum(r.status = 'Failed'), 0) FROM run_sessions rs "
             "JOIN runs r ON r.run_id = rs.run_id WHERE rs.env = sessions.env "
-            "AND rs.identifier = sessions.identifier AND rs.value = sessions.value "
-            "AND r.status = 'Failed')")
+            "AND rs.identifier = sessions.identifier AND rs.value = sessions.value)")
+        db.execute(
+            "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
+            "SELECT DISTINCT rs.env, rs.identifier, rs.value, r.function_id "
+            "FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id")
         db.execute(
             "INSERT INTO environments (env, events, last_active) "
             "SELECT 'dev', count(*), max(received_at) FROM events")

@@ -11,7 +11,7 @@ import pytest
 from devserver.errors import ConfigError
 from devserver.ids import new_ulid
 from devserver.records import NewEvent, NewRun
-from devserver.schema import SCHEMA, SCHEMA_VERSION, statements
+from devserver.schema import SCHEMA, SCHEMA_VERSION, seed_runs, statements
 from devserver.store import Store
 
 
@@ -108,6 +108,7 @@ async def test_ingests_sharing_a_commit_are_applied_together_each_with_its_own_r
         assert found is not None
         stats, runs = found
         assert (stats.runs, stats.last_active) == (4, 207)
+        assert sorted(stats.functions) == ["fn-0", "fn-1"]
         assert sorted(run.event_name for run in runs.rows) == ["app/a", "app/b", "app/b", "app/i"]
         assert [ev.name for ev in await store.session_events(
             "dev", "conversation_id", "conv_1")] == ["app/a", "app/b", "app/c", "app/i"]
@@ -124,5 +125,48 @@ async def test_ingests_sharing_a_commit_are_applied_together_each_with_its_own_r
         kept = await store.event(taken.internal_id)
         assert kept is not None
         assert kept.name == "app/first"
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_migrated_database_counts_new_runs_once(tmp_path: Path) -> None:
+    """Version 3 moved a run's count from a trigger to the ingest: an upgraded database must
+    count each new run once (not by both, not by neither)."""
+    path = tmp_path / "old.sqlite3"
+    make_v1_database(path)
+    store = Store(path)
+    await store.open()
+    try:
+        conv = {"conversation_id": "conv_9"}
+        await store.ingest("dev", 500, [new_event("app/new", sessions=conv, runs=2)])
+        await store.ingest("dev", 501, [new_event("app/new", sessions=conv, runs=1)])
+        found = await store.session("dev", "conversation_id", "conv_9")
+        assert found is not None
+        assert found[0].runs == 3
+        assert sorted(found[0].functions) == ["fn-0", "fn-1"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_seeded_benchmark_database_has_the_figures_of_a_recount(tmp_path: Path) -> None:
+    path = tmp_path / "seeded.sqlite3"
+    seed_runs(path, runs=700, sessions=50)
+    db = sqlite3.connect(path)
+    recount = {value: (runs, failed) for value, runs, failed in db.execute(
+        "SELECT rs.value, count(*), sum(r.status = 'Failed') FROM run_sessions rs "
+        "JOIN runs r ON r.run_id = rs.run_id GROUP BY rs.value")}
+    db.close()
+    assert len(recount) == 50
+    store = Store(path)
+    await store.open()
+    try:
+        for value, (runs, failed) in recount.items():
+            found = await store.session("dev", "conversation_id", value)
+            assert found is not None
+            assert (found[0].runs, found[0].failed_runs) == (runs, failed) == (14, failed)
+            assert found[0].functions == ["bench-trivial"]
+        assert [i.sessions for i in await store.identifiers("dev")] == [50]
     finally:
         await store.close()
