@@ -483,8 +483,10 @@ def _apply_ingests(db: sqlite3.Connection, batch: list[_Write]) -> dict[int, lis
     (and nothing applied) when there are fewer than two or applying them together failed.
 
     They may go before writes queued ahead of them: a write's effects are seen by no one
-    until the commit, and no other write reads what an ingest writes, except other ingests
-    (duplicate event ids), whose order is kept."""
+    until the commit, and the only writes that read what an ingest writes are the duplicate-id
+    checks of other ingests. Among the batch's ingests the order is kept; an event a run
+    sends in the same batch is checked as if those requests came first, which for writes in
+    flight together is as true an order as any."""
     positions = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
     if len(positions) < 2:
         return {}
