@@ -23,13 +23,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .clock import Clock, TimerHandle, VirtualClock
+from .crons import CronSchedule
 from .errors import NotFound
 from .events import IncomingEvent
 from .functions import (
-    CANCELLED_EVENT,
     CRON_EVENT,
-    FAILED_EVENT,
-    FINISHED_EVENT,
     INVOKED_EVENT,
     CancelTrigger,
     FunctionDef,
@@ -45,6 +43,7 @@ from .invocation import (
     error_info,
     event_dict,
 )
+from .lifecycle import lifecycle_events, lifecycle_names
 from .queries import dump_json
 from .records import (
     CANCELLED,
@@ -108,7 +107,7 @@ class Runner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rewake: set[str] = set()  # woken while executing: run again once it returns
         self._cancelled: set[str] = set()  # tasks cancelled because their run was cancelled
-        self._crons: list[TimerHandle] = []
+        self._crons = CronSchedule(clock, self._fire_cron)
         self._waited: set[tuple[str, str]] = set()  # (env, event name) some run waits for
         self._changed = asyncio.Event()
         self._started = False
@@ -130,7 +129,7 @@ class Runner:
         """Add functions; a function id registered twice is an error."""
         self.registry.add(functions)
         if self._started:
-            self._arm_crons()
+            self._crons.arm(self.registry.functions)
 
     async def replace(
         self, functions: Iterable[FunctionDef], *,
@@ -141,7 +140,7 @@ class Runner:
         with; queued and parked runs pick up the new code."""
         self.registry = self.registry.replaced(functions, scope)
         if self._started:
-            self._arm_crons()
+            self._crons.arm(self.registry.functions)
             await self._resume(only_idle=True)
 
     def resolve_function(self, ref: object) -> FunctionDef:
@@ -250,7 +249,7 @@ class Runner:
         self._started = True
         self._waited |= set(await self.store.waited_event_names())
         await self._resume(only_idle=False)
-        self._arm_crons()
+        self._crons.arm(self.registry.functions)
 
     async def _resume(self, *, only_idle: bool) -> None:
         parked: dict[str, int] = {}
@@ -272,10 +271,10 @@ class Runner:
         and their runs resume from the last committed step on the next start too.
         """
         self._started = False
-        for timer in [*self._timers.values(), *self._crons]:
+        for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        self._crons.clear()
+        await self._crons.close()
         self._fresh.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -341,24 +340,9 @@ class Runner:
             self._wake(run_id)
         self._notify()
 
-    def _arm_crons(self) -> None:
-        for timer in self._crons:
-            timer.cancel()
-        self._crons.clear()
-        now = self.clock.now_ms()
-        for fn in self.registry.functions:
-            for cron in fn.crons:
-                self._arm_cron(fn, cron, cron.next_after(now))
-
-    def _arm_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
-        def fire() -> None:
-            asyncio.get_running_loop().create_task(self._fire_cron(fn, cron, due))
-        self._crons.append(self.clock.call_at(due, fire))
-
     async def _fire_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
         if not self._started or self.registry.get(fn.id) is not fn:
             return
-        self._arm_cron(fn, cron, cron.next_after(due))
         event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
                          data=dump_json({"cron": cron.cron}), v=None, user=None, meta=None,
                          sessions={}, runs=(NewRun(new_ulid(), fn.id),), source="cron")
@@ -532,25 +516,12 @@ class Runner:
         self, run: RunRecord, events: list[StoredEvent], status: str, output_json: str | None,
         error: dict[str, Any] | None,
     ) -> list[NewEvent]:
-        """The events a run's end emits, with the trigger's sessions. Only stored when some
-        function or waiting run could use them: nothing else reads them."""
-        names = [FINISHED_EVENT, *{FAILED: [FAILED_EVENT],
-                                   CANCELLED: [CANCELLED_EVENT]}.get(status, [])]
-        wanted = [name for name in names
+        """The events a run's end emits, prepared to store. Only stored when some function
+        or waiting run could use them: nothing else reads them."""
+        wanted = [name for name in lifecycle_names(status)
                   if (run.env, name) in self._waited or self.registry.triggered_by(name)]
         if not wanted:
             return []
-        docs = [event_dict(ev) for ev in events]
-        base: dict[str, Any] = {"function_id": run.function_id, "run_id": run.run_id,
-                                "event": docs[0] if docs else {}, "events": docs}
-        output = None if output_json is None else json.loads(output_json)
-        outcome = {"result": output} if status == COMPLETED else {
-            "error": error or {"name": "FunctionCancelledError",
-                               "message": "the run was cancelled", "stack": None}}
-        incoming = [
-            IncomingEvent(name=name, data={**base, **outcome}, id=None, ts=None, v=None,
-                          user=None, meta=None, sessions=dict(run.sessions))
-            for name in wanted
-        ]
-        return self.prepare(run.env, incoming, self.clock.now_ms(),
-                            skip_function=run.function_id, source=run.run_id)
+        return self.prepare(
+            run.env, lifecycle_events(run, events, status, output_json, error, wanted),
+            self.clock.now_ms(), skip_function=run.function_id, source=run.run_id)

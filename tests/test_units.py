@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 import subprocess
@@ -11,11 +12,13 @@ import threading
 import pytest
 
 import devserver
+from devserver.clock import VirtualClock
+from devserver.crons import CronSchedule
 from devserver.errors import UserError
-from devserver.functions import RetryAfterError, kebab_case
+from devserver.functions import FunctionDef, RetryAfterError, kebab_case
 from devserver.ids import UlidGenerator, is_ulid, new_ulid, ulid_time_ms
 from devserver.retry import INNGEST_BACKOFF_SECONDS, FixedBackoff, InngestBackoff, max_attempts
-from devserver.triggers import TriggerIndex, parse_event_trigger
+from devserver.triggers import CronTrigger, TriggerIndex, parse_event_trigger
 
 
 @pytest.mark.parametrize(
@@ -179,3 +182,38 @@ def test_starting_the_server_does_not_load_the_cel_library() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_cron_schedule_keeps_one_timer_per_trigger_however_often_it_fires() -> None:
+    app = devserver.App("crons")
+
+    @app.function(trigger=[devserver.TriggerCron("* * * * *"),
+                           devserver.TriggerCron("*/2 * * * *")])
+    async def tick(ctx: devserver.Context) -> None:
+        return None
+
+    (fn,) = app.functions
+    start = int(dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp() * 1000)
+    clock = VirtualClock(start)
+    fired: list[tuple[str, int]] = []
+    done = asyncio.Event()
+
+    async def fire(fired_fn: FunctionDef, cron: CronTrigger, due: int) -> None:
+        fired.append((cron.cron, (due - start) // 60_000))
+        if len(fired) == 15:
+            done.set()
+
+    schedule = CronSchedule(clock, fire)
+    schedule.arm([fn])
+    assert schedule.armed == 2
+    clock.advance(10 * 60_000)
+    await asyncio.wait_for(done.wait(), 5)
+    assert sorted(m for c, m in fired if c == "* * * * *") == list(range(1, 11))
+    assert sorted(m for c, m in fired if c == "*/2 * * * *") == [2, 4, 6, 8, 10]
+    assert schedule.armed == 2  # the next fire of each, not one per fire so far
+    schedule.arm([])  # re-armed without the function: its schedules stop
+    assert schedule.armed == 0
+    clock.advance(10 * 60_000)
+    await schedule.close()
+    assert len(fired) == 15
