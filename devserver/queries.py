@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from .errors import UserError
 from .records import (
     CANCELLED,
+    FAILED,
     QUEUED,
     RUNNING,
     WAITING,
@@ -280,10 +281,16 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
 
 
 def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
-    return bool(db.execute(
+    """Mark a queued run Running; its start is activity in its sessions."""
+    if not db.execute(
         "UPDATE runs SET status = ?, started_at = ? WHERE run_id = ? AND status = ?",
         (RUNNING, now, run_id, QUEUED),
-    ).rowcount)
+    ).rowcount:
+        return False
+    db.execute(
+        "UPDATE sessions SET last_active = max(last_active, ?) WHERE (env, identifier, value) "
+        "IN (SELECT env, identifier, value FROM run_sessions WHERE run_id = ?)", (now, run_id))
+    return True
 
 
 def add_attempt(db: sqlite3.Connection, run_id: str, attempt: StepAttempt) -> None:
@@ -350,32 +357,93 @@ def end_wait(
     return bool(changed)
 
 
-def finish_run(
-    db: sqlite3.Connection, run_id: str, status: str, now: int, output: str | None,
-    error: str | None, attempt: StepAttempt | None, emitted: list[NewEvent],
-    started_at: int | None = None,
-) -> list[str] | None:
-    """End a run; None if it had already ended, else the ids of runs its events started.
+@dataclass(slots=True)
+class Finish:
+    """A queued end of a run. The writer applies the finishes that share a batch together
+    (`finish_many`), as it does ingests.
 
-    `started_at` is given when the run's start was never written on its own (it finished
-    before that write was due): one UPDATE records both.
+    `output` and `error` are JSON text; `started_at` is given when the run's start was never
+    written on its own (it finished before that write was due): one UPDATE records both.
     """
-    row = db.execute("SELECT status, env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    if row is None or row[0] not in (QUEUED, RUNNING):
-        return None
-    if attempt is not None:
-        add_attempt(db, run_id, attempt)
-    if status == CANCELLED:
-        # A cancelled run's pending step stays visible as cancelled rather than "Waiting".
-        db.execute("UPDATE steps SET status = ?, ended_at = ?, final = 1 WHERE run_id = ? "
-                   "AND status = ?", (CANCELLED, now, run_id, WAITING))
-    db.execute("DELETE FROM waits WHERE run_id = ?", (run_id,))
-    db.execute(
+
+    run_id: str
+    status: str
+    now: int
+    output: str | None
+    error: str | None
+    attempt: StepAttempt | None
+    emitted: list[NewEvent]
+    started_at: int | None = None
+
+    def __call__(self, db: sqlite3.Connection) -> list[str] | None:
+        return finish_many(db, [self])[0]
+
+
+def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str] | None]:
+    """End runs, in order; for each, None if its run had already ended (or ended earlier in
+    `finishes`), else the ids of the runs its emitted events started.
+
+    The runs' sessions get their activity and failures summed over the batch: one UPDATE a
+    session, not one a run (schema version 4 dropped the trigger that did it per run).
+    """
+    live: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    ids = list(dict.fromkeys(f.run_id for f in finishes))
+    for start in range(0, len(ids), 500):  # well under SQLite's limit on parameters
+        chunk = ids[start:start + 500]
+        marks = ", ".join("?" * len(chunk))
+        for run_id, env, identifier, value in db.execute(
+                "SELECT r.run_id, r.env, rs.identifier, rs.value FROM runs r "
+                "LEFT JOIN run_sessions rs ON rs.run_id = r.run_id "
+                f"WHERE r.run_id IN ({marks}) AND r.status IN (?, ?)",
+                (*chunk, QUEUED, RUNNING)):
+            sessions = live.setdefault(run_id, (env, []))[1]
+            if identifier is not None:
+                sessions.append((identifier, value))
+    results: list[list[str] | None] = []
+    ended: list[tuple[Any, ...]] = []
+    activity: dict[tuple[str, str, str], list[int]] = {}  # session -> [last active, failed]
+    emitted: list[tuple[int, Ingest]] = []
+    for finish in finishes:
+        run = live.pop(finish.run_id, None)
+        if run is None:
+            results.append(None)
+            continue
+        env, sessions = run
+        results.append([])
+        if finish.attempt is not None:
+            add_attempt(db, finish.run_id, finish.attempt)
+        if finish.status == CANCELLED:
+            # A cancelled run's pending step stays visible as cancelled rather than "Waiting".
+            db.execute("UPDATE steps SET status = ?, ended_at = ?, final = 1 WHERE run_id = ? "
+                       "AND status = ?", (CANCELLED, finish.now, finish.run_id, WAITING))
+        ended.append((finish.status, finish.now, finish.output, finish.error,
+                      finish.started_at, finish.run_id))
+        for identifier, value in sessions:
+            figures = activity.setdefault((env, identifier, value), [finish.now, 0])
+            figures[0] = max(figures[0], finish.now)
+            figures[1] += finish.status == FAILED
+        if finish.emitted:
+            emitted.append((len(results) - 1, Ingest(env, finish.now, finish.emitted)))
+    if not ended:
+        return results
+    db.executemany("DELETE FROM waits WHERE run_id = ?", ((row[-1],) for row in ended))
+    db.executemany(
         "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
-        "started_at = coalesce(started_at, ?) WHERE run_id = ?",
-        (status, now, output, error, started_at, run_id),
-    )
-    return ingest(db, row[1], now, emitted) if emitted else []
+        "started_at = coalesce(started_at, ?) WHERE run_id = ?", ended)
+    # Two statements, so that sessions without a failure leave the failure-rate index alone.
+    db.executemany(
+        "UPDATE sessions SET last_active = max(last_active, ?) "
+        "WHERE env = ? AND identifier = ? AND value = ?",
+        ((last, *key) for key, (last, failed) in activity.items() if not failed))
+    db.executemany(
+        "UPDATE sessions SET last_active = max(last_active, ?), failed_runs = failed_runs + ? "
+        "WHERE env = ? AND identifier = ? AND value = ?",
+        ((last, failed, *key) for key, (last, failed) in activity.items() if failed))
+    if emitted:
+        created = ingest_many(db, [write for _, write in emitted])
+        for (index, _), runs in zip(emitted, created, strict=True):
+            results[index] = runs
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

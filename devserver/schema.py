@@ -3,8 +3,8 @@ connection settings, and a bulk loader for benchmark databases. Part of the stor
 here and in `queries`; `store` owns the connections.
 
 The per-session figures (SPEC 2.3) are counters, kept in the same transaction as the write that
-changes them (by triggers in the schema, and by the ingest for a new run's count), so reading
-them never scans runs.
+changes them (a new session's count by a trigger; runs, failures and activity by the writes
+that create, start and end runs, summed over a batch), so reading them never scans runs.
 """
 
 from __future__ import annotations
@@ -186,6 +186,12 @@ CREATE INDEX events_by_name ON events (env, name, internal_id);
 -- A run's count toward its sessions, and its function among theirs, are written by the
 -- ingest that creates it, summed over the batch (one UPDATE a session instead of one a run).
 DROP TRIGGER run_session_added;
+""",
+    4: """
+-- A run's start and end are activity in its sessions, and a failed end counts as a failure:
+-- written by the start and the end themselves, summed over the batch (one UPDATE a session
+-- instead of one a run).
+DROP TRIGGER run_status_changed;
 """,
 }
 """SQL that upgrades a database from version N-1 to N; new databases run them too."""

@@ -5,9 +5,10 @@ in `queries`, the connections here. Callers pass and get plain dataclasses, neve
 
 One owner for writes: every write is a small function queued to the writer task, which applies
 all pending writes in one transaction (each inside its own savepoint, so one failing write does
-not undo the others; the event API's ingests together, a few statements for the whole batch),
-commits once and only then resolves the callers' futures. A caller that
-awaits a write therefore knows it is durable; under load many writes share one commit.
+not undo the others; the event API's ingests, and the ends of runs, each as a group in a few
+statements for the whole batch), commits once and only then resolves the callers' futures. A
+caller that awaits a write therefore knows it is durable; under load many writes share one
+commit.
 The writer runs its batches on the event loop's own thread: a batch is a few C-level
 `executemany` calls and one commit (WAL, no fsync per commit), cheaper than handing it to a
 thread and trading the GIL back and forth for every request (measured in `devserver.bench`).
@@ -221,7 +222,7 @@ class Store:
             raise RuntimeError("store is not open")
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(
-            (functools.partial(queries.start_run, run_id=run_id, now=now), future, False))
+            (functools.partial(queries.start_run, run_id=run_id, now=now), future, True))
         return future
 
     async def record_attempt(
@@ -295,9 +296,8 @@ class Store:
         elif output_json is None:
             output_json = dump_json(output)
         error_json = None if error is None else dump_json(error)
-        return await self._write(lambda db: queries.finish_run(
-            db, run_id, status, now, output_json, error_json, attempt, emitted or [],
-            started_at))
+        return await self._write(queries.Finish(
+            run_id, status, now, output_json, error_json, attempt, emitted or [], started_at))
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""
@@ -446,30 +446,29 @@ def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T
 def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
     """Apply queued writes in one transaction; each gets its result or its exception.
 
-    The event API's ingests in the batch go first, together, as one `ingest_many` (a few
-    statements instead of a few per request: most of the cost of a busy batch). Should that
-    fail, they are applied one by one like every other write, so only a bad one fails.
+    The batch's ingests are applied together (`ingest_many`), before the other writes, and its
+    run ends together (`finish_many`), at the place of the last of them: a few statements for
+    the whole batch instead of a few a request. Moving them is safe: a write's effects are
+    seen by no one until the commit, a run's own writes are queued one after another (each
+    awaited), ingests only create rows, and ends only move later. The only writes that read
+    what an ingest writes are duplicate-id checks; an event a run sends in the same batch is
+    checked as if the batch's requests came first, as true an order as any for writes in
+    flight together. Should a merged group fail, its writes are applied one by one, each in
+    its own savepoint like every other write, so only a bad one fails.
     """
     results: list[Any] = [None] * len(batch)
+    ingests = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
+    finishes = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Finish)]
+    merged = set(ingests if len(ingests) > 1 else ()) | set(finishes if len(finishes) > 1 else ())
     db.execute("BEGIN IMMEDIATE")
     try:
-        merged = _apply_ingests(db, batch)
+        if len(ingests) > 1:
+            _apply_together(db, batch, ingests, queries.ingest_many, results)
         for index, (fn, _, savepoint) in enumerate(batch):
-            if index in merged:
-                results[index] = merged[index]
-            elif not savepoint:
-                try:
-                    results[index] = fn(db)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
-                    results[index] = exc
-            else:
-                db.execute("SAVEPOINT w")
-                try:
-                    results[index] = fn(db)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
-                    db.execute("ROLLBACK TO w")
-                    results[index] = exc
-                db.execute("RELEASE w")
+            if index not in merged:
+                results[index] = _apply_one(db, fn, savepoint=savepoint)
+            elif len(finishes) > 1 and index == finishes[-1]:
+                _apply_together(db, batch, finishes, queries.finish_many, results)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -478,25 +477,35 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
     return results
 
 
-def _apply_ingests(db: sqlite3.Connection, batch: list[_Write]) -> dict[int, list[str]]:
-    """Apply the batch's ingests together; their results by position in the batch, or {}
-    (and nothing applied) when there are fewer than two or applying them together failed.
-
-    They may go before writes queued ahead of them: a write's effects are seen by no one
-    until the commit, and the only writes that read what an ingest writes are the duplicate-id
-    checks of other ingests. Among the batch's ingests the order is kept; an event a run
-    sends in the same batch is checked as if those requests came first, which for writes in
-    flight together is as true an order as any."""
-    positions = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
-    if len(positions) < 2:
-        return {}
-    writes = [cast(queries.Ingest, batch[i][0]) for i in positions]
-    db.execute("SAVEPOINT ingests")
+def _apply_one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], *,
+               savepoint: bool) -> Any:
+    """One write's result, or the exception it raised (undone when it has a savepoint)."""
+    if not savepoint:
+        try:
+            return fn(db)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
+            return exc
+    db.execute("SAVEPOINT w")
     try:
-        created = queries.ingest_many(db, writes)
-    except Exception:  # noqa: BLE001 - retried one by one, where the failure is reported
-        db.execute("ROLLBACK TO ingests")
-        db.execute("RELEASE ingests")
-        return {}
-    db.execute("RELEASE ingests")
-    return dict(zip(positions, created, strict=True))
+        return fn(db)
+    except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
+        db.execute("ROLLBACK TO w")
+        return exc
+    finally:
+        db.execute("RELEASE w")
+
+
+def _apply_together(db: sqlite3.Connection, batch: list[_Write], positions: list[int],
+                    apply_many: Callable[[sqlite3.Connection, list[Any]], list[Any]],
+                    results: list[Any]) -> None:
+    """Apply the writes at `positions` with one `apply_many` call; one by one if it fails."""
+    db.execute("SAVEPOINT together")
+    try:
+        for index, result in zip(positions, apply_many(db, [batch[i][0] for i in positions]),
+                                 strict=True):
+            results[index] = result
+    except Exception:  # noqa: BLE001 - applied one by one instead, where a failure is reported
+        db.execute("ROLLBACK TO together")
+        for index in positions:
+            results[index] = _apply_one(db, batch[index][0], savepoint=True)
+    db.execute("RELEASE together")

@@ -10,7 +10,7 @@ import pytest
 
 from devserver.errors import ConfigError
 from devserver.ids import new_ulid
-from devserver.records import NewEvent, NewRun
+from devserver.records import NewEvent, NewRun, StepAttempt
 from devserver.schema import SCHEMA, SCHEMA_VERSION, seed_runs, statements
 from devserver.store import Store
 
@@ -168,5 +168,60 @@ async def test_a_seeded_benchmark_database_has_the_figures_of_a_recount(tmp_path
             assert (found[0].runs, found[0].failed_runs) == (runs, failed) == (14, failed)
             assert found[0].functions == ["bench-trivial"]
         assert [i.sessions for i in await store.identifiers("dev")] == [50]
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_run_ends_sharing_a_commit_are_applied_together_each_with_its_own_result(
+        tmp_path: Path) -> None:
+    """Ends of runs queued together are applied as one `finish_many`: each still reports
+    whether it ended the run, a run ends once, the sessions' figures are summed right, and a
+    bad end fails alone."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        conv, user = {"conversation_id": "c1"}, {"conversation_id": "c1", "user_id": "u1"}
+        runs: list[str] = []
+        for index, sessions in enumerate([conv, user, user, user, conv]):
+            runs += await store.ingest("dev", 100 + index, [new_event("app/e", sessions=sessions)])
+        assert await store.start_run(runs[4], 150)
+        assert not await store.start_run(runs[4], 151)  # already running
+        found = await store.session("dev", "conversation_id", "c1")
+        assert found is not None
+        assert found[0].last_active == 150  # a start is activity
+
+        failed = {"name": "Error", "message": "boom", "stack": None}
+        bad = StepAttempt(0, None, "function", 0, "Failed", 1, 2, object(), None, final=True)
+        results = await asyncio.gather(
+            store.finish_run(runs[0], "Completed", 200, output={"ok": 1}),
+            store.finish_run(runs[1], "Failed", 210, error=failed),
+            store.finish_run(runs[1], "Cancelled", 211),  # already ended earlier in the batch
+            store.finish_run(runs[2], "Completed", 220, attempt=bad),  # output not JSON
+            store.finish_run(runs[3], "Failed", 205, error=failed, started_at=190),
+            return_exceptions=True)
+        assert results[:3] == [[], [], None]
+        assert isinstance(results[3], TypeError)
+        assert results[4] == []
+
+        statuses = {run: (await store.run(run)) for run in runs}
+        assert [r.status if r else None for r in statuses.values()] == \
+            ["Completed", "Failed", "Queued", "Failed", "Running"]
+        assert statuses[runs[3]] is not None
+        assert (statuses[runs[3]].started_at, statuses[runs[3]].ended_at) == (190, 205)
+        conv_stats = await store.session("dev", "conversation_id", "c1")
+        user_stats = await store.session("dev", "user_id", "u1")
+        assert conv_stats is not None
+        assert user_stats is not None
+        assert (conv_stats[0].runs, conv_stats[0].failed_runs, conv_stats[0].last_active) == \
+            (5, 2, 210)
+        assert (user_stats[0].runs, user_stats[0].failed_runs, user_stats[0].last_active) == \
+            (3, 2, 210)
+        # Ending the rest one at a time takes the single-write path: same figures.
+        assert await store.finish_run(runs[2], "Completed", 300) == []
+        assert await store.finish_run(runs[4], "Failed", 310, error=failed) == []
+        conv_stats = await store.session("dev", "conversation_id", "c1")
+        assert conv_stats is not None
+        assert (conv_stats[0].failed_runs, conv_stats[0].last_active) == (3, 310)
     finally:
         await store.close()
