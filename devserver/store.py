@@ -5,8 +5,8 @@ in `queries`, the connections here. Callers pass and get plain dataclasses, neve
 
 One owner for writes: every write is a small function queued to the writer task, which applies
 all pending writes in one transaction (each inside its own savepoint, so one failing write does
-not undo the others; the event API's ingests, and the ends of runs, each as a group in a few
-statements for the whole batch), commits once and only then resolves the callers' futures. A
+not undo the others; the event API's ingests, and run ends queued one after another, each as a
+group in a few statements), commits once and only then resolves the callers' futures. A
 caller that awaits a write therefore knows it is durable; under load many writes share one
 commit.
 The writer runs its batches on the event loop's own thread: a batch is a few C-level
@@ -69,9 +69,8 @@ MAX_BATCH = 512
 # The store
 
 
-_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", bool]
-"""A queued write: the function, the caller's future, and whether it needs its own savepoint
-(a single statement has nothing to undo when it fails)."""
+_Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+"""A queued write: the function, and the caller's future."""
 
 
 class Store:
@@ -150,7 +149,7 @@ class Store:
         if self._writer_task is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((fn, future, True))
+        self._queue.put_nowait((fn, future))
         return future
 
     async def _write_loop(self) -> None:
@@ -182,7 +181,7 @@ class Store:
             except Exception as exc:  # the commit itself failed: nothing in the batch is stored
                 log.exception("database commit failed")
                 results = [exc] * len(batch)
-            for (_, future, _), result in zip(batch, results, strict=True):
+            for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, BaseException):
@@ -221,8 +220,8 @@ class Store:
         if self._writer_task is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(
-            (functools.partial(queries.start_run, run_id=run_id, now=now), future, True))
+        self._queue.put_nowait((functools.partial(queries.start_run, run_id=run_id, now=now),
+                                future))
         return future
 
     async def record_attempt(
@@ -446,29 +445,35 @@ def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T
 def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
     """Apply queued writes in one transaction; each gets its result or its exception.
 
-    The batch's ingests are applied together (`ingest_many`), before the other writes, and its
-    run ends together (`finish_many`), at the place of the last of them: a few statements for
-    the whole batch instead of a few a request. Moving them is safe: a write's effects are
-    seen by no one until the commit, a run's own writes are queued one after another (each
-    awaited), ingests only create rows, and ends only move later. The only writes that read
-    what an ingest writes are duplicate-id checks; an event a run sends in the same batch is
-    checked as if the batch's requests came first, as true an order as any for writes in
-    flight together. Should a merged group fail, its writes are applied one by one, each in
-    its own savepoint like every other write, so only a bad one fails.
+    Two kinds of write are applied in groups, a few statements for a whole group instead of a
+    few a write: the event API's ingests, all together before the other writes, and run ends
+    that follow one another in the queue. Ingests may move first because they only create
+    rows no other write of the batch knows of; the one write that reads what an ingest
+    writes, the duplicate-id check, then sees the batch's requests as having come first, as
+    true an order as any for writes in flight together. Run ends never move: a run's end may
+    be followed by another caller's write for the same run (a cancelled run's next step),
+    which must find it ended. A group that fails is applied again one write at a time, each
+    in its own savepoint like every other write, so only a bad one fails.
     """
     results: list[Any] = [None] * len(batch)
-    ingests = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
-    finishes = [i for i, (fn, _, _) in enumerate(batch) if isinstance(fn, queries.Finish)]
-    merged = set(ingests if len(ingests) > 1 else ()) | set(finishes if len(finishes) > 1 else ())
+    ingests = [i for i, (fn, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
+    ends: list[int] = []  # consecutive run ends not applied yet
     db.execute("BEGIN IMMEDIATE")
     try:
         if len(ingests) > 1:
             _apply_together(db, batch, ingests, queries.ingest_many, results)
-        for index, (fn, _, savepoint) in enumerate(batch):
-            if index not in merged:
-                results[index] = _apply_one(db, fn, savepoint=savepoint)
-            elif len(finishes) > 1 and index == finishes[-1]:
-                _apply_together(db, batch, finishes, queries.finish_many, results)
+        else:
+            ingests = []
+        applied = set(ingests)
+        for index, (fn, _) in enumerate(batch):
+            if index in applied:
+                continue
+            if isinstance(fn, queries.Finish):
+                ends.append(index)
+                continue
+            _apply_ends(db, batch, ends, results)
+            results[index] = _apply_one(db, fn)
+        _apply_ends(db, batch, ends, results)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
@@ -477,14 +482,8 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
     return results
 
 
-def _apply_one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], *,
-               savepoint: bool) -> Any:
-    """One write's result, or the exception it raised (undone when it has a savepoint)."""
-    if not savepoint:
-        try:
-            return fn(db)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
-            return exc
+def _apply_one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+    """One write's result, or the exception it raised (and nothing of it applied)."""
     db.execute("SAVEPOINT w")
     try:
         return fn(db)
@@ -493,6 +492,16 @@ def _apply_one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any], 
         return exc
     finally:
         db.execute("RELEASE w")
+
+
+def _apply_ends(db: sqlite3.Connection, batch: list[_Write], ends: list[int],
+                results: list[Any]) -> None:
+    """Apply the pending run ends (together when there are several) and forget them."""
+    if len(ends) > 1:
+        _apply_together(db, batch, ends, queries.finish_many, results)
+    elif ends:
+        results[ends[0]] = _apply_one(db, batch[ends[0]][0])
+    ends.clear()
 
 
 def _apply_together(db: sqlite3.Connection, batch: list[_Write], positions: list[int],
@@ -507,5 +516,5 @@ def _apply_together(db: sqlite3.Connection, batch: list[_Write], positions: list
     except Exception:  # noqa: BLE001 - applied one by one instead, where a failure is reported
         db.execute("ROLLBACK TO together")
         for index in positions:
-            results[index] = _apply_one(db, batch[index][0], savepoint=True)
+            results[index] = _apply_one(db, batch[index][0])
     db.execute("RELEASE together")

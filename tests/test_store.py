@@ -225,3 +225,37 @@ async def test_run_ends_sharing_a_commit_are_applied_together_each_with_its_own_
         assert (conv_stats[0].failed_runs, conv_stats[0].last_active) == (3, 310)
     finally:
         await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_run_ended_in_a_batch_is_ended_for_the_writes_queued_after_it(
+        tmp_path: Path) -> None:
+    """Run ends are grouped only where they follow one another: a write queued after a run's
+    end (a cancelled run's next step, its late start) must find the run ended, even when a
+    later end in the same batch could have been grouped with it."""
+    store = Store(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        conv = {"conversation_id": "c1"}
+        cancelled, other = (await store.ingest("dev", 100, [new_event("app/e", sessions=conv)])
+                            + await store.ingest("dev", 101, [new_event("app/e", sessions=conv)]))
+        step = StepAttempt(0, "send", "send_event", 0, "Completed", 110, 110, {"ids": []}, None,
+                           final=True)
+        results = await asyncio.gather(
+            store.finish_run(cancelled, "Cancelled", 120),
+            store.send_events("dev", 121, [new_event("app/sent", sessions=conv)], cancelled,
+                              step),
+            store.start_run(cancelled, 122),
+            store.finish_run(other, "Completed", 123),
+        )
+        assert results == [[], None, False, []]
+        run = await store.run(cancelled)
+        assert run is not None
+        assert (run.status, run.started_at) == ("Cancelled", None)
+        found = await store.session("dev", "conversation_id", "c1")
+        assert found is not None
+        assert (found[0].runs, found[0].last_active) == (2, 123)
+        assert [ev.name for ev in await store.session_events("dev", "conversation_id", "c1")] \
+            == ["app/e", "app/e"]
+    finally:
+        await store.close()
