@@ -3,8 +3,7 @@
 Write functions with `App` and `@app.function(...)`, run them with `python -m devserver --app ...`.
 """
 
-from .clock import VirtualClock, WallClock
-from .functions import (
+from devserver.app import (
     App,
     Cancel,
     FunctionDef,
@@ -14,7 +13,8 @@ from .functions import (
     TriggerCron,
     TriggerEvent,
 )
-from .steps import Context, Event, SyncContext
+from devserver.clock import VirtualClock, WallClock
+from devserver.context import Context, Event, SyncContext
 
 __all__ = [
     "App",

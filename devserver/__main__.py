@@ -1,5 +1,5 @@
 """`python -m devserver`: the command line."""
 
-from .cli import main
+from devserver.cli.main import main
 
 raise SystemExit(main())

@@ -149,3 +149,11 @@ def to_ms(moment: dt.datetime | int | float | str) -> int:
     if isinstance(moment, bool) or not isinstance(moment, int | float):
         raise ValueError(f"not a point in time: {moment!r}")
     return int(moment)
+
+
+def iso(ms: int | None) -> str | None:
+    """Milliseconds since the epoch as RFC 3339 UTC with milliseconds, or None."""
+    if ms is None:
+        return None
+    moment = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

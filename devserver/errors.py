@@ -41,3 +41,23 @@ class NotFound(UserError):
 
 class ConfigError(UserError):
     """A bad command-line option or app: bad path, bad module, busy port, unwritable DB."""
+
+
+# Control flow, not errors: BaseExceptions so that `except Exception` in user code can't
+# swallow them (see devserver.runtime.invocation).
+
+
+class Unwind(BaseException):
+    """Base of the control-flow exceptions that end an invocation early."""
+
+
+class Reschedule(Unwind):
+    """The run continues at `at_ms` (None: when something wakes it, e.g. an invoked run ends)."""
+
+    def __init__(self, at_ms: int | None) -> None:
+        super().__init__(at_ms)
+        self.at_ms = at_ms
+
+
+class RunEnded(Unwind):
+    """The run ended (was cancelled) while this invocation was executing."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .testing import DevServer, LoopThread
+    from devserver.testing import DevServer, LoopThread
 
 MARKER = (
     "devserver(apps=None, virtual_time=True, retry_interval=None, raise_on_failure=True, "
@@ -42,7 +42,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def devserver_loop() -> Iterator[LoopThread]:
     """The event loop thread all of a session's test servers run on."""
-    from .testing import LoopThread
+    from devserver.testing import LoopThread
 
     loop = LoopThread()
     yield loop
@@ -62,7 +62,7 @@ def devserver(
 ) -> Iterator[DevServer]:
     """A running devserver for this test: real HTTP on an ephemeral port, its own SQLite file
     (kept in the test's tmp_path), virtual time. See `devserver.testing.DevServer`."""
-    from .testing import DevServer
+    from devserver.testing import DevServer
 
     marker = request.node.get_closest_marker("devserver")
     options: dict[str, Any] = dict(marker.kwargs) if marker else {}

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .api import iso
-from .clock import Clock, VirtualClock, WallClock, parse_duration
-from .events import session_value_string, validate_event
-from .functions import App, FunctionDef
-from .loader import load_app
-from .records import FAILED, RunRecord
-from .replay import read_events
-from .server import Config, Server
+from devserver.app import App, FunctionDef
+from devserver.cli.replay import read_events
+from devserver.clock import Clock, VirtualClock, WallClock, iso, parse_duration
+from devserver.model.events import session_value_string, validate_event
+from devserver.model.records import FAILED, RunRecord
+from devserver.runtime.loader import load_app
+from devserver.web.server import Config, Server
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 10.0

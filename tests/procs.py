@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from .helpers import eventually_sync
+
 START_TIMEOUT = 15.0
 """Seconds a child gets to print its banner (imports included, on a slow CI box)."""
 RUN_TIMEOUT = 10.0
@@ -183,24 +185,25 @@ class Devserver:
         self, identifier: str, value: str, runs: int, timeout: float = RUN_TIMEOUT
     ) -> dict[str, Any]:
         """Poll /api/session until it lists `runs` runs, all in a final status."""
-        deadline = time.monotonic() + timeout
-        while True:
+        last: list[Any] = []
+
+        def settled() -> dict[str, Any] | None:
             status, doc = self.request(
                 "GET", "/api/session?" + urllib.parse.urlencode(
                     {"identifier": identifier, "value": value})
             )
+            last[:] = [status, doc]
             if status == 200 and len(doc["runs"]) == runs and all(
                 run["status"] in FINAL_STATUSES for run in doc["runs"]
             ):
                 return dict(doc)
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"session {identifier}={value} did not settle with {runs} runs in "
-                    f"{timeout}s; last answer: {status} {doc!r}"
-                )
             if self.proc.poll() is not None:
                 pytest.fail(f"devserver exited with {self.proc.returncode}: {self.stderr()}")
-            time.sleep(0.02)  # poll interval, not a synchronisation point
+            return None
+
+        return dict(eventually_sync(
+            settled, lambda: f"session {identifier}={value} to settle with {runs} runs; "
+                             f"last answer: {last[0]} {last[1]!r}", timeout))
 
 
 Spawn = Callable[..., Devserver]

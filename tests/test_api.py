@@ -22,8 +22,18 @@ import pytest
 from yarl import URL
 
 from devserver import App, Context
-from devserver.server import Server
-from tests.conftest import MakeServer, get_json, idle, post_events
+from devserver.web.server import Server
+
+from .helpers import (
+    MakeServer,
+    get,
+    get_json,
+    idle,
+    post_events,
+    run_doc,
+    runs_of_event,
+    session_doc,
+)
 
 ULID = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
 TS_MIN_MS = 315_532_800_000  # 1980-01-01T00:00:00Z
@@ -154,12 +164,6 @@ async def post_rejected(
     return str(doc["error"])
 
 
-async def ok_json(http: aiohttp.ClientSession, server: Server, path: str, **params: str) -> Any:
-    status, doc = await get_json(http, server, path, **params)
-    assert status == 200, (path, params, doc)
-    return doc
-
-
 async def api_error(
     http: aiohttp.ClientSession, server: Server, path: str, status: int, **params: str
 ) -> str:
@@ -174,7 +178,7 @@ async def api_error(
 
 async def environments(http: aiohttp.ClientSession, server: Server) -> dict[str, int]:
     """env -> number of events stored there."""
-    doc = await ok_json(http, server, "/api/environments")
+    doc = await get(http, server, "/api/environments")
     return {e["env"]: e["events"] for e in doc["environments"]}
 
 
@@ -182,45 +186,27 @@ async def identifiers(
     http: aiohttp.ClientSession, server: Server, env: str = "dev"
 ) -> dict[str, int]:
     """identifier -> number of session values, in `env`."""
-    doc = await ok_json(http, server, "/api/sessions", env=env)
+    doc = await get(http, server, "/api/sessions", env=env)
     return {i["identifier"]: i["sessions"] for i in doc["identifiers"]}
-
-
-async def session(
-    http: aiohttp.ClientSession, server: Server, identifier: str, value: str, **params: str
-) -> dict[str, Any]:
-    return dict(await ok_json(http, server, "/api/session", identifier=identifier, value=value,
-                              **params))
 
 
 async def session_rows(
     http: aiohttp.ClientSession, server: Server, identifier: str, **params: str
 ) -> list[dict[str, Any]]:
-    doc = await ok_json(http, server, "/api/sessions", identifier=identifier, **params)
+    doc = await get(http, server, "/api/sessions", identifier=identifier, **params)
     assert doc["identifier"] == identifier
     return list(doc["sessions"])
 
 
 async def event(http: aiohttp.ClientSession, server: Server, internal_id: str) -> dict[str, Any]:
-    doc = await ok_json(http, server, f"/v1/events/{internal_id}")
+    doc = await get(http, server, f"/v1/events/{internal_id}")
     return dict(doc["data"])
 
 
-async def event_runs(
-    http: aiohttp.ClientSession, server: Server, internal_id: str
-) -> list[dict[str, Any]]:
-    doc = await ok_json(http, server, f"/v1/events/{internal_id}/runs")
-    return list(doc["data"])
-
-
 async def only_run_id(http: aiohttp.ClientSession, server: Server, internal_id: str) -> str:
-    runs = await event_runs(http, server, internal_id)
+    runs = await runs_of_event(http, server, internal_id)
     assert len(runs) == 1, runs
     return str(runs[0]["run_id"])
-
-
-async def run(http: aiohttp.ClientSession, server: Server, run_id: str) -> dict[str, Any]:
-    return dict(await ok_json(http, server, f"/api/runs/{run_id}"))
 
 
 async def assert_nothing_stored(
@@ -236,7 +222,7 @@ async def assert_nothing_stored(
     assert await environments(http, server) == {"dev": 1}
     assert await identifiers(http, server) == {"after": 1}
     assert calls.invocations == [("ok", ev_id)]
-    assert (await session(http, server, "after", "a"))["stats"]["runs"] == 1
+    assert (await session_doc(http, server, "after", "a"))["stats"]["runs"] == 1
 
 
 def cursor_of(key: Any) -> str:
@@ -342,8 +328,8 @@ async def test_batch_with_invalid_middle_event_stores_nothing(
     # The valid events of the rejected batch can be sent again: their ids were not recorded.
     ids = await post_ok(http, server, [batch[0], batch[2]])
     await idle(server)
-    assert len(await event_runs(http, server, ids[0])) == 1
-    assert len(await event_runs(http, server, ids[1])) == 1
+    assert len(await runs_of_event(http, server, ids[0])) == 1
+    assert len(await runs_of_event(http, server, ids[1])) == 1
     assert await environments(http, server) == {"dev": 2}
     assert {r["value"] for r in await session_rows(http, server, "conv")} == {"c-0", "c-2"}
 
@@ -600,11 +586,11 @@ async def test_valid_sessions_are_stored_merged(
     assert (await event(http, server, ev_id))["sessions"] == expected
     assert await identifiers(http, server) == dict.fromkeys(expected, 1)
     run_id = await only_run_id(http, server, ev_id)
-    detail = await run(http, server, run_id)
+    detail = await run_doc(http, server, run_id)
     assert detail["sessions"] == expected
     assert detail["output"]["sessions"] == expected  # what ctx.sessions saw
     for identifier, value in expected.items():
-        doc = await session(http, server, identifier, value)
+        doc = await session_doc(http, server, identifier, value)
         assert doc["value"] == value
         assert doc["stats"]["runs"] == 1
         assert [r["run_id"] for r in doc["runs"]] == [run_id]
@@ -688,12 +674,13 @@ async def test_environments_are_separate(
     await api_error(http, server, "/api/sessions", 404, identifier="only")
     await api_error(http, server, "/api/session", 404, identifier="conv", value="env-d",
                     env="staging")
-    doc = await session(http, server, "conv", "env-s", env="staging")
+    doc = await session_doc(http, server, "conv", "env-s", env="staging")
     assert doc["env"] == "staging"
     assert doc["stats"]["runs"] == 1
     assert (await event(http, server, staged))["sessions"] == {"conv": "env-s"}
-    assert (await run(http, server, await only_run_id(http, server, staged)))["env"] == "staging"
-    assert (await run(http, server, await only_run_id(http, server, dev)))["env"] == "dev"
+    staged_run = await only_run_id(http, server, staged)
+    assert (await run_doc(http, server, staged_run))["env"] == "staging"
+    assert (await run_doc(http, server, await only_run_id(http, server, dev)))["env"] == "dev"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,26 +699,26 @@ async def test_same_event_id_is_stored_but_starts_no_run(
     assert first != second
     got = await event(http, server, second)
     assert (got["internal_id"], got["id"], got["name"]) == (second, "dedupe-1", "test/ok")
-    assert len(await event_runs(http, server, first)) == 1
-    assert await event_runs(http, server, second) == []
+    assert len(await runs_of_event(http, server, first)) == 1
+    assert await runs_of_event(http, server, second) == []
     assert calls.invocations == [("ok", first)]
-    assert (await session(http, server, "conv", "idem"))["stats"]["runs"] == 1
+    assert (await session_doc(http, server, "conv", "idem"))["stats"]["runs"] == 1
     assert await environments(http, server) == {"dev": 2}
 
     # The same id in another environment is another event.
     (other,) = await post_ok(http, server, body, env="staging")
     await idle(server)
-    assert len(await event_runs(http, server, other)) == 1
-    assert (await session(http, server, "conv", "idem", env="staging"))["stats"]["runs"] == 1
-    assert (await session(http, server, "conv", "idem"))["stats"]["runs"] == 1
+    assert len(await runs_of_event(http, server, other)) == 1
+    assert (await session_doc(http, server, "conv", "idem", env="staging"))["stats"]["runs"] == 1
+    assert (await session_doc(http, server, "conv", "idem"))["stats"]["runs"] == 1
 
     # A different id, or no id, starts runs as usual.
     (fresh,) = await post_ok(http, server, {**body, "id": "dedupe-2"})
     (no_id,) = await post_ok(http, server, {k: v for k, v in body.items() if k != "id"})
     await idle(server)
-    assert len(await event_runs(http, server, fresh)) == 1
-    assert len(await event_runs(http, server, no_id)) == 1
-    assert (await session(http, server, "conv", "idem"))["stats"]["runs"] == 3
+    assert len(await runs_of_event(http, server, fresh)) == 1
+    assert len(await runs_of_event(http, server, no_id)) == 1
+    assert (await session_doc(http, server, "conv", "idem"))["stats"]["runs"] == 3
 
 
 async def test_same_event_id_twice_in_one_request(
@@ -741,11 +728,11 @@ async def test_same_event_id_twice_in_one_request(
     body = {"name": "test/ok", "id": "twin", "sessions": {"conv": "twins"}}
     first, second = await post_ok(http, server, [body, body])
     await idle(server)
-    assert len(await event_runs(http, server, first)) == 1
-    assert await event_runs(http, server, second) == []
+    assert len(await runs_of_event(http, server, first)) == 1
+    assert await runs_of_event(http, server, second) == []
     assert (await event(http, server, second))["id"] == "twin"
     assert calls.count() == 1
-    assert (await session(http, server, "conv", "twins"))["stats"]["runs"] == 1
+    assert (await session_doc(http, server, "conv", "twins"))["stats"]["runs"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,11 +757,11 @@ async def test_session_figures(make_server: MakeServer, http: aiohttp.ClientSess
     assert calls.count("boom") == 2  # retries=1: two attempts
 
     run_ids = {ev: await only_run_id(http, server, ev) for ev in (ok1, ok2, boom, multi, plain)}
-    assert await event_runs(http, server, none) == []
-    runs = {ev: await run(http, server, rid) for ev, rid in run_ids.items()}
+    assert await runs_of_event(http, server, none) == []
+    runs = {ev: await run_doc(http, server, rid) for ev, rid in run_ids.items()}
     assert [runs[e]["status"] for e in (ok1, ok2, boom)] == ["Completed", "Completed", "Failed"]
 
-    doc = await session(http, server, "conv", "fig")
+    doc = await session_doc(http, server, "conv", "fig")
     assert (doc["env"], doc["identifier"], doc["value"]) == ("dev", "conv", "fig")
     stats = doc["stats"]
     assert stats["runs"] == 3
@@ -797,7 +784,7 @@ async def test_session_figures(make_server: MakeServer, http: aiohttp.ClientSess
     assert {k: rows["fig"][k] for k in stats} == stats
 
     # A session with no runs exists as soon as an event carries it.
-    zero_doc = await session(http, server, "conv", "zero")
+    zero_doc = await session_doc(http, server, "conv", "zero")
     assert zero_doc["stats"]["runs"] == 0
     assert zero_doc["stats"]["failed_runs"] == 0
     assert zero_doc["stats"]["failure_rate"] == 0
@@ -808,7 +795,7 @@ async def test_session_figures(make_server: MakeServer, http: aiohttp.ClientSess
 
     # A run belongs to every session of its event.
     for identifier, value in (("conv", "multi"), ("user", "u-1")):
-        doc = await session(http, server, identifier, value)
+        doc = await session_doc(http, server, identifier, value)
         assert [r["run_id"] for r in doc["runs"]] == [run_ids[multi]]
         assert doc["stats"]["runs"] == 1
         assert doc["stats"]["failure_rate"] == 0
@@ -824,15 +811,15 @@ async def test_failure_rate_is_a_fraction_and_figures_update(
     s = {"conv": "rate"}
     await post_ok(http, server, {"name": "test/boom", "sessions": s})
     await idle(server)
-    stats = (await session(http, server, "conv", "rate"))["stats"]
+    stats = (await session_doc(http, server, "conv", "rate"))["stats"]
     assert (stats["runs"], stats["failed_runs"], stats["failure_rate"]) == (1, 1, 1)
     await post_ok(http, server, {"name": "test/ok", "sessions": s})
     await idle(server)
-    stats = (await session(http, server, "conv", "rate"))["stats"]
+    stats = (await session_doc(http, server, "conv", "rate"))["stats"]
     assert (stats["runs"], stats["failed_runs"], stats["failure_rate"]) == (2, 1, 0.5)
     # An event with no run still makes the session active.
     (late,) = await post_ok(http, server, {"name": NO_FUNCTION, "sessions": s})
-    stats = (await session(http, server, "conv", "rate"))["stats"]
+    stats = (await session_doc(http, server, "conv", "rate"))["stats"]
     assert stats["last_active"] == (await event(http, server, late))["received_at"]
     assert (stats["runs"], stats["failure_rate"]) == (2, 0.5)
 
@@ -873,12 +860,12 @@ async def test_odd_values_round_trip(make_server: MakeServer, http: aiohttp.Clie
     assert sorted(r["value"] for r in rows) == sorted(ODD_VALUES)
     for ev_id, value in zip(ids, ODD_VALUES, strict=True):
         assert (await event(http, server, ev_id))["sessions"] == {"odd": value}
-        doc = await session(http, server, "odd", value)
+        doc = await session_doc(http, server, "odd", value)
         assert doc["value"] == value
         assert doc["identifier"] == "odd"
         assert doc["stats"]["runs"] == 1
         (row,) = doc["runs"]
-        detail = await run(http, server, row["run_id"])
+        detail = await run_doc(http, server, row["run_id"])
         assert detail["sessions"] == {"odd": value}
         assert detail["output"]["sessions"] == {"odd": value}
         assert detail["events"][0]["sessions"] == {"odd": value}
@@ -902,7 +889,7 @@ async def test_odd_identifier_round_trips(
     await idle(server)
     assert await identifiers(http, server) == {identifier: 1}
     assert [r["value"] for r in await session_rows(http, server, identifier)] == ["v"]
-    assert (await session(http, server, identifier, "v"))["stats"]["runs"] == 1
+    assert (await session_doc(http, server, identifier, "v"))["stats"]["runs"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -916,7 +903,7 @@ async def _pages(
     cursor: str | None = None
     while True:
         extra = dict(params) if cursor is None else {**params, "cursor": cursor}
-        doc = await ok_json(http, server, "/api/sessions", identifier=identifier, **extra)
+        doc = await get(http, server, "/api/sessions", identifier=identifier, **extra)
         pages.append(doc["sessions"])
         cursor = doc["next_cursor"]
         if cursor is None:
@@ -1017,7 +1004,7 @@ async def test_sort_by_runs_failure_rate_and_value(
     assert len(by_value) == 7
     paged = [r for p in await _pages(http, server, "s", sort="value", limit="2") for r in p]
     assert [r["value"] for r in paged] == by_value
-    doc = await ok_json(http, server, "/api/sessions", identifier="s", sort="value")
+    doc = await get(http, server, "/api/sessions", identifier="s", sort="value")
     assert doc["sort"] == "value"
 
 
@@ -1098,7 +1085,7 @@ async def test_session_runs_pagination(
     pages = 0
     while True:
         params = {"limit": "2"} if cursor is None else {"limit": "2", "cursor": cursor}
-        doc = await session(http, server, "conv", "many", **params)
+        doc = await session_doc(http, server, "conv", "many", **params)
         assert doc["stats"]["runs"] == 5
         seen.extend(r["run_id"] for r in doc["runs"])
         cursor = doc["next_cursor"]
@@ -1128,7 +1115,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
 
     # Completed async run with one step.
     ok_run = await only_run_id(http, server, ok_ev)
-    detail = await run(http, server, ok_run)
+    detail = await run_doc(http, server, ok_run)
     assert detail["run_id"] == ok_run
     assert detail["function_id"] == "api-ok"
     assert detail["status"] == "Completed"
@@ -1150,7 +1137,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
 
     # Failed run: two function-level attempts, error with name, message and stack.
     boom_run = await only_run_id(http, server, boom_ev)
-    detail = await run(http, server, boom_run)
+    detail = await run_doc(http, server, boom_run)
     assert detail["status"] == "Failed"
     assert detail["output"] is None
     error = detail["error"]
@@ -1165,7 +1152,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
     assert detail["ended_at"] is not None
 
     # Sync function: ran in a worker thread, with its step.
-    detail = await run(http, server, await only_run_id(http, server, sync_ev))
+    detail = await run_doc(http, server, await only_run_id(http, server, sync_ev))
     assert detail["status"] == "Completed"
     assert detail["function_id"] == "api-sync-job"
     assert detail["output"] == {"step": "from-thread", "main_thread": False}
@@ -1173,7 +1160,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
         ("in-thread", "Completed", "from-thread")]
 
     # A step that failed once, then succeeded: both attempts are shown.
-    detail = await run(http, server, await only_run_id(http, server, flaky_ev))
+    detail = await run_doc(http, server, await only_run_id(http, server, flaky_ev))
     assert detail["status"] == "Completed"
     assert detail["output"] == {"result": "steady"}
     steps = detail["steps"]
@@ -1186,21 +1173,21 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
     assert steps[1]["error"] is None
 
     # Inngest's REST shapes.
-    doc = await ok_json(http, server, f"/v1/runs/{ok_run}")
+    doc = await get(http, server, f"/v1/runs/{ok_run}")
     assert doc["data"]["run_id"] == ok_run
     assert doc["data"]["status"] == "Completed"
     assert doc["data"]["output"] == {"doubled": 42, "sessions": s}
     assert doc["data"]["function_id"] == "api-ok"
     assert doc["data"]["event_id"] == ok_ev
-    doc = await ok_json(http, server, f"/v1/runs/{boom_run}")
+    doc = await get(http, server, f"/v1/runs/{boom_run}")
     assert doc["data"]["run_id"] == boom_run
     assert doc["data"]["status"] == "Failed"
     ev_doc = await event(http, server, boom_ev)
     assert (ev_doc["internal_id"], ev_doc["name"], ev_doc["data"]) == (
         boom_ev, "test/boom", {"why": "kaput"})
-    (inngest_run,) = await event_runs(http, server, boom_ev)
+    (inngest_run,) = await runs_of_event(http, server, boom_ev)
     assert (inngest_run["run_id"], inngest_run["status"]) == (boom_run, "Failed")
-    (inngest_run,) = await event_runs(http, server, ok_ev)
+    (inngest_run,) = await runs_of_event(http, server, ok_ev)
     assert (inngest_run["run_id"], inngest_run["status"], inngest_run["output"]) == (
         ok_run, "Completed", {"doubled": 42, "sessions": s})
 
@@ -1221,10 +1208,10 @@ async def test_one_event_starting_two_functions(
     server = await make_server(app)
     (ev_id,) = await post_ok(http, server, {"name": "test/two", "sessions": {"conv": "two"}})
     await idle(server)
-    runs = await event_runs(http, server, ev_id)
+    runs = await runs_of_event(http, server, ev_id)
     assert sorted((r["function_id"], r["output"]) for r in runs) == [
         ("two-any-test", "any"), ("two-exact", "exact")]
-    stats = (await session(http, server, "conv", "two"))["stats"]
+    stats = (await session_doc(http, server, "conv", "two"))["stats"]
     assert stats["runs"] == 2
     assert stats["functions"] == ["two-any-test", "two-exact"]
 
@@ -1295,25 +1282,25 @@ async def _snapshot(
     http: aiohttp.ClientSession, server: Server, events: list[str],
 ) -> dict[str, Any]:
     snap: dict[str, Any] = {
-        "environments": (await ok_json(http, server, "/api/environments"))["environments"],
-        "identifiers": await ok_json(http, server, "/api/sessions"),
-        "identifiers-staging": await ok_json(http, server, "/api/sessions", env="staging"),
-        "conv": await ok_json(http, server, "/api/sessions", identifier="conv"),
-        "conv-runs": await ok_json(http, server, "/api/sessions", identifier="conv",
+        "environments": (await get(http, server, "/api/environments"))["environments"],
+        "identifiers": await get(http, server, "/api/sessions"),
+        "identifiers-staging": await get(http, server, "/api/sessions", env="staging"),
+        "conv": await get(http, server, "/api/sessions", identifier="conv"),
+        "conv-runs": await get(http, server, "/api/sessions", identifier="conv",
                                    sort="runs"),
-        "user": await ok_json(http, server, "/api/sessions", identifier="user"),
-        "staging": await ok_json(http, server, "/api/sessions", identifier="conv",
+        "user": await get(http, server, "/api/sessions", identifier="user"),
+        "staging": await get(http, server, "/api/sessions", identifier="conv",
                                  env="staging"),
     }
     for row in snap["conv"]["sessions"]:
-        snap[f"session:{row['value']}"] = await session(http, server, "conv", row["value"])
+        snap[f"session:{row['value']}"] = await session_doc(http, server, "conv", row["value"])
     for ev_id in events:
         snap[f"event:{ev_id}"] = await event(http, server, ev_id)
-        runs = await event_runs(http, server, ev_id)
+        runs = await runs_of_event(http, server, ev_id)
         snap[f"event-runs:{ev_id}"] = runs
         for r in runs:
-            snap[f"run:{r['run_id']}"] = await run(http, server, r["run_id"])
-            snap[f"v1-run:{r['run_id']}"] = await ok_json(http, server,
+            snap[f"run:{r['run_id']}"] = await run_doc(http, server, r["run_id"])
+            snap[f"v1-run:{r['run_id']}"] = await get(http, server,
                                                           f"/v1/runs/{r['run_id']}")
     return snap
 
@@ -1351,9 +1338,9 @@ async def test_everything_survives_a_restart(
                                           "sessions": {"conv": "c-1"}})
     (new,) = await post_ok(http, second, {"name": "test/ok", "sessions": {"conv": "c-1"}})
     await idle(second)
-    assert await event_runs(http, second, dup) == []
-    assert len(await event_runs(http, second, new)) == 1
+    assert await runs_of_event(http, second, dup) == []
+    assert len(await runs_of_event(http, second, new)) == 1
     assert calls.count() == invocations + 1
-    stats = (await session(http, second, "conv", "c-1"))["stats"]
+    stats = (await session_doc(http, second, "conv", "c-1"))["stats"]
     assert (stats["runs"], stats["failed_runs"], stats["failure_rate"]) == (3, 1, 1 / 3)
     assert await environments(http, second) == {"dev": 7, "staging": 1}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import devserver
-from devserver import cli
+from devserver.cli import main as cli
 
 from .procs import (
     ERROR_PREFIX,
@@ -107,6 +107,7 @@ def assert_user_error(stderr: str, *mentions: str) -> str:
 # Serving
 
 
+@pytest.mark.slow
 def test_serve_banner_health_runs_and_sigterm(spawn: Spawn, app_file: Path, tmp_path: Path) -> None:
     db = tmp_path / "data" / "dev.sqlite3"
     child = spawn("--port", "0", "--db", str(db), "--app", str(app_file), "--no-reload",
@@ -147,6 +148,7 @@ def test_serve_banner_health_runs_and_sigterm(spawn: Spawn, app_file: Path, tmp_
     assert "Traceback" not in child.stderr(), child.stderr()
 
 
+@pytest.mark.slow
 def test_restart_on_same_db_keeps_events_runs_and_figures(
     spawn: Spawn, app_file: Path, tmp_path: Path
 ) -> None:
@@ -202,6 +204,7 @@ def module_app(folder: Path, name: str = "cli_mod_app") -> str:
     return name
 
 
+@pytest.mark.slow
 def test_app_module_on_pythonpath(spawn: Spawn, tmp_path: Path) -> None:
     name = module_app(tmp_path / "lib")
     child = spawn("-p", "0", "--db", str(tmp_path / "m.sqlite3"), "--app", name, "--no-reload",
@@ -215,6 +218,7 @@ def test_app_module_on_pythonpath(spawn: Spawn, tmp_path: Path) -> None:
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_app_module_in_cwd_with_attr(spawn: Spawn, tmp_path: Path) -> None:
     project = tmp_path / "project"
     name = module_app(project, "cwd_app_mod")
@@ -231,6 +235,7 @@ def test_app_module_in_cwd_with_attr(spawn: Spawn, tmp_path: Path) -> None:
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_app_module_without_attr_loads_every_app(spawn: Spawn, tmp_path: Path) -> None:
     name = module_app(tmp_path / "lib", "two_apps_mod")
     with (tmp_path / "lib" / f"{name}.py").open("a") as source:
@@ -243,6 +248,7 @@ def test_app_module_without_attr_loads_every_app(spawn: Spawn, tmp_path: Path) -
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_app_file_with_attr(spawn: Spawn, app_file: Path, tmp_path: Path) -> None:
     with app_file.open("a") as source:
         source.write(OTHER_APP_SOURCE)
@@ -259,6 +265,7 @@ def test_app_file_with_attr(spawn: Spawn, app_file: Path, tmp_path: Path) -> Non
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_relative_app_file_and_repeated_app(spawn: Spawn, app_file: Path, tmp_path: Path) -> None:
     other = tmp_path / "other.py"
     other.write_text("import devserver\n" + OTHER_APP_SOURCE)
@@ -271,6 +278,7 @@ def test_relative_app_file_and_repeated_app(spawn: Spawn, app_file: Path, tmp_pa
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_memory_db_with_explicit_serve_and_sigint(
     spawn: Spawn, app_file: Path, tmp_path: Path
 ) -> None:
@@ -347,6 +355,7 @@ USER_ERRORS: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(USER_ERRORS))
 def test_user_error_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
     args, mentions = USER_ERRORS[case](tmp_path)
@@ -358,6 +367,7 @@ def test_user_error_exits_2_with_one_line(case: str, tmp_path: Path) -> None:
     assert "dashboard" not in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 def test_unopenable_db_file_never_prints_a_traceback(tmp_path: Path) -> None:
     """A DB path SQLite can't open (a folder): clean exit 2 every time, not just most times.
 
@@ -389,6 +399,7 @@ def test_unopenable_db_file_never_prints_a_traceback(tmp_path: Path) -> None:
         assert "dashboard" not in out
 
 
+@pytest.mark.slow
 def test_busy_port_exits_2(tmp_path: Path, app_file: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
@@ -401,6 +412,7 @@ def test_busy_port_exits_2(tmp_path: Path, app_file: Path) -> None:
     assert "dashboard" not in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [
@@ -427,6 +439,7 @@ def test_bad_arguments_exit_2_without_traceback(args: list[str], tmp_path: Path)
 # Help, version, console script, in-process main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["-h"], ["serve", "--help"]], ids=" ".join)
 def test_help_exits_0(args: list[str], tmp_path: Path) -> None:
     done = run_cli(*args, cwd=tmp_path)
@@ -440,12 +453,14 @@ def test_help_exits_0(args: list[str], tmp_path: Path) -> None:
         assert "serve" in done.stdout
 
 
+@pytest.mark.slow
 def test_version(tmp_path: Path) -> None:
     done = run_cli("--version", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"devserver {devserver.__version__}"
 
 
+@pytest.mark.slow
 def test_console_script_behaves_like_python_m(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "devserver"
     assert script.is_file(), f"console script missing: {script}"

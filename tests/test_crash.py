@@ -27,6 +27,8 @@ import pytest
 
 from .procs import FINAL_STATUSES, Devserver, Http, Spawn
 
+pytestmark = pytest.mark.slow  # devserver children killed under load
+
 SEED = int(os.environ.get("DEVSERVER_CRASH_SEED", "20240807"))
 """The RNG seed: set DEVSERVER_CRASH_SEED to explore other kill schedules."""
 KILLS = int(os.environ.get("DEVSERVER_CRASH_KILLS", "0"))

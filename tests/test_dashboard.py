@@ -19,30 +19,25 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import aiohttp
 import pytest
-from playwright.sync_api import Browser as PlaywrightBrowser
-from playwright.sync_api import Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 import devserver
-from devserver import dashboard, report
+from devserver.cli import report
 from devserver.clock import VirtualClock
-from devserver.server import Server
+from devserver.model import records
+from devserver.web import dashboard
+from devserver.web.server import Server
 
-from .conftest import MakeServer, get_json, idle, post_events
+from .helpers import Browser, MakeServer, get_json, idle, post_events, send
 
 T = TypeVar("T")
 
-CHROMIUM = os.environ.get("DEVSERVER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 10_000
 START = 1_736_935_200_000  # 2025-01-15T10:00:00Z: virtual clocks start here
 MINUTE = 60_000
 NOT_FOUND_LOG = "the server responded with a status of 404"
@@ -55,82 +50,6 @@ ODD_VALUES = [
     "%2F already-encoded %20 +plus",
     "long-" + "x" * 507,  # 512 characters, the maximum
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# The browser
-
-
-class Browser:
-    """A headless Chromium owned by one worker thread; `check` runs a function on a fresh page."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="playwright")
-        self._playwright: Playwright | None = None
-        self._browser: PlaywrightBrowser | None = None
-
-    def start(self) -> None:
-        self._pool.submit(self._start).result()
-
-    def stop(self) -> None:
-        self._pool.submit(self._stop).result()
-        self._pool.shutdown()
-
-    def _start(self) -> None:
-        self._playwright = sync_playwright().start()
-        self._browser = self._playwright.chromium.launch(executable_path=CHROMIUM,
-                                                         args=CHROMIUM_ARGS)
-        expect.set_options(timeout=TIMEOUT_MS)
-
-    def _stop(self) -> None:
-        if self._browser is not None:
-            self._browser.close()
-        if self._playwright is not None:
-            self._playwright.stop()
-
-    async def check(self, fn: Callable[[Page], T], *, ignore: tuple[str, ...] = (),
-                    **context: Any) -> T:
-        """Run `fn(page)` in the browser thread; fail on console errors, page errors, dialogs."""
-        return await asyncio.wrap_future(self._pool.submit(self._run, fn, ignore, context))
-
-    def _run(self, fn: Callable[[Page], T], ignore: tuple[str, ...], options: Any) -> T:
-        assert self._browser is not None
-        context = self._browser.new_context(
-            **{"viewport": {"width": 1280, "height": 800}, "accept_downloads": True, **options})
-        context.set_default_timeout(TIMEOUT_MS)
-        page = context.new_page()
-        problems: list[str] = []
-
-        def on_console(message: Any) -> None:
-            if message.type in ("error", "warning") and not any(
-                    text in message.text for text in ignore):
-                problems.append(f"console {message.type}: {message.text}")
-
-        def on_dialog(dialog: Any) -> None:
-            problems.append(f"dialog: {dialog.message}")
-            dialog.dismiss()
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-        page.on("dialog", on_dialog)
-        context.on("page", lambda other: other.on("dialog", on_dialog))
-        try:
-            result = fn(page)
-        finally:
-            context.close()
-        assert not problems, problems
-        return result
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: the page tests need it "
-                    "(apt-get install chromium; .ci/run does)")
-    owner = Browser()
-    owner.start()
-    yield owner
-    owner.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -182,18 +101,6 @@ def support_app(gate: threading.Event | None = None) -> devserver.App:
     return app
 
 
-async def send(http: aiohttp.ClientSession, server: Server, name: str,
-               sessions: dict[str, Any] | None = None, *, env: str | None = None,
-               **fields: Any) -> str:
-    """Send one event; returns its internal id."""
-    event: dict[str, Any] = {"name": name, **fields}
-    if sessions is not None:
-        event["sessions"] = sessions
-    status, body = await post_events(http, server, event, env=env)
-    assert status == 200, body
-    return str(body["ids"][0])
-
-
 def page_url(server: Server, path: str, **params: str) -> str:
     return server.url + path + ("?" + urlencode(params, quote_via=quote) if params else "")
 
@@ -220,21 +127,21 @@ async def populate(http: aiohttp.ClientSession, server: Server, clock: VirtualCl
     """Four conversations a minute apart: alpha (3 runs), gamma (2, one failed), beta (1,
     failed), delta (an event no function listens to: 0 runs)."""
     for _ in range(3):
-        await send(http, server, "app/message.created", {"conversation_id": "conv_alpha"},
+        await send(http, server, "app/message.created", sessions={"conversation_id": "conv_alpha"},
                    data={"text": "hi"})
     await idle(server)
     clock.advance(MINUTE)
-    await send(http, server, "app/message.created", {"conversation_id": "conv_gamma"},
+    await send(http, server, "app/message.created", sessions={"conversation_id": "conv_gamma"},
                data={"text": "ok"})
-    await send(http, server, "app/message.created", {"conversation_id": "conv_gamma"},
+    await send(http, server, "app/message.created", sessions={"conversation_id": "conv_gamma"},
                data={"text": "bad", "fail": True})
     await idle(server)
     clock.advance(MINUTE)
-    await send(http, server, "app/message.created", {"conversation_id": "conv_beta"},
+    await send(http, server, "app/message.created", sessions={"conversation_id": "conv_beta"},
                data={"fail": True})
     await idle(server)
     clock.advance(MINUTE)
-    await send(http, server, "app/ping", {"conversation_id": "conv_delta"})
+    await send(http, server, "app/ping", sessions={"conversation_id": "conv_delta"})
     await idle(server)
     clock.advance(MINUTE)
 
@@ -243,6 +150,7 @@ async def populate(http: aiohttp.ClientSession, server: Server, clock: VirtualCl
 # Browser tests
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_sessions_table_rows_sorting_search_and_row_click(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
@@ -313,6 +221,7 @@ async def test_sessions_table_rows_sorting_search_and_row_click(
     await browser.check(check)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_pagination_links_walk_every_session_once(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
@@ -320,11 +229,11 @@ async def test_pagination_links_walk_every_session_once(
     clock = VirtualClock(START)
     server = await make_server(support_app(), clock=clock)
     for i in range(7):
-        await send(http, server, "app/ping", {"user_id": f"user-{i}"})
+        await send(http, server, "app/ping", sessions={"user_id": f"user-{i}"})
         clock.advance(1000)
     run_ids = []
     for _ in range(5):  # one session with 5 runs
-        event_id = await send(http, server, "app/message.created", {"user_id": "many"})
+        event_id = await send(http, server, "app/message.created", sessions={"user_id": "many"})
         _, runs = await get_json(http, server, f"/v1/events/{event_id}/runs")
         run_ids.append(runs["data"][0]["run_id"])
     await idle(server)
@@ -364,13 +273,14 @@ async def test_pagination_links_walk_every_session_once(
     await browser.check(check)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_odd_identifiers_and_values_display_exactly_and_links_round_trip(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     server = await make_server(support_app())
     for value in ODD_VALUES:
-        await send(http, server, "app/message.created", {ODD_IDENTIFIER: value},
+        await send(http, server, "app/message.created", sessions={ODD_IDENTIFIER: value},
                    data={"text": value})
     await idle(server)
 
@@ -405,12 +315,13 @@ async def test_odd_identifiers_and_values_display_exactly_and_links_round_trip(
     await browser.check(check)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_script_values_never_execute_and_show_as_text(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     server = await make_server(support_app())
-    await send(http, server, "app/message.created", {XSS: XSS}, data={"text": XSS})
+    await send(http, server, "app/message.created", sessions={XSS: XSS}, data={"text": XSS})
     await idle(server)
     pages = [("/sessions", "table.identifiers a.row-link"),
              ("/sessions?" + urlencode({"identifier": XSS}), "table.sessions a.row-link"),
@@ -435,6 +346,7 @@ async def test_script_values_never_execute_and_show_as_text(
     await browser.check(check)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_empty_state_teaches_a_curl_command_that_works(
     make_server: MakeServer, browser: Browser
@@ -475,12 +387,13 @@ async def test_empty_state_teaches_a_curl_command_that_works(
     await browser.check(check, ignore=(NOT_FOUND_LOG,))
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_unknown_identifier_session_run_and_page_say_so(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     server = await make_server(support_app())
-    await send(http, server, "app/ping", {"conversation_id": "conv_1"})
+    await send(http, server, "app/ping", sessions={"conversation_id": "conv_1"})
 
     def check(page: Page) -> None:
         response = page.goto(page_url(server, "/sessions", identifier="no such id"))
@@ -519,13 +432,14 @@ async def test_unknown_identifier_session_run_and_page_say_so(
     await browser.check(check, ignore=(NOT_FOUND_LOG, "status of 400"))
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_run_page_shows_events_steps_errors_and_traceback(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     server = await make_server(support_app())
     event_id = await send(http, server, "app/report.requested",
-                          {"conversation_id": "conv_r", "user_id": "u 1"},
+                          sessions={"conversation_id": "conv_r", "user_id": "u 1"},
                           data={"report": {"week": 3, "tags": ["a", "é"]}}, id="req-1",
                           v="2025-01-01.1")
     await idle(server)
@@ -570,13 +484,14 @@ async def test_run_page_shows_events_steps_errors_and_traceback(
     await browser.check(check)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_live_refresh_shows_running_runs_complete_without_reloading(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     gate = threading.Event()
     server = await make_server(support_app(gate))
-    await send(http, server, "app/slow", {"conversation_id": "conv_live"})
+    await send(http, server, "app/slow", sessions={"conversation_id": "conv_live"})
     session_url = page_url(server, "/session", identifier="conversation_id", value="conv_live")
 
     def check(page: Page) -> None:
@@ -606,12 +521,13 @@ async def test_live_refresh_shows_running_runs_complete_without_reloading(
         gate.set()
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_live_refresh_keeps_the_page_and_says_so_when_the_server_goes_away(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     server = await make_server()
-    await send(http, server, "app/ping", {"conversation_id": "conv_gone"})
+    await send(http, server, "app/ping", sessions={"conversation_id": "conv_gone"})
     loop = asyncio.get_running_loop()
 
     def check(page: Page) -> None:
@@ -625,19 +541,21 @@ async def test_live_refresh_keeps_the_page_and_says_so_when_the_server_goes_away
     await browser.check(check, ignore=("ERR_CONNECTION_REFUSED",))
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_fixture_download_round_trips_through_a_second_server(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     first = await make_server(support_app())
     session = {"conversation_id": "conv/rt 1"}
-    await send(http, first, "app/message.created", {**session, "user_id": "u+1"},
+    await send(http, first, "app/message.created", sessions={**session, "user_id": "u+1"},
                data={"text": "héllo"}, id="evt-1", v="2025-01-01.1", user={"email": "a@b.c"})
-    await send(http, first, "app/message.created", session, data={"text": "again"}, id="evt-1")
-    await send(http, first, "app/message.created", None, data={"text": "bad", "fail": True},
+    await send(http, first, "app/message.created", {"text": "again"}, sessions=session,
+               id="evt-1")
+    await send(http, first, "app/message.created", data={"text": "bad", "fail": True},
                meta={"sessions": session})
-    await send(http, first, "app/ping", session, ts=1_700_000_000_000)
-    await send(http, first, "app/message.created", session, data={"notify": True})
+    await send(http, first, "app/ping", sessions=session, ts=1_700_000_000_000)
+    await send(http, first, "app/message.created", sessions=session, data={"notify": True})
     await idle(first)
 
     def download(page: Page) -> tuple[str, bytes]:
@@ -674,13 +592,14 @@ async def test_fixture_download_round_trips_through_a_second_server(
         assert await resp.read() == body  # the replayed session exports the same fixture
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_environment_selector_and_env_kept_in_every_link(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
 ) -> None:
     server = await make_server(support_app())
-    await send(http, server, "app/message.created", {"conversation_id": "conv_dev"})
-    await send(http, server, "app/message.created", {"conversation_id": "conv_stage"},
+    await send(http, server, "app/message.created", sessions={"conversation_id": "conv_dev"})
+    await send(http, server, "app/message.created", sessions={"conversation_id": "conv_stage"},
                env="staging")
     await idle(server)
 
@@ -716,6 +635,7 @@ async def test_environment_selector_and_env_kept_in_every_link(
     await browser.check(check)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_screenshot_of_the_sessions_page(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser, tmp_path: Path
@@ -734,7 +654,7 @@ async def test_screenshot_of_the_sessions_page(
     for value, runs, failures in conversations:
         for i in range(runs):
             await send(http, server, "app/message.created",
-                       {"conversation_id": value, "user_id": f"user_{value[-2:]}"},
+                       sessions={"conversation_id": value, "user_id": f"user_{value[-2:]}"},
                        data={"text": "hello", "fail": i < failures})
         await idle(server)
         clock.advance(7 * MINUTE + 13_000)
@@ -770,7 +690,7 @@ async def test_html_escapes_script_values(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(support_app())
-    await send(http, server, "app/message.created", {"conversation_id": XSS})
+    await send(http, server, "app/message.created", sessions={"conversation_id": XSS})
     await idle(server)
     for path, params in (("/sessions", {"identifier": "conversation_id"}),
                          ("/session", {"identifier": "conversation_id", "value": XSS})):
@@ -787,7 +707,8 @@ async def test_pages_have_csp_and_a_json_twin_with_the_same_data(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server(support_app())
-    event_id = await send(http, server, "app/message.created", {ODD_IDENTIFIER: ODD_VALUES[0]})
+    event_id = await send(http, server, "app/message.created",
+                          sessions={ODD_IDENTIFIER: ODD_VALUES[0]})
     await idle(server)
     _, runs = await get_json(http, server, f"/v1/events/{event_id}/runs")
     run_id = runs["data"][0]["run_id"]
@@ -854,7 +775,7 @@ async def test_fixture_download_headers_and_unknown_session(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
     server = await make_server()
-    await send(http, server, "app/ping", {"user_id": "u/1 🎉"}, data={"n": 1})
+    await send(http, server, "app/ping", sessions={"user_id": "u/1 🎉"}, data={"n": 1})
     params = {"identifier": "user_id", "value": "u/1 🎉"}
     async with http.get(server.url + "/session/fixture", params=params) as resp:
         assert resp.status == 200
@@ -880,7 +801,7 @@ def test_formatting_helpers() -> None:
     assert report.format_percent(0.99999) == ">99.9%"
     assert report.format_percent(1) == "100%"
     # One formatter for the dashboard's `percent` filter and the CLI table; the old name stays.
-    assert dashboard.format_percent is report.format_percent
+    assert dashboard.format_percent is report.format_percent is records.format_percent
     assert dashboard.format_duration(None) == "—"
     assert dashboard.format_duration(850) == "850 ms"
     assert dashboard.format_duration(1250) == "1.25 s"

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import signal
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .helpers import eventually_sync
 from .procs import RUN_TIMEOUT, Devserver, Spawn
+
+pytestmark = pytest.mark.slow  # devserver children: SIGKILL, restart, hot reload
 
 DURABLE_APP = textwrap.dedent(
     """
@@ -49,18 +51,6 @@ DURABLE_APP = textwrap.dedent(
 )
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    """Poll `predicate()` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)  # poll interval, not a synchronisation point
-
-
 def start(spawn: Spawn, tmp_path: Path, *args: str) -> Devserver:
     child = spawn("--port", "0", "--db", str(tmp_path / "db.sqlite3"), *args)
     child.wait_banner()
@@ -78,18 +68,27 @@ def test_sigkill_between_steps_then_restart_resumes_exactly_once(
     server = start(spawn, tmp_path, *args)
     (event_id,) = server.send({"name": "app/start", "data": {"job": "j1"},
                                "sessions": {"conversation_id": "conv_9"}})
-    wait_for(lambda: effects.exists() and "first" in effects.read_text(), RUN_TIMEOUT,
-             "the first step to commit its side effect")
+    # The kill must come after the first step is committed, not merely after its side effect
+    # (the step's result is written after the effect): then it must never run again.
+    run_id = eventually_sync(lambda: server.get(f"/v1/events/{event_id}/runs")["data"],
+                             "the run to start", RUN_TIMEOUT)[0]["run_id"]
+
+    def first_committed() -> bool:
+        steps = server.get(f"/api/runs/{run_id}")["steps"]
+        return any(s["step_id"] == "first" and s["status"] == "Completed" for s in steps)
+
+    eventually_sync(first_committed, "the first step to be committed", RUN_TIMEOUT)
     server.stop(signal.SIGKILL)
+    assert effects.read_text().split() == ["first"]
 
     restarted = start(spawn, tmp_path, *args)
-    run_id = restarted.get(f"/v1/events/{event_id}/runs")["data"][0]["run_id"]
+    assert [r["run_id"] for r in restarted.get(f"/v1/events/{event_id}/runs")["data"]] == [run_id]
 
     def finished() -> Any:
         run = restarted.get(f"/api/runs/{run_id}")
         return run if run["status"] in ("Completed", "Failed", "Cancelled") else None
 
-    run = wait_for(finished, 3 * RUN_TIMEOUT, "the resumed run to finish")
+    run = eventually_sync(finished, "the resumed run to finish", 3 * RUN_TIMEOUT)
     assert run["status"] == "Completed", run
     assert run["output"] == ["first", "second", "child"]
     assert sorted(effects.read_text().split()) == ["child", "first", "second"]
@@ -135,20 +134,21 @@ def test_editing_the_app_reloads_it_and_a_broken_edit_keeps_the_last_good_code(
             runs = server.get(f"/v1/events/{event_id}/runs")["data"]
             return runs and runs[0]["status"] == "Completed" and runs[0]["output"]
 
-        return wait_for(output, RUN_TIMEOUT, "the ping run")
+        return eventually_sync(output, "the ping run", RUN_TIMEOUT)
 
     assert answer() == "v1"
     app.write_text(RELOAD_APP.replace("VERSION", "v2"))
-    wait_for(lambda: answer() == "v2", RUN_TIMEOUT, "new runs to use the edited code")
+    eventually_sync(lambda: answer() == "v2", "new runs to use the edited code", RUN_TIMEOUT)
 
     app.write_text(RELOAD_APP.replace("VERSION", "v3") + "\nthis is not python(\n")
-    status = wait_for(lambda: (s := server.get("/api/status")["reload"]) and not s["ok"] and s,
-                      RUN_TIMEOUT, "the broken edit to be reported")
+    status = eventually_sync(
+        lambda: (s := server.get("/api/status")["reload"]) and not s["ok"] and s,
+        "the broken edit to be reported", RUN_TIMEOUT)
     assert "SyntaxError" in status["error"]
     assert "hot_app.py" in status["error"]
     assert answer() == "v2"  # the last good code still runs
 
     app.write_text(RELOAD_APP.replace("VERSION", "v4"))
-    wait_for(lambda: server.get("/api/status")["reload"]["ok"], RUN_TIMEOUT, "the fix")
+    eventually_sync(lambda: server.get("/api/status")["reload"]["ok"], "the fix", RUN_TIMEOUT)
     assert answer() == "v4"
     assert server.proc.poll() is None

@@ -12,16 +12,16 @@ import pytest
 import devserver
 from devserver.clock import VirtualClock
 
-from .conftest import (
+from .helpers import (
     MakeServer,
+    eventually,
     get_json,
     idle,
-    run_detail,
-    runs_of,
+    run_doc,
+    runs_of_event,
     send,
     session_doc,
     the_run,
-    wait_until,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -46,7 +46,7 @@ async def test_an_hour_of_sleep_and_inngest_backoff_take_no_wall_time(
     server = await make_server(app, retry_interval=None, clock=clock)
     run = await the_run(http, server, await send(http, server, "app/go"))
     await idle(server)
-    run = await run_detail(http, server, run["run_id"])
+    run = await run_doc(http, server, run["run_id"])
     assert run["status"] == "Completed"
     assert run["output"] == 4
     # 1 h of sleep, then 15 s + 30 s + 1 min + 2 min of backoff, each with up to 30 s jitter.
@@ -127,7 +127,7 @@ async def test_send_event_inherits_sessions_and_runs_exactly_once(
     run = await the_run(http, server, await send(http, server, "app/parent",
                                                  sessions={"conversation_id": "c1"}))
     await idle(server)
-    run = await run_detail(http, server, run["run_id"])
+    run = await run_doc(http, server, run["run_id"])
     assert run["status"] == "Completed"
     assert sent[0] == sent[1] == run["output"]
     assert len(run["output"]) == 2
@@ -177,11 +177,11 @@ async def test_wait_for_event_matches_later_events_by_condition(
     event_id = await send(http, server, "app/order.created", {"order": 1})
 
     async def waiting() -> bool:
-        runs = await runs_of(http, server, event_id)
-        run = await run_detail(http, server, runs[0]["run_id"])
+        runs = await runs_of_event(http, server, event_id)
+        run = await run_doc(http, server, runs[0]["run_id"])
         return any(s["status"] == "Waiting" for s in run["steps"])
 
-    await wait_until(waiting, what="the run to wait for app/order.paid")
+    await eventually(waiting, "the run to wait for app/order.paid")
     await send(http, server, "app/order.paid", {"order": 2})  # another order: no match
     await send(http, server, "app/order.paid", {"order": 1, "amount": 5})
     await idle(server)
@@ -259,7 +259,7 @@ async def test_trigger_filter_expressions(make_server: MakeServer, http: aiohttp
     ids = [await send(http, server, "app/paid", {"amount": amount}) for amount in (5, 50)]
     ids.append(await send(http, server, "app/paid", {}))  # missing field: no match, no error
     await idle(server)
-    assert [len(await runs_of(http, server, i)) for i in ids] == [0, 1, 0]
+    assert [len(await runs_of_event(http, server, i)) for i in ids] == [0, 1, 0]
 
 
 async def test_cancel_on_and_cancel_through_the_api(
@@ -285,9 +285,9 @@ async def test_cancel_on_and_cancel_through_the_api(
                 return False
         return True
 
-    await wait_until(all_sleeping, what="three sleeping runs")
+    await eventually(all_sleeping, "three sleeping runs")
     await send(http, server, "app/job.stopped", {"job": 1})
-    run_two = (await runs_of(http, server, two))[0]["run_id"]
+    run_two = (await runs_of_event(http, server, two))[0]["run_id"]
     async with http.delete(f"{server.url}/v1/runs/{run_two}") as resp:
         assert resp.status == 200
         assert (await resp.json())["data"]["status"] == "Cancelled"
@@ -355,13 +355,13 @@ async def test_cron_functions_fire_on_the_clock(
                                       status="Completed")
         return status == 200 and len(body["runs"]) == 2
 
-    await wait_until(two_runs, what="two cron runs")
+    await eventually(two_runs, "two cron runs")
     _, body = await get_json(http, server, "/api/runs", function_id="cron-tick")
     assert len(body["runs"]) == 2
     stamps = []
     for run in reversed(body["runs"]):
         assert run["event_name"] == "inngest/scheduled.timer"
-        assert (await run_detail(http, server, run["run_id"]))["output"] == "*/5 * * * *"
+        assert (await run_doc(http, server, run["run_id"]))["output"] == "*/5 * * * *"
         _, event = await get_json(http, server, f"/v1/events/{run['event_id']}")
         stamps.append(event["data"]["ts"])
     assert stamps == [start + 4 * 60_000, start + 9 * 60_000]

@@ -1,4 +1,4 @@
-"""Unit tests for devserver.events: the event API body rules (SPEC 2.1, 2.2), with plain values."""
+"""Unit tests for devserver.model.events: the event API body rules (SPEC 2.1, 2.2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devserver.errors import InvalidEvent, PayloadTooLarge
-from devserver.events import (
+from devserver.model.events import (
     MAX_EVENT_BYTES,
     MAX_EVENTS_PER_REQUEST,
     MAX_IDENTIFIER_CHARS,
@@ -611,12 +611,14 @@ def test_arbitrary_bytes(body: bytes) -> None:
     check_outcome(body)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(JSON, st.booleans())
 def test_arbitrary_json(value: Any, ascii_only: bool) -> None:
     check_outcome(json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(st.lists(EVENT, min_size=1, max_size=3) | EVENT, st.booleans())
 def test_arbitrary_events(value: Any, ascii_only: bool) -> None:

@@ -112,6 +112,7 @@ FIXTURE = "\n".join([
 ]) + "\n"
 
 
+@pytest.mark.slow
 def test_a_user_project_gets_a_working_fixture(pytester: pytest.Pytester) -> None:
     pytester.makefile(".py", shop_app=APP)
     pytester.makefile(".py", test_shop=TESTS)
@@ -129,6 +130,7 @@ def test_a_user_project_gets_a_working_fixture(pytester: pytest.Pytester) -> Non
     result.assert_outcomes(passed=7)
 
 
+@pytest.mark.slow
 def test_marker_options_are_checked(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
@@ -144,8 +146,8 @@ def test_marker_options_are_checked(pytester: pytest.Pytester) -> None:
 
 
 def test_a_fixture_with_a_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    from devserver.cli.replay import read_events
     from devserver.errors import UserError
-    from devserver.replay import read_events
 
     path = tmp_path / "bad.jsonl"
     path.write_text('{"name": "ok"}\n\n{"name": ""}\n')

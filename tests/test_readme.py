@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs pytest in a subprocess
+
 pytest_plugins = ["pytester"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 

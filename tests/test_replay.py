@@ -23,10 +23,13 @@ import pytest
 from aiohttp import web
 
 import devserver
-from devserver import cli, demo, replay, report
-from devserver.records import StoredEvent
-from devserver.store import Store
+from devserver import demo
+from devserver.cli import main as cli
+from devserver.cli import replay, report
+from devserver.model.records import StoredEvent
+from devserver.store.facade import Store
 
+from .helpers import eventually_sync
 from .procs import ERROR_PREFIX, ERROR_TIMEOUT, RUN_TIMEOUT, Devserver, Spawn
 
 APP_SOURCE = textwrap.dedent(
@@ -138,6 +141,7 @@ def figures(doc: dict[str, Any]) -> tuple[Any, ...]:
 # replay --url
 
 
+@pytest.mark.slow
 def test_replay_url_sends_every_file_in_order_and_matches_in_process_figures(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -182,6 +186,7 @@ def test_replay_url_sends_every_file_in_order_and_matches_in_process_figures(
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_replay_url_env_header_and_wait_prints_the_summary(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -204,6 +209,7 @@ def test_replay_url_env_header_and_wait_prints_the_summary(
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_replay_url_accepts_a_full_event_api_url_and_shows_progress_for_long_files(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -227,6 +233,7 @@ def test_replay_url_accepts_a_full_event_api_url_and_shows_progress_for_long_fil
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_bad_line_is_reported_with_file_and_line_and_nothing_is_sent(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -330,6 +337,7 @@ def test_replay_usage_errors_exit_2_with_one_line(
         one_error_line(err, mention)
 
 
+@pytest.mark.slow
 def test_replay_url_to_nothing_listening_or_the_wrong_path_exits_2(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -489,6 +497,7 @@ def test_timing_original_keeps_the_gaps_on_the_virtual_clock(
         ("flow/confirm", T0 + 300_000, T0 + 300_000)]
 
 
+@pytest.mark.slow
 def test_timing_original_over_http_waits_each_gap_capped(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -566,6 +575,7 @@ ROUND_TRIP_SESSIONS = {
 }
 
 
+@pytest.mark.slow
 def test_export_then_replay_into_an_empty_db_reproduces_each_session(
     spawn: Spawn, app_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -686,6 +696,7 @@ def test_export_errors_exit_2_with_one_line(
 # serve --replay and --demo
 
 
+@pytest.mark.slow
 def test_serve_replay_preloads_fixtures_before_the_banner(
     spawn: Spawn, app_file: Path, tmp_path: Path,
 ) -> None:
@@ -706,6 +717,7 @@ def test_serve_replay_preloads_fixtures_before_the_banner(
     assert child.stop() == 0
 
 
+@pytest.mark.slow
 def test_serve_replay_with_a_bad_file_exits_2_before_serving(
     spawn: Spawn, app_file: Path, tmp_path: Path,
 ) -> None:
@@ -723,18 +735,20 @@ def test_serve_replay_with_a_bad_file_exits_2_before_serving(
 
 def wait_for_failed_session(child: Devserver, timeout: float = RUN_TIMEOUT) -> list[Any]:
     """Poll the conversation list until a session shows a failed run."""
-    deadline = time.monotonic() + timeout
-    while True:
-        sessions = child.get("/api/sessions", identifier="conversation_id")["sessions"]
-        if any(s["failed_runs"] for s in sessions):
-            return list(sessions)
-        if time.monotonic() > deadline:
-            pytest.fail(f"no failed run in the demo after {timeout}s: {sessions!r}")
+    last: list[Any] = []
+
+    def failed() -> list[Any] | None:
+        last[:] = child.get("/api/sessions", identifier="conversation_id")["sessions"]
+        if any(s["failed_runs"] for s in last):
+            return list(last)
         if child.proc.poll() is not None:
             pytest.fail(f"devserver exited with {child.proc.returncode}: {child.stderr()}")
-        time.sleep(0.02)  # poll interval, not a synchronisation point
+        return None
+
+    return list(eventually_sync(failed, lambda: f"a failed run in the demo: {last!r}", timeout))
 
 
+@pytest.mark.slow
 def test_demo_starts_with_a_populated_sessions_dashboard(spawn: Spawn, tmp_path: Path) -> None:
     child = spawn("--demo", "--port", "0", "--retry-interval", "0")
     banner = "\n".join(child.wait_banner())
@@ -757,6 +771,7 @@ def test_demo_starts_with_a_populated_sessions_dashboard(spawn: Spawn, tmp_path:
     assert not (tmp_path / ".devserver").exists()
 
 
+@pytest.mark.slow
 def test_demo_with_db_keeps_its_data(spawn: Spawn, tmp_path: Path) -> None:
     db = tmp_path / "demo.sqlite3"
     child = spawn("--demo", "--port", "0", "--retry-interval", "0", "--db", str(db))

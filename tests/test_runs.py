@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 
 import devserver
-from devserver.server import Server
+from devserver.web.server import Server
 
-from .conftest import MakeServer, get_json, idle, runs_of, send, the_run
+from .helpers import MakeServer, get_json, idle, runs_of_event, send, the_run
 
 pytestmark = pytest.mark.asyncio
 
@@ -49,7 +49,7 @@ async def test_async_function_runs_memoized_step_and_records_output(
 
     server = await make_server(app)
     event_id = await send(http, server, "app/message.created", {"messageId": 7},
-                          {"conversation_id": "conv_1"})
+                          sessions={"conversation_id": "conv_1"})
     run = await only_run(http, server, event_id)
     assert run["status"] == "Completed"
     assert run["function_id"] == "bot-summarize"
@@ -118,7 +118,7 @@ async def test_wildcard_and_multiple_triggers(
     ids = {name: await send(http, server, name) for name in cases}
     await idle(server)
     for name, expected in cases.items():
-        runs = await runs_of(http, server, ids[name])
+        runs = await runs_of_event(http, server, ids[name])
         assert {r["function_id"] for r in runs} == expected, name
         assert all(r["status"] == "Completed" and r["output"] == name for r in runs)
 
@@ -447,6 +447,7 @@ async def test_a_function_past_its_timeout_fails_alone(
     assert (await only_run(http, server, await send(http, server, "app/ok")))["output"] == "fine"
 
 
+@pytest.mark.slow
 async def test_the_watchdog_names_a_run_that_blocks_the_event_loop(
     make_server: MakeServer, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -458,10 +459,10 @@ async def test_the_watchdog_names_a_run_that_blocks_the_event_loop(
         return "done"
 
     server = await make_server(app, watchdog_threshold=0.3)
-    with caplog.at_level(logging.WARNING, logger="devserver.watchdog"):
+    with caplog.at_level(logging.WARNING, logger="devserver.runtime.watchdog"):
         run = await only_run(http, server, await send(http, server, "app/block"))
     assert run["output"] == "done"
-    warnings = [r.getMessage() for r in caplog.records if r.name == "devserver.watchdog"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "devserver.runtime.watchdog"]
     assert warnings, "the watchdog said nothing"
     assert f"run {run['run_id']} of blocker-blocks" in warnings[0]
     assert "blocking code" in warnings[0]

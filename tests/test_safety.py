@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import devserver
-from devserver.cli import exposure_warning
-from devserver.schema import SCHEMA_VERSION
-from devserver.server import Config, Server
+from devserver.cli.main import exposure_warning
+from devserver.store.schema import SCHEMA_VERSION
+from devserver.web.server import Config, Server
 
 from .procs import START_TIMEOUT, Spawn
 from .test_store import make_v1_database
@@ -40,6 +40,7 @@ async def test_only_a_non_loopback_address_gets_the_warning(host: str, warned: b
         assert "--host 127.0.0.1" in warning
 
 
+@pytest.mark.slow
 def test_serve_on_0_0_0_0_prints_one_warning_line_and_the_default_prints_none(
     spawn: Spawn, tmp_path: Path
 ) -> None:
@@ -62,6 +63,7 @@ def test_serve_on_0_0_0_0_prints_one_warning_line_and_the_default_prints_none(
     assert "warning" not in local.stderr()
 
 
+@pytest.mark.slow
 def test_an_older_database_is_upgraded_when_the_server_starts(
     spawn: Spawn, tmp_path: Path
 ) -> None:
@@ -99,7 +101,7 @@ def _sql_calls(tree: ast.AST) -> list[ast.Call]:
             and isinstance(node.func, ast.Attribute) and node.func.attr in SQL_CALLS]
 
 
-STORE_MODULES = ("store.py", "queries.py", "schema.py")
+STORE_MODULES = ("store/facade.py", "store/queries.py", "store/schema.py")
 """The store's modules: the only ones with SQL."""
 
 
@@ -124,22 +126,24 @@ def test_sql_interpolates_only_whitelisted_names() -> None:
 
 
 def test_only_the_store_talks_to_sqlite() -> None:
-    for module in sorted(PACKAGE.glob("*.py")):
+    for module in sorted(PACKAGE.rglob("*.py")):
+        name = module.relative_to(PACKAGE).as_posix()
         tree = ast.parse(module.read_text())
         imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                    for alias in node.names}
         imports |= {node.module or "" for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom)}
-        if module.name in (*STORE_MODULES, "bench.py"):  # bench only prints SQLite's version
+        if name.startswith("store/") or name == "bench/run.py":  # bench prints SQLite's version
             continue
-        assert not imports & {"sqlite3", "aiosqlite"}, module.name
+        assert not imports & {"sqlite3", "aiosqlite"}, name
 
 
 FILE_CALLS = {"open", "read_bytes", "read_text", "write_bytes", "write_text", "unlink",
               "rmtree", "mkdir", "FileResponse", "add_static", "iterdir", "glob"}
-REQUEST_MODULES = ("api.py", "dashboard.py", "sdk.py", "sdk_protocol.py", "sdk_registration.py",
-                   "sdk_runs.py", "export.py", "events.py")
-STARTUP_ONLY = {("dashboard.py", "load_assets")}
+REQUEST_MODULES = ("web/api.py", "web/dashboard.py", "web/sdk_routes.py", "sdk/apps.py",
+                   "sdk/protocol.py", "sdk/registration.py", "sdk/executor.py",
+                   "model/fixtures.py", "model/events.py")
+STARTUP_ONLY = {("web/dashboard.py", "load_assets")}
 """Functions allowed to touch files: they run once at start, on the package's own folder."""
 
 

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 
+from devserver.app import NonRetriableError, RetryAfterError
 from devserver.errors import UserError
-from devserver.functions import NonRetriableError, RetryAfterError
 from devserver.ids import is_ulid, ulid_time_ms
-from devserver.invocation import error_info
-from devserver.records import COMPLETED, FAILED, StepAttempt, StoredEvent
-from devserver.sdk import normalize_url
-from devserver.sdk_protocol import (
+from devserver.model.failures import error_info
+from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
+from devserver.model.triggers import CronTrigger
+from devserver.sdk.apps import normalize_url
+from devserver.sdk.protocol import (
     Op,
     ProtocolError,
     SdkError,
@@ -39,8 +40,7 @@ from devserver.sdk_protocol import (
     step_uid,
     timeout_seconds,
 )
-from devserver.sdk_registration import parse_registration
-from devserver.triggers import CronTrigger
+from devserver.sdk.registration import parse_registration
 
 with warnings.catch_warnings():
     # inngest 0.5.19 declares pydantic models with v1-style `class Config` (deprecated).

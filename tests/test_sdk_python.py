@@ -27,10 +27,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 import devserver
 from devserver.clock import VirtualClock
 from devserver.ids import ulid_time_ms
-from devserver.records import COMPLETED
-from devserver.server import Server
+from devserver.model.records import COMPLETED
+from devserver.web.server import Server
 
-from .sdk_support import (
+from .helpers import (
     attempts,
     eventually,
     free_port,
@@ -41,6 +41,7 @@ from .sdk_support import (
     runs_of_event,
     runs_of_function,
     sdk_server,
+    send,
     the_run,
     waiting_step,
 )
@@ -51,7 +52,7 @@ with warnings.catch_warnings():
     import inngest
     import inngest.flask
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]  # real SDK apps over HTTP
 APP = "shop"
 
 
@@ -174,14 +175,6 @@ async def synced_app(server: Server, apps: list[FlaskApp]) -> FlaskApp:
     result = await server.sdk.sync(app.url)
     assert result.ok, result
     return app
-
-
-async def send_with_sessions(http: aiohttp.ClientSession, server: Server,
-                             name: str, data: dict[str, Any], sessions: dict[str, Any]) -> str:
-    status, body = await post(http, server, "/e/any-key",
-                              {"name": name, "data": data, "sessions": sessions})
-    assert status == 200, body
-    return str(body["ids"][0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,8 +343,8 @@ async def test_retries_to_success_to_failure_on_failure_and_session_figures(
     async with sdk_server(tmp_path) as server:
         await synced_app(server, apps)
         session = {"customer": "c_42"}
-        charge_event = await send_with_sessions(http, server, "shop/charge", {}, session)
-        ship_event = await send_with_sessions(http, server, "shop/ship", {}, session)
+        charge_event = await send(http, server, "shop/charge", sessions=session)
+        ship_event = await send(http, server, "shop/ship", sessions=session)
         await idle(server)
 
         charge = await the_run(http, server, charge_event)

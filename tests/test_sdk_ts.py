@@ -26,9 +26,9 @@ import pytest
 
 from devserver.clock import VirtualClock
 from devserver.ids import ulid_time_ms
-from devserver.server import Server
+from devserver.web.server import Server
 
-from .sdk_support import (
+from .helpers import (
     attempts,
     eventually,
     free_port,
@@ -42,7 +42,8 @@ from .sdk_support import (
     waiting_step,
 )
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(300)]  # the first npm install
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow,
+              pytest.mark.timeout(300)]  # the first npm install
 APP_SCRIPT = Path(__file__).with_name("sdk_ts_app.cjs")
 NPM_SPEC = "inngest@4"
 NPM_DIR = Path(os.environ.get("DEVSERVER_TEST_NPM_DIR")

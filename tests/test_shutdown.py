@@ -18,6 +18,8 @@ import pytest
 
 from .procs import EXIT_TIMEOUT, FINAL_STATUSES, RUN_TIMEOUT, Devserver, Http, Spawn
 
+pytestmark = pytest.mark.slow  # devserver children stopped by signals
+
 SHUTDOWN_APP = textwrap.dedent(
     """
     import asyncio

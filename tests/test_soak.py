@@ -24,8 +24,10 @@ import pytest
 
 import devserver
 
-from .conftest import MakeServer, get_json, idle, post_events
+from .helpers import MakeServer, get_json, idle, post_events
 from .procs import Http, Spawn
+
+pytestmark = pytest.mark.slow  # a timed soak with a devserver child
 
 SOAK_SECONDS = float(os.environ.get("DEVSERVER_SOAK_SECONDS", "20"))
 WRITERS = 4

@@ -10,15 +10,17 @@ import pytest
 
 from devserver.errors import ConfigError
 from devserver.ids import new_ulid
-from devserver.records import NewEvent, NewRun, StepAttempt
-from devserver.schema import SCHEMA, SCHEMA_VERSION, seed_runs, statements
-from devserver.store import Store
+from devserver.model.records import NewEvent, NewRun, StepAttempt
+from devserver.store.facade import Store
+from devserver.store.schema import SCHEMA_VERSION, seed_runs, statements
+
+SCHEMA_V1 = (Path(__file__).parent / "schema_v1.sql").read_text()
 
 
 def make_v1_database(path: Path) -> None:
     """A database as devserver's first schema version left it, with one event in it."""
     db = sqlite3.connect(path, isolation_level=None)
-    for statement in statements(SCHEMA):
+    for statement in statements(SCHEMA_V1):
         db.execute(statement)
     db.execute("INSERT INTO events (internal_id, env, name, ts, received_at, data, sessions) "
                "VALUES ('01J00000000000000000000000', 'dev', 'app/old', 1, 1, '{}', '{}')")
@@ -43,6 +45,32 @@ async def test_an_older_database_migrates_on_open_and_keeps_its_data(tmp_path: P
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "events_by_name" in indexes
     db.close()
+
+
+def _shape(path: Path) -> list[tuple[str, str, str, str]]:
+    """Every table, index and trigger of a database, with its SQL (whitespace normalised)."""
+    db = sqlite3.connect(path)
+    try:
+        return sorted((kind, name, table, " ".join((sql or "").split())) for kind, name, table, sql
+                      in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    finally:
+        db.close()
+
+
+@pytest.mark.asyncio
+async def test_an_upgraded_database_has_exactly_the_shape_of_a_new_one(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.sqlite3", tmp_path / "new.sqlite3"
+    make_v1_database(old)
+    for path in (old, new):
+        store = Store(path)
+        await store.open()
+        await store.close()
+    assert _shape(old) == _shape(new)
+    assert len(_shape(new)) > 10
+    for path in (old, new):
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.close()
 
 
 @pytest.mark.asyncio

@@ -12,13 +12,18 @@ import threading
 import pytest
 
 import devserver
+from devserver.app import FunctionDef, RetryAfterError, kebab_case
 from devserver.clock import VirtualClock
-from devserver.crons import CronSchedule
 from devserver.errors import UserError
-from devserver.functions import FunctionDef, RetryAfterError, kebab_case
 from devserver.ids import UlidGenerator, is_ulid, new_ulid, ulid_time_ms
-from devserver.retry import INNGEST_BACKOFF_SECONDS, FixedBackoff, InngestBackoff, max_attempts
-from devserver.triggers import CronTrigger, TriggerIndex, parse_event_trigger
+from devserver.model.retry import (
+    INNGEST_BACKOFF_SECONDS,
+    FixedBackoff,
+    InngestBackoff,
+    max_attempts,
+)
+from devserver.model.triggers import CronTrigger, TriggerIndex, parse_event_trigger
+from devserver.runtime.crons import CronSchedule
 
 
 @pytest.mark.parametrize(
@@ -174,9 +179,9 @@ def test_duplicate_function_ids_and_bad_app_ids_are_refused() -> None:
 def test_starting_the_server_does_not_load_the_cel_library() -> None:
     """`cel` loads its own command line (rich, prompt_toolkit) on import, a sixth of the
     start-up; it is imported when the first expression is compiled, not before."""
-    code = ("import sys, devserver.cli, devserver.server, devserver.testing\n"
+    code = ("import sys, devserver.cli.main, devserver.web.server, devserver.testing\n"
             "assert 'cel' not in sys.modules, 'cel imported at start-up'\n"
-            "from devserver.expressions import Expression\n"
+            "from devserver.model.expressions import Expression\n"
             "assert Expression('event.data.n > 1').matches(event={'data': {'n': 2}})\n"
             "assert 'cel' in sys.modules\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

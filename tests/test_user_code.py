@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 
 import devserver
-from devserver.invocation import MAX_ERROR_CHARS, MAX_OUTPUT_BYTES
-from devserver.logs import MAX_LOG_CHARS
+from devserver.cli.logs import MAX_LOG_CHARS
+from devserver.model.failures import MAX_ERROR_CHARS
+from devserver.runtime.invocation import MAX_OUTPUT_BYTES
 
-from .conftest import MakeServer, get_json, idle, post_events
+from .helpers import MakeServer, get_json, idle, post_events, send, the_run
 from .procs import RUN_TIMEOUT, Http, Spawn
 
 
@@ -26,15 +27,10 @@ class Boom(BaseException):
 
 
 async def run_of(http: aiohttp.ClientSession, server: Any, name: str) -> dict[str, Any]:
-    status, body = await post_events(http, server, {"name": name, "sessions": {"case": name}})
-    assert status == 200, body
+    """Send event `name` (in session case=name) and return its one run once the server idles."""
+    event_id = await send(http, server, name, sessions={"case": name})
     await idle(server)
-    status, runs = await get_json(http, server, f"/v1/events/{body['ids'][0]}/runs")
-    assert status == 200, runs
-    assert len(runs["data"]) == 1, runs
-    status, run = await get_json(http, server, f"/api/runs/{runs['data'][0]['run_id']}")
-    assert status == 200, run
-    return run
+    return await the_run(http, server, event_id)
 
 
 @pytest.mark.asyncio
@@ -182,6 +178,7 @@ LOUD_APP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_function_that_logs_megabytes_gets_its_lines_cut_and_the_server_keeps_answering(
     spawn: Spawn, tmp_path: Path
 ) -> None:

@@ -1,0 +1,232 @@
+"""The summary of a replay: what it holds, how it is gathered, and how the terminal shows it.
+
+A `Report` holds per-session figures (`SessionRow`) and the runs that failed (`FailedRun`). It is
+filled from a running server over HTTP (`server_report`, for `replay --url --wait`) or from the
+private store of an in-process replay (`fill_report`, for `replay --app`), and rendered as the
+command line's per-session table and failed-run list (`print_report`).
+
+`devserver.model.records.format_percent` is the one way a failure rate is written, in the
+terminal table and on the dashboard (where it is the `percent` Jinja filter), so both read the
+same.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from devserver.model.events import validate_event
+from devserver.model.records import FAILED, QUEUED, RUNNING, RunRecord, format_percent
+from devserver.store.facade import Store
+
+FAILED_LISTED = 20
+"""Failed runs described in a report; the count goes on beyond it."""
+VALUE_WIDTH = 40
+FUNCTIONS_WIDTH = 400
+
+
+# ---------------------------------------------------------------------------------------------
+# What a report holds
+
+
+@dataclass
+class SessionRow:
+    """One session's figures in a report."""
+
+    identifier: str
+    value: str
+    runs: int
+    failed_runs: int
+    functions: list[str] = field(default_factory=list)
+
+    @property
+    def failure_rate(self) -> float:
+        """failed_runs / runs, 0 without runs."""
+        return self.failed_runs / self.runs if self.runs else 0.0
+
+
+@dataclass
+class FailedRun:
+    """A failed run in a report."""
+
+    run_id: str
+    function_id: str
+    event_name: str
+    sessions: dict[str, str]
+    error: str
+
+
+@dataclass
+class Report:
+    """The outcome of a replay: per-session figures and the runs that failed."""
+
+    events: int
+    sessions: list[SessionRow] = field(default_factory=list)
+    failed: list[FailedRun] = field(default_factory=list)
+    failed_total: int = 0
+    unfinished: int = 0
+    timed_out: bool = False
+    virtual_ms: int = 0
+    """How far virtual time moved (sleeps, backoff and gaps that took no wall time)."""
+
+    @property
+    def ok(self) -> bool:
+        """No run failed and everything finished in time."""
+        return self.failed_total == 0 and not self.timed_out
+
+
+def _error_text(error: Any) -> str:
+    if not isinstance(error, dict):
+        return ""
+    text = f"{error.get('name') or 'Error'}: {error.get('message') or ''}".strip()
+    if error.get("step_id"):
+        text += f" (step {error['step_id']!r})"
+    return " ".join(text.split())
+
+
+def _failed_run(run: RunRecord) -> FailedRun:
+    return FailedRun(run.run_id, run.function_id, run.event_name, dict(run.sessions),
+                     _error_text(run.error))
+
+
+# ---------------------------------------------------------------------------------------------
+# Filling one
+
+
+async def server_report(
+    base_url: str, session: aiohttp.ClientSession, events: list[dict[str, Any]], env: str | None,
+) -> Report:
+    """The figures of every session the events carry, and their failed runs, read over HTTP."""
+    keys: dict[tuple[str, str], None] = {}
+    for index, event in enumerate(events):
+        for ident, value in validate_event(event, index).sessions.items():
+            keys[(ident, value)] = None
+    report = Report(events=len(events))
+    failed: dict[str, FailedRun] = {}
+    unfinished: set[str] = set()
+    for ident, value in sorted(keys):
+        params = {"identifier": ident, "value": value, "limit": "500"}
+        if env is not None:
+            params["env"] = env
+        async with session.get(f"{base_url}/api/session", params=params) as resp:
+            if resp.status != 200:
+                continue
+            doc = await resp.json()
+        stats = doc["stats"]
+        report.sessions.append(SessionRow(ident, value, stats["runs"], stats["failed_runs"],
+                                list(stats["functions"])))
+        for run in doc["runs"]:
+            if run["status"] in (QUEUED, RUNNING):
+                unfinished.add(run["run_id"])
+            if run["status"] == FAILED and run["run_id"] not in failed:
+                failed[run["run_id"]] = FailedRun(run["run_id"], run["function_id"],
+                                                  run["event_name"], {ident: value}, "")
+    for run in list(failed.values())[:FAILED_LISTED]:
+        async with session.get(f"{base_url}/api/runs/{urllib.parse.quote(run.run_id)}") as resp:
+            if resp.status == 200:
+                detail = await resp.json()
+                run.sessions = dict(detail.get("sessions") or run.sessions)
+                run.error = _error_text(detail.get("error"))
+    report.failed_total = len(failed)
+    report.failed = list(failed.values())[:FAILED_LISTED]
+    report.unfinished = len(unfinished)
+    return report
+
+
+async def fill_report(report: Report, store: Store, env: str) -> None:
+    """Add every session of `env` in `store`, its failed runs and its unfinished count."""
+    for summary in await store.identifiers(env):
+        cursor: str | None = None
+        while True:
+            page = await store.sessions(env, summary.identifier, sort="value", limit=500,
+                                        cursor=cursor)
+            report.sessions.extend(
+                SessionRow(s.identifier, s.value, s.runs, s.failed_runs, list(s.functions))
+                for s in page.rows)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+    failed = await store.runs(env, status=FAILED, limit=1000)
+    report.failed_total = len(failed)
+    report.failed = [_failed_run(run) for run in reversed(failed)][:FAILED_LISTED]
+    for status in (QUEUED, RUNNING):
+        report.unfinished += len(await store.runs(env, status=status, limit=1000))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _cell(text: str, width: int) -> str:
+    shown = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                    for ch in text)
+    return shown if len(shown) <= width else shown[:width - 1] + "…"
+
+
+def pick_rows(rows: list[SessionRow], limit: int) -> tuple[list[SessionRow], int]:
+    """At most `limit` rows (0: all), sessions with failed runs first; (rows, rows left out).
+    The rows come back sorted by identifier, then value."""
+    ordered = sorted(rows, key=lambda r: (r.identifier, r.value))
+    if limit <= 0 or len(ordered) <= limit:
+        return ordered, 0
+    chosen = sorted(ordered, key=lambda r: (r.failed_runs == 0, -r.failed_runs))[:limit]
+    return sorted(chosen, key=lambda r: (r.identifier, r.value)), len(ordered) - limit
+
+
+def format_table(rows: list[SessionRow], limit: int = 100) -> str:
+    """The per-session table: identifier, value, runs, failed, failure rate, functions."""
+    if not rows:
+        return "no sessions: none of the events carried sessions"
+    shown, left_out = pick_rows(rows, limit)
+    header = ("IDENTIFIER", "VALUE", "RUNS", "FAILED", "RATE", "FUNCTIONS")
+    body = [(_cell(r.identifier, VALUE_WIDTH), _cell(r.value, VALUE_WIDTH), str(r.runs),
+             str(r.failed_runs), format_percent(r.failure_rate),
+             _cell(", ".join(r.functions) or "-", FUNCTIONS_WIDTH)) for r in shown]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = []
+    for row in [header, *body]:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2].rjust(widths[2]),
+                 row[3].rjust(widths[3]), row[4].rjust(widths[4]), row[5]]
+        lines.append("  ".join(cells).rstrip())
+    if left_out:
+        failing = sum(1 for r in rows if r.failed_runs)
+        lines.append(f"... {left_out} more sessions not shown ({failing} of {len(rows)} have "
+                     "failed runs, listed first); --limit 0 shows every session")
+    return "\n".join(lines)
+
+
+def format_failed(failed: list[FailedRun], total: int) -> str:
+    """The failed runs, two lines each: function, run id, trigger and sessions; the error."""
+    if not total:
+        return ""
+    more = "+" if total >= 1000 else ""
+    lines = [f"{total}{more} failed run{'s' if total != 1 else ''}:"]
+    for run in failed:
+        sessions = " ".join(f"{k}={_cell(v, VALUE_WIDTH)}" for k, v in run.sessions.items())
+        lines.append(f"  {run.function_id}  run {run.run_id}  on {run.event_name}"
+                     + (f"  [{sessions}]" if sessions else ""))
+        if run.error:
+            lines.append(f"      {_cell(run.error, 200)}")
+    if total > len(failed):
+        lines.append(f"  ... and {total - len(failed)}{more} more")
+    return "\n".join(lines)
+
+
+def print_report(report: Report, limit: int) -> None:
+    """Print the summary on stdout: the table, the failed runs, unfinished runs, the result.
+
+    The command line's output (the one place that prints); the tables come from the pure
+    `format_table` and `format_failed`.
+    """
+    print(format_table(report.sessions, limit))
+    failed = format_failed(report.failed, report.failed_total)
+    if failed:
+        print(failed)
+    if report.unfinished:
+        print(f"{report.unfinished} run(s) still unfinished (waiting for an event or an "
+              "invoked run that never came)")
+    print("result: " + ("ok, no run failed" if report.ok else
+                        "FAILED" if report.failed_total else "TIMED OUT"))

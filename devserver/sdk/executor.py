@@ -1,0 +1,255 @@
+"""Runs of Inngest SDK functions: one invocation of a run, driven through the SDK call protocol.
+
+The SDK app holds the code; this server holds the state. Each call sends the run's event and
+the memo of finished steps (keyed by hashed step ids) to the function's URL; the app runs the
+function from the top, replays the memo, and answers 200 with the function's output or 206
+with what it wants next: a step's result to commit (`StepRun`), a step error (`StepError`,
+`StepFailed`), steps to run one by one (`StepPlanned`), or something to wait for (`Sleep`,
+`WaitForEvent`, `InvokeFunction`). Every step kind is committed through `Invocation`, the same
+durable logic local functions use, so SDK runs are recorded, retried, woken and shown exactly
+like local ones. Errors leave as the exceptions the runner already understands: `Reschedule`
+to wait, `SdkError` (retried), `SdkNonRetriableError`, `SdkRetryAfterError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import aiohttp
+
+from devserver import __version__
+from devserver.app import NonRetriableError, StepError
+from devserver.clock import Clock
+from devserver.errors import Reschedule, UserError
+from devserver.jsontext import dump_json
+from devserver.runtime.invocation import Invocation
+from devserver.sdk.protocol import (
+    OP_INVOKE,
+    OP_RUN_COMPLETE,
+    OP_SLEEP,
+    OP_STEP_ERROR,
+    OP_STEP_FAILED,
+    OP_STEP_PLANNED,
+    OP_STEP_RUN,
+    OP_WAIT_FOR_EVENT,
+    ROOT_STEP,
+    SERVER_KIND,
+    SERVER_KIND_HEADER,
+    Op,
+    ProtocolError,
+    Reply,
+    SdkError,
+    SdkNonRetriableError,
+    call_body,
+    call_url,
+    error_doc,
+    read_reply,
+    sdk_error,
+    sleep_until_ms,
+    step_uid,
+    timeout_seconds,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_CALLS = 1000
+"""Calls one invocation may make: a guard against an app that plans steps forever."""
+DEFAULT_CALL_TIMEOUT = 900.0
+"""Seconds one call may take (the app runs a whole step within it)."""
+CONNECT_TIMEOUT = 10.0
+USER_AGENT = f"devserver/{__version__}"
+
+
+class SdkExecutor:
+    """Executes invocations of SDK functions (`FunctionDef.remote`) for the runner."""
+
+    def __init__(self, clock: Clock, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+        self.clock = clock
+        self.call_timeout = call_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """Open the HTTP client."""
+        timeout = aiohttp.ClientTimeout(total=self.call_timeout, connect=CONNECT_TIMEOUT)
+        self._session = aiohttp.ClientSession(timeout=timeout)
+
+    async def close(self) -> None:
+        """Close the HTTP client."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __call__(self, inv: Invocation) -> Any:
+        """Drive one invocation: returns the function's output, or raises what the runner
+        handles (`Reschedule`, an `SdkError`)."""
+        url = inv.function.remote
+        assert url is not None
+        await self._settle(inv)
+        targets: deque[str] = deque()  # planned steps to run, one call each
+        planned_at: dict[str, int] = {}  # the attempt each was planned in
+        retries: list[tuple[Op, Reply, int, int]] = []  # step errors to record once done
+        waits: list[int | None] = []
+        parallel = False
+        for _ in range(MAX_CALLS):
+            if not targets and retries:
+                waits.extend(await self._record_retries(inv, retries))
+            if not targets and waits:
+                raise Reschedule(_earliest(waits))
+            target = targets.popleft() if targets else ROOT_STEP
+            inv.attempt = planned_at.pop(target, inv.attempt)
+            started = self.clock.now_ms()
+            reply = await self._call(inv, url, target, parallel)
+            if reply.ops is None:
+                if reply.error is not None:
+                    raise sdk_error(reply.error, no_retry=reply.no_retry,
+                                    retry_at_ms=reply.retry_at_ms)
+                return reply.output
+            planned: list[str] = []
+            for op in reply.ops:
+                if op.op == OP_RUN_COMPLETE:
+                    return op.data
+                if op.op == OP_STEP_PLANNED:
+                    if op.id not in targets and op.id not in planned:
+                        planned.append(op.id)
+                        planned_at[op.id] = inv.attempt
+                elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
+                    try:
+                        await self._wait(inv, op, step_uid(op), started)
+                    except Reschedule as wait:  # waiting now; planned steps may still run
+                        waits.append(wait.at_ms)
+                elif self._will_retry(inv, op, reply):
+                    # Recorded after the other planned steps ran: a retry reschedules the
+                    # run, and a sibling's success must not reset this step's attempt count.
+                    retries.append((op, reply, started, inv.attempt))
+                else:
+                    await self._apply(inv, op, reply, started)
+            parallel = parallel or len(planned) > 1
+            targets.extend(planned)
+        raise SdkNonRetriableError({
+            "name": "StepLimitError", "stack": None,
+            "message": f"the app was called {MAX_CALLS} times in one go without finishing: "
+                       "does it plan the same steps again and again?"})
+
+    @staticmethod
+    def _will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
+        """Whether a step error leaves the step attempts (so the run is rescheduled)."""
+        if op.op not in (OP_STEP_ERROR, OP_STEP_FAILED) or step_uid(op) in inv.memo:
+            return False
+        final = op.op == OP_STEP_FAILED or reply.no_retry
+        return not final and inv.can_retry(sdk_error({}, no_retry=False,
+                                                     retry_at_ms=reply.retry_at_ms))
+
+    async def _record_retries(self, inv: Invocation,
+                              retries: list[tuple[Op, Reply, int, int]]) -> list[int | None]:
+        """Record step errors that will be retried; returns when to retry them."""
+        due: list[int | None] = []
+        for op, reply, started, attempt in retries:
+            inv.attempt = attempt
+            try:
+                await self._apply(inv, op, reply, started)
+            except Reschedule as retry:
+                due.append(retry.at_ms)
+        retries.clear()
+        return due
+
+    async def _settle(self, inv: Invocation) -> None:
+        """Check what the run waits for before calling the app: nothing to do while it waits."""
+        waits: list[int | None] = []
+        for uid in list(inv.pending):
+            try:
+                await inv.settle(uid)
+            except Reschedule as wait:
+                waits.append(wait.at_ms)
+            except StepError:
+                pass  # a failed invoke, now memoized: the app raises it in the function
+        if waits and inv.attempt == 0:
+            raise Reschedule(_earliest(waits))
+        # A step retry is pending beside the waits (parallel steps): call the app, which
+        # runs the step again and reports the waits, still pending, once more.
+
+    async def _apply(self, inv: Invocation, op: Op, reply: Reply, started: int) -> None:
+        """Commit what one opcode reports, through the durable logic of its step kind."""
+        uid = step_uid(op)
+        if op.op == OP_STEP_RUN:
+            if uid not in inv.memo:
+                await inv.step_succeeded(uid, op.data, started)
+        elif op.op in (OP_STEP_ERROR, OP_STEP_FAILED):
+            if uid in inv.memo:
+                return
+            final = op.op == OP_STEP_FAILED or reply.no_retry
+            error = error_doc(op.error, f"step {uid!r} failed")
+            try:
+                await inv.step_failed(uid, sdk_error(error, no_retry=final,
+                                                     retry_at_ms=reply.retry_at_ms), started)
+            except StepError:
+                pass  # spent: memoized as an error, which the app raises in the function
+        else:
+            raise SdkNonRetriableError({
+                "name": "UnsupportedStepError", "stack": None,
+                "message": f"step {uid!r} uses {op.op}, which devserver does not support "
+                           "(supported: step.run, sleep, waitForEvent, invoke, sendEvent)"})
+
+    async def _wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
+        now = self.clock.now_ms()
+        kind = {OP_SLEEP: "sleep", OP_WAIT_FOR_EVENT: "wait_for_event"}.get(op.op, "invoke")
+        try:
+            if op.op == OP_SLEEP:
+                until = None if uid in inv.pending else sleep_until_ms(op, now)
+                await inv.sleep_until_step(uid, until)
+            elif op.op == OP_WAIT_FOR_EVENT:
+                event = op.opts.get("event") or op.name
+                timeout = timeout_seconds(op.opts.get("timeout"), now, f"step {uid!r} timeout")
+                if timeout is None and uid not in inv.pending:
+                    raise ProtocolError(f"step {uid!r}: waitForEvent needs a timeout")
+                condition = op.opts.get("if")
+                await inv.wait_for_event_step(
+                    uid, event, timeout or 0,
+                    condition if isinstance(condition, str) and condition else None)
+            else:
+                payload = op.opts.get("payload")
+                data = payload.get("data") if isinstance(payload, dict) else None
+                timeout = timeout_seconds(op.opts.get("timeout"), now, f"step {uid!r} timeout")
+                await inv.invoke_step(uid, op.opts.get("function_id"), data, timeout)
+        except StepError:
+            pass  # a failed invoke: memoized as an error, which the app raises
+        except (ProtocolError, UserError, TypeError) as exc:
+            # A step the app described in a way we can't use (a bad expression, say): fail
+            # the step for good, so the app raises the reason in the function.
+            message = exc.message if isinstance(exc, ProtocolError | UserError) else str(exc)
+            try:
+                await inv.step_failed(uid, NonRetriableError(message), started, kind=kind)
+            except StepError:
+                pass
+
+    async def _call(self, inv: Invocation, url: str, target: str, parallel: bool) -> Reply:
+        if self._session is None:
+            raise RuntimeError("the SDK executor is not open")
+        body = call_body(events=inv.events, memo=inv.memo, run_id=inv.run_id,
+                         attempt=inv.attempt, max_attempts=inv.function.max_attempts,
+                         disable_immediate_execution=parallel)
+        target_url = call_url(url, target)
+        log.debug("run %s: calling %s (attempt %d)", inv.run_id, target_url, inv.attempt)
+        try:
+            async with self._session.post(
+                target_url, data=dump_json(body).encode("utf-8"),
+                headers={"Content-Type": "application/json", SERVER_KIND_HEADER: SERVER_KIND,
+                         "User-Agent": USER_AGENT},
+            ) as resp:
+                raw = await resp.read()
+                return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
+        except ProtocolError as exc:
+            error = {"name": "SdkProtocolError", "message": f"{target_url}: {exc.message}",
+                     "stack": None}
+            raise SdkError(error) if exc.retriable else SdkNonRetriableError(error) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise SdkError({"name": "SdkUnreachableError", "stack": None,
+                            "message": f"could not call {target_url}: {reason}"}) from None
+
+
+def _earliest(waits: list[int | None]) -> int | None:
+    """When to look again at a run waiting for several things (None: only when woken)."""
+    times = [at for at in waits if at is not None]
+    return min(times) if times else None

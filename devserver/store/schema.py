@@ -1,0 +1,302 @@
+"""The database's shape: the current schema, the numbered migrations that upgrade older files
+to it, the connection settings, and a bulk loader for benchmark databases. Part of the store:
+SQL lives here and in `queries`; `facade` owns the connections.
+
+The per-session figures (SPEC 2.3) are counters, kept in the same transaction as the write that
+changes them (a new session's count by a trigger; runs, failures and activity by the writes
+that create, start and end runs, summed over a batch), so reading them never scans runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+
+from devserver.errors import ConfigError
+from devserver.jsontext import dump_json
+from devserver.model.records import (
+    COMPLETED,
+    FAILED,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+
+SCHEMA = """
+CREATE TABLE environments (
+    env TEXT PRIMARY KEY,
+    events INTEGER NOT NULL DEFAULT 0,
+    last_active INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE events (
+    internal_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    name TEXT NOT NULL,
+    event_id TEXT,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    v TEXT,
+    user TEXT,
+    meta TEXT,
+    sessions TEXT NOT NULL,
+    duplicate INTEGER NOT NULL DEFAULT 0,
+    source TEXT
+);
+CREATE INDEX events_by_key ON events (env, event_id, received_at) WHERE event_id IS NOT NULL;
+
+CREATE TABLE event_sessions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    internal_id TEXT NOT NULL,
+    PRIMARY KEY (env, identifier, value, internal_id)
+) WITHOUT ROWID;
+
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    queued_at INTEGER NOT NULL,
+    started_at INTEGER,
+    ended_at INTEGER,
+    next_at INTEGER,
+    output TEXT,
+    error TEXT,
+    sessions TEXT NOT NULL
+);
+CREATE INDEX runs_by_event ON runs (event_id);
+CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
+CREATE INDEX runs_unfinished_by_function ON runs (env, function_id)
+    WHERE status IN ('Queued', 'Running');
+
+CREATE TABLE run_sessions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (env, identifier, value, run_id)
+) WITHOUT ROWID;
+CREATE INDEX run_sessions_by_run ON run_sessions (run_id);
+
+CREATE TABLE steps (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    step_id TEXT,
+    kind TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER NOT NULL,
+    output TEXT,
+    error TEXT,
+    final INTEGER NOT NULL,
+    wait_until INTEGER,
+    detail TEXT,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE waits (
+    run_id TEXT NOT NULL,
+    step_id TEXT NOT NULL,
+    env TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event_name TEXT,
+    child_run_id TEXT,
+    PRIMARY KEY (run_id, step_id)
+) WITHOUT ROWID;
+CREATE INDEX waits_by_event ON waits (env, event_name) WHERE event_name IS NOT NULL;
+CREATE INDEX waits_by_child ON waits (child_run_id) WHERE child_run_id IS NOT NULL;
+
+CREATE TABLE identifiers (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    sessions INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (env, identifier)
+) WITHOUT ROWID;
+
+CREATE TABLE sessions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    failed_runs INTEGER NOT NULL DEFAULT 0,
+    first_seen INTEGER NOT NULL,
+    last_active INTEGER NOT NULL,
+    failure_rate REAL GENERATED ALWAYS AS
+        (CASE WHEN runs = 0 THEN 0.0 ELSE CAST(failed_runs AS REAL) / runs END) VIRTUAL,
+    PRIMARY KEY (env, identifier, value)
+) WITHOUT ROWID;
+CREATE INDEX sessions_by_last_active ON sessions (env, identifier, last_active, value);
+CREATE INDEX sessions_by_runs ON sessions (env, identifier, runs, value);
+CREATE INDEX sessions_by_failure_rate ON sessions (env, identifier, failure_rate, value);
+
+CREATE TABLE session_functions (
+    env TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    value TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    PRIMARY KEY (env, identifier, value, function_id)
+) WITHOUT ROWID;
+
+-- The per-session figures (SPEC 2.3) are counters kept in the same transaction as the write
+-- that changes them, so reading them never scans runs: a new session's count by this
+-- trigger; runs, failures and activity by the writes that create, start and end runs.
+
+-- A new session value counts toward its identifier. (An identifier's last activity is read
+-- as the max over its sessions, one index lookup, rather than written on every event.)
+CREATE TRIGGER session_created AFTER INSERT ON sessions BEGIN
+    INSERT INTO identifiers (env, identifier, sessions) VALUES (NEW.env, NEW.identifier, 1)
+    ON CONFLICT DO UPDATE SET sessions = sessions + 1;
+END;
+
+-- wait_for_event looks for events by name received after the wait began.
+CREATE INDEX events_by_name ON events (env, name, internal_id);
+"""
+"""The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
+
+MIGRATIONS: dict[int, str] = {
+    2: """
+-- wait_for_event looks for events by name received after the wait began.
+CREATE INDEX events_by_name ON events (env, name, internal_id);
+""",
+    3: """
+-- A run's count toward its sessions, and its function among theirs, are written by the
+-- ingest that creates it, summed over the batch (one UPDATE a session instead of one a run).
+DROP TRIGGER run_session_added;
+""",
+    4: """
+-- A run's start and end are activity in its sessions, and a failed end counts as a failure:
+-- written by the start and the end themselves, summed over the batch (one UPDATE a session
+-- instead of one a run).
+DROP TRIGGER run_status_changed;
+""",
+}
+"""SQL that upgrades a database from version N-1 to N. Only older files run them: a new
+database gets SCHEMA, which already is the result (tests/test_store.py proves the two equal)."""
+
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+def connect_pragmas(db: sqlite3.Connection) -> None:
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode: a commit survives the process being killed (the OS has the WAL);
+    # only an OS crash or power cut can lose the last commits. Right for a dev server.
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA busy_timeout = 10000")
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.execute("PRAGMA cache_size = -8000")  # 8 MB a connection: memory stays flat
+
+
+def statements(script: str) -> list[str]:
+    """Split an SQL script into statements (triggers hold `;` inside BEGIN ... END)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        if not buffer and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError(f"incomplete SQL statement: {buffer[:80]!r}")
+    return statements
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a database to SCHEMA_VERSION: a new one gets SCHEMA, an older one the
+    migrations it lacks, each in order; either way in one transaction."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"database schema version {version} is newer than this devserver understands "
+            f"({SCHEMA_VERSION}); upgrade devserver or use another --db"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    upgrading = version > 0
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0:
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise ConfigError("the database file is not a devserver database")
+            for statement in statements(SCHEMA):
+                db.execute(statement)
+            version = SCHEMA_VERSION
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            if upgrading:
+                log.info("migrating the database schema to version %d", target)
+            for statement in statements(MIGRATIONS[target]):
+                db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # a constant: PRAGMA takes no ?
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
+              identifier: str = "conversation_id") -> None:
+    """Bulk-fill a new database with `runs` finished runs (every 7th failed) over `sessions`
+    session values, with the rows and counters the normal write path keeps (counted here in
+    bulk). For benchmarks of large databases; it writes without the server."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        connect_pragmas(db)
+        migrate(db)
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("BEGIN")
+        base = 1_700_000_000_000
+        db.executemany(
+            "INSERT INTO sessions (env, identifier, value, first_seen, last_active) "
+            "VALUES ('dev', ?, ?, ?, ?)",
+            ((identifier, f"conv_{v}", base + v,
+              base + v + sessions * ((runs - 1 - v) // sessions) + 1) for v in range(sessions)))
+        chunk = 50_000
+        for start in range(0, runs, chunk):
+            rows = range(start, min(runs, start + chunk))
+            db.executemany(
+                "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, "
+                "sessions) VALUES (?, 'dev', 'bench/e2e', NULL, ?, ?, '{}', ?)",
+                ((f"E{i:025d}", base + i, base + i,
+                  dump_json({identifier: f"conv_{i % sessions}"})) for i in rows))
+            db.executemany(
+                "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
+                "queued_at, started_at, ended_at, output, sessions) VALUES (?, 'dev', "
+                "'bench-trivial', ?, 'bench/e2e', ?, ?, ?, ?, '1', ?)",
+                ((f"R{i:025d}", f"E{i:025d}", FAILED if i % 7 == 0 else COMPLETED, base + i,
+                  base + i, base + i + 1, dump_json({identifier: f"conv_{i % sessions}"}))
+                 for i in rows))
+            db.executemany(
+                "INSERT INTO run_sessions (env, identifier, value, run_id) "
+                "VALUES ('dev', ?, ?, ?)",
+                ((identifier, f"conv_{i % sessions}", f"R{i:025d}") for i in rows))
+            db.executemany(
+                "INSERT INTO event_sessions (env, identifier, value, internal_id) "
+                "VALUES ('dev', ?, ?, ?)",
+                ((identifier, f"conv_{i % sessions}", f"E{i:025d}") for i in rows))
+        db.execute(
+            "UPDATE sessions SET (runs, failed_runs) = (SELECT count(*), "
+            "coalesce(sum(r.status = 'Failed'), 0) FROM run_sessions rs "
+            "JOIN runs r ON r.run_id = rs.run_id WHERE rs.env = sessions.env "
+            "AND rs.identifier = sessions.identifier AND rs.value = sessions.value)")
+        db.execute(
+            "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
+            "SELECT DISTINCT rs.env, rs.identifier, rs.value, r.function_id "
+            "FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id")
+        db.execute(
+            "INSERT INTO environments (env, events, last_active) "
+            "SELECT 'dev', count(*), max(received_at) FROM events")
+        db.execute("COMMIT")
+    finally:
+        db.close()

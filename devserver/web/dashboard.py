@@ -1,0 +1,504 @@
+"""The Sessions dashboard: server-rendered HTML pages, their static files and fixture downloads.
+
+Owns the browser-facing routes (`/`, `/sessions`, `/session`, `/session/fixture`,
+`/runs/{run_id}`, `/static/{name}`) and the Jinja2 environment that renders the top-level
+`templates/` folder. A page is rendered from the very dict its `/api` twin returns
+(`api.sessions_doc`, `api.session_doc`, `api.run_doc`) plus presentation-only context (links,
+the environment list, the clock), so a page and its JSON twin cannot disagree; each page names
+its twin in a `Link` header.
+
+Pages carry a strict Content-Security-Policy: no inline script or style anywhere. Live refresh is
+`static/live.js`, which re-fetches the page it is on and swaps the regions marked `data-live`, so
+the HTML is written once, in the templates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import jinja2
+from aiohttp import web
+
+from devserver.errors import ConfigError, DevserverError, NotFound, UserError
+from devserver.model.fixtures import export_events, to_jsonl
+from devserver.model.records import FINISHED, UNFINISHED, WAITING
+from devserver.model.records import format_percent as format_percent  # the CLI's too
+from devserver.model.triggers import EventTrigger
+from devserver.web import api
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STRICT_ENV_VAR = "DEVSERVER_STRICT_TEMPLATES"
+"""Set to 1 to render templates with `jinja2.StrictUndefined` (the tests do)."""
+CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+LIVE_FAST_MS, LIVE_SLOW_MS = 1000, 2000
+"""Page refresh intervals: while runs are in flight or the page waits for a first event (empty
+state, unknown session), and otherwise (new events may still arrive)."""
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".svg": "image/svg+xml"}
+STATIC_MAX_AGE = 365 * 24 * 3600
+EXAMPLE_EVENT = "app/message.created"
+SORTS = (("value", "Value"), ("runs", "Runs"), ("failure_rate", "Failure rate"),
+         ("last_active", "Last active"))
+DEFAULT_SORT = "last_active"
+STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (*UNFINISHED, *FINISHED, WAITING)}
+API_PREFIXES = ("/api/", "/e/", "/v1/", "/static/")
+MAX_SUGGESTIONS = 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting (pure; used as Jinja filters)
+
+
+def to_ms(stamp: str | int | None) -> int | None:
+    """Milliseconds since the epoch from an `api.iso` string (or ms already), or None."""
+    if stamp is None or isinstance(stamp, int):
+        return stamp
+    return round(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def _utc(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+
+
+def format_absolute(stamp: str | int | None) -> str:
+    """`2025-01-02 14:03:12.345 UTC`, or an em dash."""
+    ms = to_ms(stamp)
+    return "—" if ms is None else _utc(ms).strftime("%Y-%m-%d %H:%M:%S.") + f"{ms % 1000:03d} UTC"
+
+
+def format_clock(stamp: str | int | None, now_ms: int) -> str:
+    """A short absolute time (UTC): `14:03:12` today, `Jan 02 14:03` on other days."""
+    ms = to_ms(stamp)
+    if ms is None:
+        return "—"
+    same_day = _utc(ms).date() == _utc(now_ms).date()
+    return _utc(ms).strftime("%H:%M:%S" if same_day else "%b %d %H:%M")
+
+
+def format_ago(stamp: str | int | None, now_ms: int) -> str:
+    """`just now`, `12 s ago`, `5 min ago`, `3 h ago`, `2 d ago`, or the date when older."""
+    ms = to_ms(stamp)
+    if ms is None:
+        return "never"
+    seconds = (now_ms - ms) // 1000
+    for limit, unit, size in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600),
+                              (30 * 86400, "d", 86400)):
+        if seconds < limit:
+            return "just now" if seconds < 1 else f"{seconds // size} {unit} ago"
+    return _utc(ms).strftime("%Y-%m-%d")
+
+
+def format_duration(ms: int | None) -> str:
+    """`850 ms`, `1.25 s`, `2 min 05 s`, `1 h 02 min`, `3 d 4 h`; an em dash for None."""
+    if ms is None:
+        return "—"
+    if ms < 1000:
+        return f"{ms} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.2f}".rstrip("0").rstrip(".") + " s"
+    minutes, seconds = divmod(ms // 1000, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def pretty_json(value: Any) -> str:
+    """JSON indented for reading, non-ASCII kept (escaping is the template's job).
+
+    Indenting recurses in Python; a value nested deeper than that allows (user code can
+    return one) is shown compact, or as a note, rather than failing the page.
+    """
+    try:
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    except RecursionError:
+        try:
+            return json.dumps(value, ensure_ascii=False)
+        except RecursionError:
+            return "(nested too deeply to show)"
+
+
+def iso_stamp(stamp: str | int | None) -> str | None:
+    """An `api.iso` string from milliseconds (strings pass through): for `<time datetime>`."""
+    return api.iso(stamp) if isinstance(stamp, int) else stamp
+
+
+def status_class(status: str) -> str:
+    """The CSS class of a run or step status."""
+    return STATUS_CLASSES.get(status, "status-unknown")
+
+
+@jinja2.pass_context
+def _ago_filter(context: jinja2.runtime.Context, stamp: str | int | None) -> str:
+    return format_ago(stamp, context["now_ms"])
+
+
+@jinja2.pass_context
+def _clock_filter(context: jinja2.runtime.Context, stamp: str | int | None) -> str:
+    return format_clock(stamp, context["now_ms"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Links, fixtures, the curl example
+
+
+def make_link(env: str) -> Callable[..., str]:
+    """`link(path, **params)`: a URL with a properly encoded query that keeps `env`."""
+    def link(path: str, /, **params: object) -> str:
+        query = [(k, str(v)) for k, v in params.items() if v is not None and v != ""]
+        if env != api.DEFAULT_ENV:
+            query.append(("env", env))
+        return path + ("?" + urlencode(query, quote_via=quote) if query else "")
+    return link
+
+
+def run_path(run_id: str) -> str:
+    """The path of a run's page."""
+    return "/runs/" + quote(run_id, safe="")
+
+
+def fixture_filename(identifier: str, value: str) -> str:
+    """A safe ASCII download name such as `session-conversation_id-conv_1.jsonl`."""
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "x"
+    return f"session-{slug(identifier)}-{slug(value)}.jsonl"
+
+
+def curl_command(base_url: str, env: str, identifier: str, value: str, event: str) -> str:
+    """The shell command that sends one event carrying the session `identifier=value`."""
+    body = {"name": event, "data": {"text": "hello"}, "sessions": {identifier: value}}
+    parts = [f"curl -X POST {shlex.quote(base_url + '/e/dev-key')}",
+             "-H 'Content-Type: application/json'"]
+    if env != api.DEFAULT_ENV:
+        parts.append(f"-H {shlex.quote(f'{api.ENV_HEADER}: {env}')}")
+    parts.append(f"-d {shlex.quote(json.dumps(body, ensure_ascii=False))}")
+    return " \\\n  ".join(parts)
+
+
+def _example_event(request: web.Request) -> str:
+    """An event name that starts a registered function, so the curl example shows a run."""
+    for fn in request.app[api.RUNNER].functions:
+        for trigger in fn.triggers:
+            if isinstance(trigger, EventTrigger) and trigger.prefix is None:
+                return trigger.event
+    return EXAMPLE_EVENT
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates and static files
+
+
+def templates_dir() -> Path:
+    """The templates: inside the installed package, else the checkout's top-level folder."""
+    package = Path(__file__).resolve().parent.parent
+    candidates = (package / "templates", package.parent / "templates")
+    for candidate in candidates:
+        if (candidate / "base.html").is_file():
+            return candidate
+    raise ConfigError(
+        f"devserver's templates are missing (looked in {' and '.join(map(str, candidates))}); "
+        "reinstall devserver")
+
+
+@functools.cache
+def make_environment(directory: Path, *, strict: bool = False) -> jinja2.Environment:
+    """The Jinja2 environment: autoescaped, with the dashboard's filters.
+
+    Shared by every app in the process, so templates compile once, not once per test server.
+    """
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(directory), autoescape=True, trim_blocks=True,
+        lstrip_blocks=True, undefined=jinja2.StrictUndefined if strict else jinja2.Undefined)
+    env.filters.update(
+        absolute=format_absolute, ago=_ago_filter, clock=_clock_filter,
+        duration=format_duration, iso=iso_stamp, percent=format_percent, pretty=pretty_json,
+        status_class=status_class,
+    )
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    """A static file held in memory; `version` (a content hash) busts caches in its URL."""
+
+    body: bytes
+    content_type: str
+    version: str
+
+
+def load_assets(directory: Path) -> dict[str, Asset]:
+    """The files of `templates/static` that have a known content type."""
+    return {
+        path.name: Asset(path.read_bytes(), STATIC_TYPES[path.suffix],
+                         hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.suffix in STATIC_TYPES
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """What the dashboard's handlers share: the template environment and the static files."""
+
+    templates: jinja2.Environment
+    assets: dict[str, Asset]
+    version: str
+
+
+DASHBOARD = web.AppKey("dashboard", Dashboard)
+
+
+def setup(app: web.Application, *, strict: bool | None = None) -> None:
+    """Add the dashboard's routes, templates and static files to `app`.
+
+    `strict` renders with `StrictUndefined`; None reads the `DEVSERVER_STRICT_TEMPLATES` variable.
+    """
+    from devserver import (
+        __version__,  # here, not at import time: the package may still be importing
+    )
+
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV_VAR, "") not in ("", "0")
+    directory = templates_dir()
+    app[DASHBOARD] = Dashboard(make_environment(directory, strict=strict),
+                               load_assets(directory / "static"), __version__)
+    app[api.NOT_FOUND_PAGE] = html_not_found
+    app.router.add_get("/", index)
+    app.router.add_get("/sessions", sessions_page)
+    app.router.add_get("/session", session_page)
+    app.router.add_get("/session/fixture", session_fixture)
+    app.router.add_get("/runs/{run_id}", run_page)
+    app.router.add_get("/static/{name}", static_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _twin_url(request: web.Request) -> str:
+    query = urlencode(list(request.query.items()), quote_via=quote)
+    return quote("/api" + request.path, safe="/") + (f"?{query}" if query else "")
+
+
+async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str, Any]:
+    """What every page's template needs besides its document."""
+    dash = request.app[DASHBOARD]
+    known = [e.env for e in await request.app[api.STORE].environments()]
+    environments = known if env in known else [*known, env]
+
+    def static_url(name: str) -> str:
+        return f"/static/{quote(name)}?v={dash.assets[name].version}"
+
+    return {
+        "env": env, "default_env": api.DEFAULT_ENV,
+        "environments": environments if len(environments) > 1 else [],  # the selector
+        "env_link": lambda name: make_link(name)("/sessions"),
+        "link": make_link(env), "run_link": lambda run_id: make_link(env)(run_path(run_id)),
+        "static_url": static_url, "json_url": _twin_url(request),
+        "now_ms": request.app[api.RUNNER].clock.now_ms(), "live_ms": live_ms, "status": 200,
+        "version": dash.version, "base_url": f"{request.scheme}://{_host(request)}",
+    }
+
+
+def _host(request: web.Request) -> str:
+    """The Host the browser used (for the curl examples); bytes that are not UTF-8 shown
+    escaped, so the page can still be encoded."""
+    host = request.host
+    return host if api.encodes(host) else host.encode("utf-8", "backslashreplace").decode()
+
+
+def _busy(request: web.Request) -> bool:
+    return request.app[api.RUNNER].busy > 0
+
+
+def render(request: web.Request, template: str, context: dict[str, Any]) -> web.Response:
+    """Render a page with the dashboard's headers (CSP, the JSON twin's `Link`)."""
+    html = request.app[DASHBOARD].templates.get_template(template).render(context)
+    # backslashreplace: a lone surrogate in stored data shows as `\\ud800` instead of
+    # failing the whole page.
+    response = web.Response(body=html.encode("utf-8", "backslashreplace"),
+                            status=context["status"], content_type="text/html",
+                            charset="utf-8")
+    response.headers.update({
+        "Content-Security-Policy": CSP, "Cache-Control": "no-cache",
+        "Link": f'<{context["json_url"]}>; rel="alternate"; type="application/json"',
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"})
+    return response
+
+
+async def error_page(
+    request: web.Request, status: int, title: str, message: str, *, env: str | None = None,
+    identifier: str | None = None, value: str | None = None,
+) -> web.Response:
+    """The friendly HTML error page.
+
+    Given the `identifier` (and `value`) that was not found, it says so plainly, lists the
+    identifiers that do exist and shows the curl command that would create the session.
+    """
+    if env is None:
+        try:
+            env = api.env_of(request)
+        except UserError:
+            env = api.DEFAULT_ENV
+    ctx = await _context(request, env, live_ms=LIVE_FAST_MS if identifier is not None else 0)
+    curl, known = None, []
+    if identifier is not None:
+        curl = curl_command(ctx["base_url"], env, identifier, value or "example-1",
+                            _example_event(request))
+        known = [i.identifier for i in await request.app[api.STORE].identifiers(env)]
+    return render(request, "error.html", {
+        **ctx, "status": status, "title": title, "message": message, "curl": curl,
+        "identifier": identifier, "value": value, "known": known[:MAX_SUGGESTIONS],
+        "more_known": max(0, len(known) - MAX_SUGGESTIONS),
+    })
+
+
+def page(handler: Handler) -> Handler:
+    """Show a handler's `DevserverError` (bad parameter, unknown id) as the HTML error page."""
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except DevserverError as exc:
+            title = "Not found" if exc.status == 404 else f"Error {exc.status}"
+            return await error_page(request, exc.status, title, exc.message)
+    return wrapper
+
+
+async def html_not_found(request: web.Request) -> web.StreamResponse | None:
+    """A browser asking for a page that doesn't exist gets HTML; API clients keep JSON (None).
+
+    Called by `api.error_middleware` (one middleware on every request instead of two)."""
+    if (request.method not in ("GET", "HEAD") or request.path.startswith(API_PREFIXES)
+            or "text/html" not in request.headers.get("Accept", "")):
+        return None
+    return await error_page(request, 404, "Page not found",
+                            f"There is no dashboard page at {request.path}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    """`/` → `/sessions` (keeping `?env=`)."""
+    raise web.HTTPFound(make_link(request.query.get("env") or api.DEFAULT_ENV)("/sessions"))
+
+
+@page
+async def sessions_page(request: web.Request) -> web.StreamResponse:
+    """The identifiers seen; with `?identifier=`, that identifier's sessions."""
+    env = api.env_of(request)
+    link = make_link(env)
+    identifier = request.query.get("identifier")
+    if identifier == "":  # the search box submitted empty
+        raise web.HTTPFound(link("/sessions"))
+    try:
+        doc = await api.sessions_doc(request)
+    except NotFound as exc:
+        return await error_page(request, 404, "Unknown identifier", exc.message, env=env,
+                                identifier=identifier)
+    waiting = _busy(request) or (identifier is None and not doc["identifiers"])
+    ctx = await _context(request, env, live_ms=LIVE_FAST_MS if waiting else LIVE_SLOW_MS)
+    if identifier is None:
+        curl = curl_command(ctx["base_url"], env, "conversation_id", "conv_1234",
+                            _example_event(request))
+        return render(request, "identifiers.html", {**ctx, "doc": doc, "curl": curl})
+    q, limit = request.query.get("q") or "", request.query.get("limit") or None
+    here = functools.partial(link, "/sessions", identifier=identifier, limit=limit)
+    sort, next_cursor = doc["sort"], doc["next_cursor"]
+    sort_param = None if sort == DEFAULT_SORT else sort
+    return render(request, "sessions.html", {
+        **ctx, "doc": doc, "q": q, "limit": limit, "sort_param": sort_param,
+        "sorts": [(key, label, key == sort, here(q=q, sort=None if key == DEFAULT_SORT else key))
+                  for key, label in SORTS],
+        "clear_url": here(sort=sort_param),
+        "first_url": here(q=q, sort=sort_param) if request.query.get("cursor") else None,
+        "next_url": here(q=q, sort=sort_param, cursor=next_cursor) if next_cursor else None,
+    })
+
+
+@page
+async def session_page(request: web.Request) -> web.StreamResponse:
+    """One session: its figures and its runs, newest first."""
+    env = api.env_of(request)
+    link = make_link(env)
+    identifier = api.required_param(request, "identifier")
+    value = api.required_param(request, "value")
+    try:
+        doc = await api.session_doc(request)
+    except NotFound as exc:
+        return await error_page(request, 404, "Unknown session", exc.message, env=env,
+                                identifier=identifier, value=value)
+    in_flight = _busy(request) or any(r["status"] in UNFINISHED for r in doc["runs"])
+    ctx = await _context(request, env, live_ms=LIVE_FAST_MS if in_flight else LIVE_SLOW_MS)
+    here = functools.partial(link, "/session", identifier=identifier, value=value,
+                             limit=request.query.get("limit"))
+    next_cursor = doc["next_cursor"]
+    return render(request, "session.html", {
+        **ctx, "doc": doc,
+        "fixture_url": link("/session/fixture", identifier=identifier, value=value),
+        "first_url": here() if request.query.get("cursor") else None,
+        "next_url": here(cursor=next_cursor) if next_cursor else None,
+    })
+
+
+@page
+async def session_fixture(request: web.Request) -> web.StreamResponse:
+    """A session's events as a JSONL fixture that `POST /e/{key}` and `replay` accept."""
+    env = api.env_of(request)
+    identifier = api.required_param(request, "identifier")
+    value = api.required_param(request, "value")
+    store = request.app[api.STORE]
+    if await store.session(env, identifier, value, limit=1) is None:
+        return await error_page(
+            request, 404, "Unknown session",
+            f"no session {identifier}={value!r} in environment {env!r}",
+            env=env, identifier=identifier, value=value)
+    events = await store.session_events(env, identifier, value)
+    return web.Response(body=to_jsonl(export_events(events)).encode(), headers={
+        "Content-Type": "application/x-ndjson; charset=utf-8", "Cache-Control": "no-store",
+        "Content-Disposition": f'attachment; filename="{fixture_filename(identifier, value)}"',
+        "X-Content-Type-Options": "nosniff"})
+
+
+@page
+async def run_page(request: web.Request) -> web.StreamResponse:
+    """A run: its trigger events, sessions, every step attempt, its output or error."""
+    try:
+        doc = await api.run_doc(request)
+    except NotFound as exc:
+        return await error_page(request, 404, "Unknown run", exc.message)
+    live_ms = LIVE_FAST_MS if doc["status"] in UNFINISHED else 0
+    ctx = await _context(request, doc["env"], live_ms=live_ms)
+    return render(request, "run.html", {**ctx, "doc": doc})
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    """A file of `templates/static`: immutable when asked for by its current version."""
+    asset = request.app[DASHBOARD].assets.get(request.match_info["name"])
+    if asset is None:
+        raise NotFound(f"no static file {request.match_info['name']!r}")
+    etag = f'"{asset.version}"'
+    fresh = request.query.get("v") == asset.version  # a versioned URL never changes
+    headers = {"Content-Type": asset.content_type, "ETag": etag, "X-Content-Type-Options":
+               "nosniff", "Cache-Control": f"public, max-age={STATIC_MAX_AGE}, immutable"
+               if fresh else "no-cache"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=asset.body, headers=headers)
