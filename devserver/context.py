@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
-import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -66,12 +65,20 @@ Duration = str | int | float | dt.timedelta
 Moment = dt.datetime | str | int | float
 
 
+class ThreadAbandoned(BaseException):
+    """Raised in a worker thread whose sync code ran past its function's timeout, to stop it;
+    a BaseException, so that `except Exception` in user code doesn't swallow it."""
+
+
 class Step:
     """`ctx.step` in async functions."""
 
     def __init__(self, invocation: Invocation, executor: concurrent.futures.Executor) -> None:
         self._inv = invocation
         self._executor = executor
+        self.running: concurrent.futures.Future[Any] | None = None
+        """The sync step body running in a worker thread now, if any (for the executor to
+        interrupt when the function times out)."""
 
     async def run(self, step_id: str, handler: Callable[..., Any], *args: Any) -> Any:
         """Run `handler(*args)` once as step `step_id` and return its (JSON) result.
@@ -90,13 +97,19 @@ class Step:
             if inspect.iscoroutinefunction(handler):
                 output = await handler(*args)
             else:
-                loop = asyncio.get_running_loop()
-                output = await loop.run_in_executor(
-                    self._executor, functools.partial(handler, *args))
+                # Left set if the wait is cancelled: the executor may interrupt the body.
+                self.running = job = self._executor.submit(handler, *args)
+                output = await asyncio.wrap_future(job)
+                self.running = None
                 if inspect.isawaitable(output):
                     output = await output
-        except (asyncio.CancelledError, Unwind):
+        except Unwind:
             raise
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the run is cancelled, timed out or the server stops
+            return await self._inv.step_failed(uid, exc, started)  # raised by the step itself
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the step too
             return await self._inv.step_failed(uid, exc, started)
         return await self._inv.step_succeeded(uid, output, started)
@@ -163,7 +176,7 @@ class SyncStep:
             output = handler(*args)
             if inspect.isawaitable(output):
                 output = self._on_loop(_await(output))
-        except Unwind:
+        except (Unwind, ThreadAbandoned):
             raise
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the step too
             return self._on_loop(self._inv.step_failed(uid, exc, started))

@@ -43,6 +43,20 @@ class ConfigError(UserError):
     """A bad command-line option or app: bad path, bad module, busy port, unwritable DB."""
 
 
+class StoreUnavailable(DevserverError):
+    """The database can't take a write now: locked by another process, read-only, damaged,
+    deleted while running. Nothing of the write is stored; it can be sent again once the
+    cause is gone."""
+
+    status = 503
+
+
+class StoreFull(StoreUnavailable):
+    """The disk holding the database is full: nothing of the write is stored."""
+
+    status = 507
+
+
 # Control flow, not errors: BaseExceptions so that `except Exception` in user code can't
 # swallow them (see devserver.runtime.invocation).
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
@@ -50,7 +51,16 @@ class LoopThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        while True:
+            try:
+                self.loop.run_forever()
+                return  # stopped by close()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # Raised by user code outside any run (a task it created, a callback it
+                # scheduled): it must not stop the loop every server of the session shares.
+                logging.getLogger(__name__).error(
+                    "user code raised %s outside any run (in a task or callback it put on "
+                    "the event loop); ignored: the server keeps serving", type(exc).__name__)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the loop and block until it is done."""
@@ -235,11 +245,19 @@ class DevServer:
         Raises `DevserverTestError` with the sessions' timeline on timeout, or when a run has
         failed since the last call (unless `raise_on_failure` is off).
         """
-        self._loop.call(self._wait_idle(timeout, True))
+        __tracebackhide__ = True  # pytest shows the test's line, then the timeline
+        try:
+            self._loop.call(self._wait_idle(timeout, True))
+        except DevserverTestError as exc:
+            raise _surfaced(exc) from None
 
     async def wait_idle_async(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Async twin of `wait_idle`."""
-        await self._loop.call_async(self._wait_idle(timeout, True))
+        __tracebackhide__ = True
+        try:
+            await self._loop.call_async(self._wait_idle(timeout, True))
+        except DevserverTestError as exc:
+            raise _surfaced(exc) from None
 
     async def _advance(self, ms: int, timeout: float) -> None:
         if not isinstance(self.clock, VirtualClock):
@@ -251,12 +269,20 @@ class DevServer:
     def advance(self, duration: str | float | dt.timedelta,
                 timeout: float = DEFAULT_TIMEOUT) -> None:
         """Move virtual time forward (`"1h"`, seconds, a timedelta) and let due work run."""
-        self._loop.call(self._advance(parse_duration(duration), timeout))
+        __tracebackhide__ = True
+        try:
+            self._loop.call(self._advance(parse_duration(duration), timeout))
+        except DevserverTestError as exc:
+            raise _surfaced(exc) from None
 
     async def advance_async(self, duration: str | float | dt.timedelta,
                             timeout: float = DEFAULT_TIMEOUT) -> None:
         """Async twin of `advance`."""
-        await self._loop.call_async(self._advance(parse_duration(duration), timeout))
+        __tracebackhide__ = True
+        try:
+            await self._loop.call_async(self._advance(parse_duration(duration), timeout))
+        except DevserverTestError as exc:
+            raise _surfaced(exc) from None
 
     @property
     def now(self) -> dt.datetime:
@@ -300,11 +326,19 @@ class DevServer:
 
     def session(self, identifier: str, value: object) -> Session:
         """A session's figures (runs, failed_runs, failure_rate, last_active, functions)."""
-        return self._loop.call(self._session(identifier, _session_value(value)))
+        __tracebackhide__ = True
+        try:
+            return self._loop.call(self._session(identifier, _session_value(value)))
+        except DevserverTestError as exc:
+            raise _surfaced(exc) from None
 
     async def session_async(self, identifier: str, value: object) -> Session:
         """Async twin of `session`."""
-        return await self._loop.call_async(self._session(identifier, _session_value(value)))
+        __tracebackhide__ = True
+        try:
+            return await self._loop.call_async(self._session(identifier, _session_value(value)))
+        except DevserverTestError as exc:
+            raise _surfaced(exc) from None
 
     # -- explaining failures -----------------------------------------------------------------
 
@@ -338,6 +372,13 @@ class DevServer:
             if error and error.get("stack"):
                 lines.append("  " + str(error["stack"]).rstrip().replace("\n", "\n  "))
         return "\n".join(lines)
+
+
+def _surfaced(exc: DevserverTestError) -> DevserverTestError:
+    """The error raised on the loop thread, without the frames it went through there (the
+    event loop, concurrent.futures, devserver's internals): raised again from the public
+    method, whose frame pytest hides, a failure shows the test's line and then the timeline."""
+    return exc.with_traceback(None)
 
 
 def _session_value(value: object) -> str:

@@ -162,8 +162,16 @@ def test_import_devserver_loads_neither_the_store_nor_aiosqlite_nor_aiohttp() ->
     assert not [m for m in ours if layer_of(m) not in (None, "model")], ours
 
 
-def test_each_model_module_alone_loads_no_io_library() -> None:
-    names = [n for n in MODULES if layer_of(n) == "model"]
+PURE_SDK_MODULES = ("devserver.sdk.protocol", "devserver.sdk.registration")
+"""The SDK's wire format and registration reading: plain data, like the model."""
+
+
+@pytest.mark.parametrize("names", [
+    [n for n in MODULES if layer_of(n) == "model"], list(PURE_SDK_MODULES)])
+def test_the_pure_modules_alone_load_no_io_library(names: list[str]) -> None:
     loaded = _loaded_by("\n".join(f"import {n}" for n in names))
+    assert names[0] in loaded
     assert not [m for m in loaded if m.split(".")[0] in ("aiosqlite", "sqlite3", "aiohttp")]
-    assert not [m for m in loaded if layer_of(m) not in (None, "model")]
+    assert not [m for m in loaded if layer_of(m) not in (None, "model", "sdk")]
+    assert not [m for m in loaded if layer_of(m) == "sdk" and m not in
+                ("devserver.sdk", *PURE_SDK_MODULES)]

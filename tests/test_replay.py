@@ -203,7 +203,7 @@ def test_replay_url_env_header_and_wait_prints_the_summary(
     assert "1 failed run:" in out
     assert "NonRetriableError: cannot answer message 2" in out
     assert out.rstrip().endswith("result: FAILED")
-    assert child.get("/api/sessions") == {"env": "dev", "identifiers": []}
+    assert child.get("/api/sessions") == {"env": "dev", "identifiers": [], "next_cursor": None}
     staged = child.get("/api/sessions", env="staging")["identifiers"]
     assert [(i["identifier"], i["sessions"]) for i in staged] == [("conversation_id", 1)]
     assert child.stop() == 0
@@ -247,8 +247,8 @@ def test_a_bad_line_is_reported_with_file_and_line_and_nothing_is_sent(
 
     assert code == 2, (out, err)
     one_error_line(err, f"{bad}:3", "reserved")
-    assert child.get("/api/sessions") == {"env": "dev", "identifiers": []}
-    assert child.get("/api/environments") == {"environments": []}
+    assert child.get("/api/sessions") == {"env": "dev", "identifiers": [], "next_cursor": None}
+    assert child.get("/api/environments") == {"environments": [], "next_cursor": None}
     assert child.stop() == 0
 
 

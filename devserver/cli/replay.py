@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,23 +99,31 @@ def parse_events(text: bytes, name: str, *, array: bool) -> list[dict[str, Any]]
         try:
             doc = loads(text)
         except UserError as exc:
-            raise UserError(f"{name}: {exc.message}") from None
+            raise UserError(f"{name}: {_not_json(exc.message, one_line=False)}") from None
         events = doc if isinstance(doc, list) else [doc]
         for index, event in enumerate(events):
             _check(event, f"{name}: event {index}", measure)
         return events
     events = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(b"#"):  # blank lines and `#` comments
             continue
         where = f"{name}:{number}"
         try:
             event = loads(line)
         except UserError as exc:
-            raise UserError(f"{where}: {exc.message}") from None
+            raise UserError(f"{where}: {_not_json(exc.message, one_line=True)}") from None
         _check(event, where, measure)
         events.append(event)
     return events
+
+
+def _not_json(message: str, *, one_line: bool) -> str:
+    """The event API's "request body is not valid JSON: ..." said of a fixture file, or of
+    one of its lines (where "at line 1 column 9" is just "at column 9")."""
+    message = re.sub(r"^request body is not valid JSON", "not valid JSON", message)
+    return re.sub(r" at line 1 column (\d+)", r" at column \1", message) if one_line else message
 
 
 def _check(event: Any, where: str, measure: bool) -> None:
@@ -161,7 +170,7 @@ async def export_session(
                         "pass the database file the server used")
     if not await asyncio.to_thread(path.is_file):
         raise UserError(f"no database at {db} (pass the --db the server used)")
-    store = Store(path)
+    store = Store(path, probe_write=False)  # export only reads: a read-only file is fine
     await store.open()
     try:
         if await store.session(env, identifier, value, limit=1) is None:
@@ -281,6 +290,8 @@ class Sent:
     base_url: str
     capped: int = 0
     """Gaps shortened to `max_gap`."""
+    ids: list[str] = field(default_factory=list)
+    """The ids the server gave the events, in order (what `follow_runs` starts from)."""
 
 
 async def send_to_server(
@@ -337,6 +348,7 @@ async def _post(client: aiohttp.ClientSession, endpoint: str, body: bytes, count
         doc = None
     ids = doc.get("ids") if isinstance(doc, dict) else None
     if status == 200 and isinstance(ids, list) and len(ids) == count:
+        sent.ids.extend(str(i) for i in ids)
         return
     error = doc.get("error") if isinstance(doc, dict) else None
     detail = error if isinstance(error, str) else " ".join(text.split())[:200] or "no body"
@@ -349,20 +361,139 @@ def _fail(problem: str, sent: Sent) -> NoReturn:
     raise ReplayError(f"{problem}; the {sent.events} events before were accepted")
 
 
-async def wait_for_server(base_url: str, session: aiohttp.ClientSession, timeout: float, *,
-                          poll: float = 0.05) -> bool:
-    """Poll `/api/status` until no run executes or waits on a timer; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        async with session.get(f"{base_url}/api/status") as resp:
+# ---------------------------------------------------------------------------------------------
+# Following the runs the sent events led to
+
+
+FOLLOW_CONCURRENCY = 8
+"""Requests `follow_runs` keeps in flight at once."""
+FOLLOW_POLL = (0.05, 0.5)
+"""Seconds between two rounds of `follow_runs`: the first, and the most it grows to."""
+
+
+@dataclass
+class Followed:
+    """What `follow_runs` found: every run the events led to, by run id, as `/api/runs/{id}`
+    last showed it; `finished` is False when some were still unfinished at the timeout."""
+
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    finished: bool = True
+
+    @property
+    def unfinished(self) -> list[dict[str, Any]]:
+        """The runs not Completed, Failed or Cancelled, oldest first."""
+        return [doc for _, doc in sorted(self.runs.items())
+                if doc.get("status") not in FINISHED_STATUSES]
+
+
+FINISHED_STATUSES = ("Completed", "Failed", "Cancelled")
+
+
+def _event_ids(output: Any) -> list[str]:
+    """Event ids in a step's output: a list of them, or `{"ids": [...]}` (what an SDK app's
+    `send_event` step, which posts to `/e/` itself, reports)."""
+    ids = output.get("ids") if isinstance(output, dict) else output
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return []
+    return [i for i in ids if len(i) == ULID_CHARS and i.isalnum()]
+
+
+ULID_CHARS = 26
+
+
+def led_to(run: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(event ids, run ids) a run's steps produced: the events of its `send_event` steps (of
+    SDK apps too, reported as a step's output) and the runs its `invoke` steps started."""
+    events: list[str] = []
+    runs: list[str] = []
+    for step in run.get("steps") or []:
+        kind, detail = step.get("kind"), step.get("detail")
+        if kind == "invoke" and isinstance(detail, dict) and isinstance(detail.get("run_id"), str):
+            runs.append(detail["run_id"])
+        elif step.get("status") == "Completed" and kind in ("send_event", "run"):
+            events.extend(_event_ids(step.get("output")))
+    return events, runs
+
+
+class _Follower:
+    def __init__(self, base_url: str, http: aiohttp.ClientSession) -> None:
+        self.base_url = base_url
+        self.http = http
+        self.events: set[str] = set()
+        self.open: set[str] = set()
+        self.found = Followed()
+        self._gate = asyncio.Semaphore(FOLLOW_CONCURRENCY)
+
+    async def _get(self, path: str) -> dict[str, Any] | None:
+        url = f"{self.base_url}{path}"
+        async with self._gate, self.http.get(url) as resp:
+            if resp.status == 404:
+                return None
             doc = await resp.json(content_type=None) if resp.status == 200 else None
-        if not isinstance(doc, dict) or "busy_runs" not in doc:
-            raise ReplayError(f"{base_url} has no /api/status: --wait needs a devserver")
-        if doc["busy_runs"] == 0:
-            return True
+        if not isinstance(doc, dict):
+            raise ReplayError(f"{url} answered HTTP {resp.status}: --wait needs a devserver")
+        return doc
+
+    def _add_runs(self, run_ids: Iterable[str]) -> bool:
+        new = [r for r in run_ids if r not in self.found.runs and r not in self.open]
+        self.open.update(new)
+        return bool(new)
+
+    async def add_events(self, event_ids: Iterable[str]) -> bool:
+        """Note the runs these events started; True when there were new ones."""
+        new = [e for e in dict.fromkeys(event_ids) if e not in self.events]
+        self.events.update(new)
+        docs = await asyncio.gather(*(
+            self._get(f"/v1/events/{urllib.parse.quote(e, safe='')}/runs") for e in new))
+        return self._add_runs(run["run_id"] for doc in docs if doc is not None
+                              for run in doc.get("data") or [] if isinstance(run, dict))
+
+    async def round(self) -> bool:
+        """Read every unfinished run once and note what it led to; True when that found new
+        runs (read them at once, no need to wait)."""
+        ids = sorted(self.open)
+        docs = await asyncio.gather(*(
+            self._get(f"/api/runs/{urllib.parse.quote(r, safe='')}") for r in ids))
+        events: list[str] = []
+        runs: list[str] = []
+        for run_id, doc in zip(ids, docs, strict=True):
+            if doc is None:  # gone (a database replaced under the server): nothing to wait for
+                self.open.discard(run_id)
+                continue
+            self.found.runs[run_id] = doc
+            if doc.get("status") in FINISHED_STATUSES:
+                self.open.discard(run_id)
+            sent, invoked = led_to(doc)
+            events.extend(sent)
+            runs.extend(invoked)
+        new_runs = self._add_runs(runs)
+        return await self.add_events(events) or new_runs
+
+
+async def follow_runs(base_url: str, session: aiohttp.ClientSession, event_ids: list[str],
+                      timeout: float) -> Followed:
+    """Wait for the runs these events started, and for what those led to (the runs of the
+    events they sent, the runs they invoked), to finish; at most `timeout` seconds.
+
+    Only these runs: other work on the server (a day-long sleep left by an earlier replay)
+    is not waited for. Everything is read over the JSON API (`/v1/events/{id}/runs`,
+    `/api/runs/{id}`), so it works with any devserver.
+    """
+    follower = _Follower(base_url, session)
+    deadline = time.monotonic() + timeout
+    pause = FOLLOW_POLL[0]
+    await follower.add_events(event_ids)
+    while follower.open:
+        if await follower.round():
+            continue
+        if not follower.open:
+            break
         if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(poll)
+            follower.found.finished = False
+            break
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 1.5, FOLLOW_POLL[1])
+    return follower.found
 
 
 # ---------------------------------------------------------------------------------------------

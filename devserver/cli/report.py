@@ -21,6 +21,7 @@ import aiohttp
 from devserver.model.events import validate_event
 from devserver.model.records import FAILED, QUEUED, RUNNING, RunRecord, format_percent
 from devserver.store.facade import Store
+from devserver.web.api import run_detail_doc
 
 FAILED_LISTED = 20
 """Failed runs described in a report; the count goes on beyond it."""
@@ -71,6 +72,8 @@ class Report:
     timed_out: bool = False
     virtual_ms: int = 0
     """How far virtual time moved (sleeps, backoff and gaps that took no wall time)."""
+    pending: list[str] = field(default_factory=list)
+    """What each unfinished run waits for (`describe_pending`), when known."""
 
     @property
     def ok(self) -> bool:
@@ -90,6 +93,56 @@ def _error_text(error: Any) -> str:
 def _failed_run(run: RunRecord) -> FailedRun:
     return FailedRun(run.run_id, run.function_id, run.event_name, dict(run.sessions),
                      _error_text(run.error))
+
+
+def describe_pending(run: dict[str, Any]) -> str:
+    """One line on what an unfinished run (a `/api/runs/{id}` document) is waiting for:
+    sleeping until T, waiting for event E until T, waiting for invoked run R, retrying at T."""
+    head = f"{run.get('function_id')}  run {run.get('run_id')}"
+    steps = [s for s in run.get("steps") or [] if isinstance(s, dict)]
+    waits = []
+    for step in steps:
+        if step.get("status") != "Waiting":
+            continue
+        found = step.get("detail")
+        detail: dict[str, Any] = found if isinstance(found, dict) else {}
+        until = step.get("wait_until")
+        where = f"step {step.get('step_id')!r}"
+        if step.get("kind") == "sleep":
+            waits.append(f"sleeping until {until} ({where})")
+        elif step.get("kind") == "wait_for_event":
+            waits.append(f"waiting for event {detail.get('event')!r} until {until} ({where})")
+        elif step.get("kind") == "invoke":
+            waits.append(f"waiting for invoked run {detail.get('run_id')} of "
+                         f"{detail.get('function_id')}"
+                         + (f" until {until}" if until else "") + f" ({where})")
+    if waits:
+        return f"{head}  " + "; ".join(waits)
+    last = steps[-1] if steps else None
+    if last is not None and last.get("status") == FAILED and not last.get("final"):
+        what = "the function" if last.get("step_id") is None else f"step {last['step_id']!r}"
+        error = _error_text(last.get("error"))
+        return (f"{head}  retrying {what} at {run.get('next_at')} (attempt "
+                f"{int(last.get('attempt') or 0) + 1} failed" + (f": {_cell(error, 120)})"
+                                                                 if error else ")"))
+    if run.get("status") == QUEUED:
+        return f"{head}  queued, not started yet"
+    return f"{head}  running (attempt {int(run.get('attempt') or 0) + 1})"
+
+
+def apply_followed(report: Report, runs: dict[str, dict[str, Any]], finished: bool) -> None:
+    """Base the report's failed and unfinished runs on the runs a replay led to (`runs`, by id,
+    as `/api/runs/{id}` shows them) rather than on everything its sessions hold."""
+    failed = [doc for _, doc in sorted(runs.items()) if doc.get("status") == FAILED]
+    report.failed_total = len(failed)
+    report.failed = [FailedRun(doc["run_id"], doc["function_id"], doc["event_name"],
+                               dict(doc.get("sessions") or {}), _error_text(doc.get("error")))
+                     for doc in failed[:FAILED_LISTED]]
+    unfinished = [doc for _, doc in sorted(runs.items())
+                  if doc.get("status") in (QUEUED, RUNNING)]
+    report.unfinished = len(unfinished)
+    report.pending = [describe_pending(doc) for doc in unfinished]
+    report.timed_out = not finished
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +205,13 @@ async def fill_report(report: Report, store: Store, env: str) -> None:
     failed = await store.runs(env, status=FAILED, limit=1000)
     report.failed_total = len(failed)
     report.failed = [_failed_run(run) for run in reversed(failed)][:FAILED_LISTED]
-    for status in (QUEUED, RUNNING):
-        report.unfinished += len(await store.runs(env, status=status, limit=1000))
+    unfinished = [run for status in (QUEUED, RUNNING)
+                  for run in await store.runs(env, status=status, limit=1000)]
+    report.unfinished = len(unfinished)
+    for run in sorted(unfinished, key=lambda r: r.run_id)[:FAILED_LISTED]:
+        detail = await store.run_detail(run.run_id)
+        if detail is not None:
+            report.pending.append(describe_pending(run_detail_doc(detail)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +273,7 @@ def format_failed(failed: list[FailedRun], total: int) -> str:
     return "\n".join(lines)
 
 
-def print_report(report: Report, limit: int) -> None:
+def print_report(report: Report, limit: int, note: str | None = None) -> None:
     """Print the summary on stdout: the table, the failed runs, unfinished runs, the result.
 
     The command line's output (the one place that prints); the tables come from the pure
@@ -225,8 +283,17 @@ def print_report(report: Report, limit: int) -> None:
     failed = format_failed(report.failed, report.failed_total)
     if failed:
         print(failed)
-    if report.unfinished:
+    if report.pending:
+        print(f"{report.unfinished} run(s) still unfinished:")
+        shown = report.pending[:FAILED_LISTED]
+        for line in shown:
+            print(f"  {line}")
+        if report.unfinished > len(shown):
+            print(f"  ... and {report.unfinished - len(shown)} more")
+    elif report.unfinished:
         print(f"{report.unfinished} run(s) still unfinished (waiting for an event or an "
               "invoked run that never came)")
+    if note and (report.failed_total or report.unfinished):
+        print(note)  # about the run ids above, so only when some were listed
     print("result: " + ("ok, no run failed" if report.ok else
                         "FAILED" if report.failed_total else "TIMED OUT"))

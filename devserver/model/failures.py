@@ -58,7 +58,7 @@ def error_info(exc: BaseException) -> dict[str, Any]:
     tb.stack = traceback.StackSummary.from_list(frames)
     try:
         message = str(exc)
-    except Exception:  # noqa: BLE001 - user code: an exception whose __str__ fails
+    except BaseException:  # noqa: BLE001 - user code: a __str__ that fails (or exits)
         message = f"<{type(exc).__name__}: str() failed>"
     return stored_error(_cap(type(exc).__name__), _cap(message), _cap("".join(tb.format())))
 

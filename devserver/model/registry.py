@@ -42,18 +42,27 @@ class Registry:
 
     def add(self, functions: Iterable[FunctionDef]) -> None:
         """Add functions; a function id registered twice is an error (and adds nothing)."""
-        new = list(functions)
-        ids = [fn.id for fn in new]
-        for fn in new:
-            if ids.count(fn.id) > 1 or (fn.id in self._functions
-                                        and self._functions[fn.id] is not fn):
+        # Linear: one dict lookup per function (an SDK app may register thousands).
+        fresh: dict[str, FunctionDef] = {}
+        for fn in functions:
+            known = self._functions.get(fn.id)
+            if fn.id in fresh or (known is not None and known is not fn):
                 raise UserError(f"two functions have the id {fn.id!r}")
-        for fn in new:
+            if known is fn:
+                continue  # already registered: nothing to index again
+            fresh[fn.id] = fn
+        for fn in fresh.values():
             self._functions[fn.id] = fn
+            triggers: list[EventTrigger] = []
             for trigger in fn.event_triggers:
-                self._index.add(trigger, (fn, trigger))
+                if trigger not in triggers:  # a function's own few triggers
+                    triggers.append(trigger)
+                    self._index.add(trigger, (fn, trigger), unique=True)
+            cancels: list[CancelTrigger] = []
             for cancel in fn.cancel_on:
-                self._cancels.add(cancel.event, (fn, cancel))
+                if cancel not in cancels:
+                    cancels.append(cancel)
+                    self._cancels.add(cancel.event, (fn, cancel), unique=True)
 
     def replaced(self, functions: Iterable[FunctionDef],
                  scope: Callable[[FunctionDef], bool]) -> Registry:

@@ -113,13 +113,14 @@ class TriggerIndex(Generic[T]):
         for trigger, item in entries:
             self.add(trigger, item)
 
-    def add(self, trigger: EventTrigger, item: T) -> None:
-        """Register `item` under `trigger`."""
+    def add(self, trigger: EventTrigger, item: T, *, unique: bool = False) -> None:
+        """Register `item` under `trigger`; `unique=True` when the caller knows it is not there
+        yet (skips a scan of the name's bucket: registering thousands stays linear)."""
         prefix = trigger.prefix
         table = self._exact if prefix is None else self._wildcards
         key = trigger.event if prefix is None else prefix
         bucket = table.setdefault(key, [])
-        if item not in bucket:
+        if unique or item not in bucket:
             bucket.append(item)
 
     def __bool__(self) -> bool:

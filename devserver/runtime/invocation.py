@@ -31,6 +31,7 @@ from devserver.jsontext import dump_json
 from devserver.model.events import MAX_DEPTH, IncomingEvent, too_deep, validate_event
 from devserver.model.expressions import compile_expression
 from devserver.model.failures import error_info, step_error, stored_error
+from devserver.model.limits import RunTreeTooLarge
 from devserver.model.records import (
     CANCELLED,
     COMPLETED,
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
 
 class Runtime(Protocol):
     """What steps need from the runner."""
+
+    max_tree_runs: int
+    """The most runs one tree of runs may hold (see `devserver.model.limits`)."""
 
     def prepare(
         self, env: str, events: list[IncomingEvent], now: int, *, skip_function: str | None = None,
@@ -80,6 +84,11 @@ def encode_output(value: Any, what: str) -> str:
         text = dump_json(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
+    except BaseException as exc:  # noqa: BLE001 - user code (a __iter__, a __str__...) raised
+        # SystemExit, KeyboardInterrupt, CancelledError...: the value can't be stored, and
+        # what it raised must not escape into the runner or the event loop.
+        raise TypeError(f"{what} could not be encoded as JSON: encoding it raised "
+                        f"{type(exc).__name__}: {_describe(exc)}") from None
     if len(text) > MAX_OUTPUT_BYTES // 4 and len(text.encode()) > MAX_OUTPUT_BYTES:
         raise TypeError(
             f"{what} is {len(text.encode()):,} bytes as JSON; at most {MAX_OUTPUT_BYTES:,} "
@@ -87,6 +96,13 @@ def encode_output(value: Any, what: str) -> str:
     if text.count("[") + text.count("{") > MAX_DEPTH and too_deep(value, MAX_DEPTH):
         raise TypeError(f"{what} is nested more than {MAX_DEPTH} levels deep")
     return text
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:  # noqa: BLE001 - user code: a __str__ that fails (or exits)
+        return "<str() failed>"
 
 
 def to_json_value(value: Any, what: str) -> Any:
@@ -333,7 +349,12 @@ class Invocation:
         ids = [ev.internal_id for ev in prepared]
         record = StepAttempt(0, uid, "send_event", self.attempt, COMPLETED, started, now, ids,
                              None, final=True)
-        created = await self.store.send_events(self.env, now, prepared, self.run_id, record)
+        try:
+            created = await self.store.send_events(self.env, now, prepared, self.run_id, record,
+                                                   self.runtime.max_tree_runs)
+        except RunTreeTooLarge as exc:
+            await self.step_failed(uid, NonRetriableError(str(exc)), started, kind="send_event")
+            raise AssertionError("step_failed always raises") from None
         self._check_live(created is not None)
         assert created is not None
         self._done(record)
@@ -385,8 +406,13 @@ class Invocation:
             record = StepAttempt(0, uid, "invoke", 0, WAITING, started, started, None, None,
                                  final=False, wait_until=expires,
                                  detail={"function_id": target.id, "run_id": child_id})
-            created = await self.store.invoke(self.env, started, event, self.run_id, record,
-                                              WaitSpec(child_run_id=child_id))
+            try:
+                created = await self.store.invoke(self.env, started, event, self.run_id, record,
+                                                  WaitSpec(child_run_id=child_id),
+                                                  self.runtime.max_tree_runs)
+            except RunTreeTooLarge as exc:
+                return await self.step_failed(uid, NonRetriableError(str(exc)), started,
+                                              kind="invoke")
             self._check_live(created is not None)
             assert created is not None
             self.pending[uid] = pending = record

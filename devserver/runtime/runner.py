@@ -14,9 +14,10 @@ its memoized steps; sleeps keep their wake time, waits are re-checked at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from devserver.app import (
@@ -28,12 +29,13 @@ from devserver.app import (
     StepError,
 )
 from devserver.clock import Clock, TimerHandle, VirtualClock
-from devserver.errors import NotFound, Reschedule, RunEnded
+from devserver.errors import NotFound, Reschedule, RunEnded, StoreUnavailable
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import IncomingEvent
 from devserver.model.failures import error_info, stored_error
 from devserver.model.lifecycle import lifecycle_events, lifecycle_names
+from devserver.model.limits import MAX_RESTARTS, MAX_TREE_RUNS, restarts_message
 from devserver.model.records import (
     CANCELLED,
     COMPLETED,
@@ -60,11 +62,24 @@ log = logging.getLogger(__name__)
 DEFAULT_ENV = "dev"
 DEFAULT_CONCURRENCY = 256
 """Invocations executing at once; more wait their turn."""
+STORE_RETRY_MS, STORE_RETRY_MAX_MS, STORE_RETRIES = 500, 30_000, 20
+"""A run whose write failed for the database's sake (locked, full, ...) is executed again on
+the clock after 0.5 s, doubling to 30 s, at most 20 times (about 8 minutes); after that it
+resumes at the next start."""
 
 
 def _log_write_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
+        if isinstance(future.exception(), StoreUnavailable):  # the store has logged it
+            return
         log.error("recording a run's start failed", exc_info=future.exception())
+
+
+def _cancelled_by_us() -> bool:
+    """Whether the CancelledError being handled comes from cancelling the current task
+    (a cancelled run, a shutdown, a timeout), not from user code raising it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Runner:
@@ -83,6 +98,11 @@ class Runner:
         self.backoff = backoff
         self.registry = Registry()
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self.max_tree_runs = MAX_TREE_RUNS
+        """The most runs one tree of runs may hold (`devserver.model.limits`)."""
+        self.max_restarts = MAX_RESTARTS
+        """Restarts a run may be executing at without progress before it is failed."""
         self._timers: dict[str, TimerHandle] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rewake: set[str] = set()  # woken while executing: run again once it returns
@@ -95,6 +115,10 @@ class Runner:
         self._fresh: dict[str, RunState] = {}
         # Start times not written yet (see `_invoke`), by run id.
         self._unstarted: dict[str, int] = {}
+        # Runs whose end could not be written (the database failed): the write to retry
+        # instead of executing the function again, and how many tries each has had.
+        self._unwritten_ends: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._store_tries: dict[str, int] = {}
 
     # -- functions ---------------------------------------------------------------------------
 
@@ -231,16 +255,52 @@ class Runner:
 
     async def _resume(self, *, only_idle: bool) -> None:
         parked: dict[str, int] = {}
+        now = self.clock.now_ms()
+        at_once: dict[str, int] = {}  # at start-up: the runs that execute at once
         for run_id, function_id, due in await self.store.unfinished_runs():
             if only_idle and (run_id in self._tasks or run_id in self._timers):
                 continue
-            if self.registry.get(function_id) is not None:
-                self.schedule(run_id, due)
-            else:
+            if self.registry.get(function_id) is None:
                 parked[function_id] = parked.get(function_id, 0) + 1
+            elif not only_idle and due <= now and len(at_once) < self._concurrency:
+                at_once[run_id] = due
+            else:
+                self.schedule(run_id, due)
+        if at_once:
+            await self._resume_counting_restarts(at_once)
         for function_id, count in parked.items():
             log.warning("%d unfinished run(s) of %s wait until that function is registered",
                         count, function_id)
+
+    async def _resume_counting_restarts(self, runs: dict[str, int]) -> None:
+        """Schedule the runs that execute at once at start-up, counting this restart for
+        each first (one commit): a run that was executing when the process ended each of
+        the last `max_restarts` times, without progress in between (its attempt calls
+        `os._exit`, crashes the interpreter...), is failed instead of ending this start too.
+        """
+        try:
+            counts = await self.store.note_restarts(list(runs))
+        except Exception:
+            log.exception("counting the restarts of unfinished runs failed")
+            counts = {}
+        for run_id, due in runs.items():
+            restarts = counts.get(run_id, 0)
+            if restarts >= self.max_restarts:
+                await self._fail_after_restarts(run_id, restarts)
+            else:
+                self.schedule(run_id, due)
+
+    async def _fail_after_restarts(self, run_id: str, restarts: int) -> None:
+        state = await self.store.run_state(run_id)
+        if state is None or state.run.status not in UNFINISHED:
+            return
+        run, now = state.run, self.clock.now_ms()
+        log.error("run %s of %s failed: the server process ended %d times while it was "
+                  "executing", run_id, run.function_id, restarts)
+        error = stored_error("ProcessEndedError", restarts_message(restarts))
+        attempt = StepAttempt(0, None, "function", run.attempt, FAILED, now, now, None, error,
+                              final=True)
+        await self._finish(run, state.events, FAILED, error=error, attempt=attempt)
 
     async def stop(self) -> None:
         """Stop timers and cancel executing invocations; their runs resume on the next start.
@@ -259,6 +319,10 @@ class Runner:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # a clean stop: the runs it interrupted did not end the process
+            await self.store.clear_restarts()
+        except Exception:
+            log.warning("could not reset the restart counts of unfinished runs", exc_info=True)
 
     @property
     def busy(self) -> int:
@@ -357,14 +421,51 @@ class Runner:
         async with self._slots:
             try:
                 await self._invoke(run_id)
+                self._store_tries.pop(run_id, None)
             except asyncio.CancelledError:
                 if run_id not in self._cancelled:
                     raise
                 self._cancelled.discard(run_id)
-            except Exception:  # a bug in devserver, not in the user's function
+            except StoreUnavailable as exc:  # nothing of the failed write is stored
+                self._retry_after_store_fault(run_id, exc)
+            except Exception as exc:  # a bug in devserver, not in the user's function
                 log.exception("run %s: internal error while executing", run_id)
+                await self._fail_outright(run_id, exc)
+            except BaseException as exc:  # noqa: BLE001 - user code's, got past every handler
+                log.error("run %s: %s escaped its invocation; the run fails", run_id,
+                          type(exc).__name__)
+                await self._fail_outright(run_id, exc)
+
+    async def _fail_outright(self, run_id: str, exc: BaseException) -> None:
+        """Fail a run whose invocation ended in an error nothing else handled, so that it
+        doesn't stay Running until the next start (and end the same way again)."""
+        try:
+            state = await self.store.run_state(run_id)
+            if state is not None and state.run.status in UNFINISHED:
+                await self._finish(state.run, state.events, FAILED, error=error_info(exc))
+        except Exception:
+            log.exception("run %s: could not record its failure", run_id)
+
+    def _retry_after_store_fault(self, run_id: str, exc: StoreUnavailable) -> None:
+        """Execute the run again later (its end, when that was the write that failed): a
+        run is never left Running for a write the database refused."""
+        tries = self._store_tries.get(run_id, 0) + 1
+        if tries > STORE_RETRIES:
+            self._store_tries.pop(run_id, None)
+            self._unwritten_ends.pop(run_id, None)
+            log.error("run %s: gave up writing it after %d tries; it resumes at the next "
+                      "start: %s", run_id, STORE_RETRIES, exc.message)
+            return
+        self._store_tries[run_id] = tries
+        delay = min(STORE_RETRY_MS * 2 ** (tries - 1), STORE_RETRY_MAX_MS)
+        log.debug("run %s: %s; trying again in %d ms", run_id, exc.message, delay)
+        self.schedule(run_id, self.clock.now_ms() + delay)
 
     async def _invoke(self, run_id: str) -> None:
+        unwritten = self._unwritten_ends.pop(run_id, None)
+        if unwritten is not None:
+            await unwritten()
+            return
         state = self._fresh.pop(run_id, None) or await self.store.run_state(run_id)
         if state is None or state.run.status not in UNFINISHED:
             return
@@ -395,8 +496,15 @@ class Runner:
             return
         except RunEnded:
             return
-        except asyncio.CancelledError:
+        except StoreUnavailable:  # not the function's failure
             raise
+        except asyncio.CancelledError as exc:
+            if _cancelled_by_us():
+                raise
+            # The function raised CancelledError itself (or awaited something cancelled
+            # elsewhere): its failure, like any other error.
+            await self._function_failed(inv, run, exc, started)
+            return
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the run too
             await self._function_failed(inv, run, exc, started)
             return
@@ -443,13 +551,24 @@ class Runner:
     async def _finish(
         self, run: RunRecord, events: list[StoredEvent], status: str, *,
         output_json: str | None = None, error: dict[str, Any] | None = None,
-        attempt: StepAttempt | None = None,
+        attempt: StepAttempt | None = None, emitted: list[NewEvent] | None = None,
+        started_at: int | None = None,
     ) -> None:
-        emitted = self._lifecycle(run, events, status, output_json, error)
-        created = await self.store.finish_run(run.run_id, status, self.clock.now_ms(),
-                                              output_json=output_json, error=error,
-                                              attempt=attempt, emitted=emitted,
-                                              started_at=self._unstarted.pop(run.run_id, None))
+        if emitted is None:
+            emitted = self._lifecycle(run, events, status, output_json, error)
+        if started_at is None:
+            started_at = self._unstarted.pop(run.run_id, None)
+        try:
+            created = await self.store.finish_run(run.run_id, status, self.clock.now_ms(),
+                                                  output_json=output_json, error=error,
+                                                  attempt=attempt, emitted=emitted,
+                                                  started_at=started_at)
+        except StoreUnavailable:
+            # Retried by `_execute`'s reschedule: this write, not the function again.
+            self._unwritten_ends[run.run_id] = functools.partial(
+                self._finish, run, events, status, output_json=output_json, error=error,
+                attempt=attempt, emitted=emitted, started_at=started_at)
+            raise
         if created is not None:
             await self._ended(run, emitted, created)
 

@@ -28,13 +28,13 @@ from devserver.app import FunctionDef
 from devserver.clock import Clock, iso
 from devserver.errors import UserError
 from devserver.runtime.runner import Runner
-from devserver.sdk.executor import USER_AGENT
+from devserver.sdk.executor import USER_AGENT, ReplyTooLarge, read_capped
 from devserver.sdk.protocol import (
     SDK_HEADER,
     SERVER_KIND,
     SERVER_KIND_HEADER,
 )
-from devserver.sdk.registration import Registration, parse_registration
+from devserver.sdk.registration import Registration, identify, parse_registration
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ DEFAULT_POLL_INTERVAL = 5.0
 SYNC_TIMEOUT = 30.0
 """Seconds a sync (the PUT, during which the app registers) may take."""
 PROBE_TIMEOUT = 1.0
+MAX_SYNC_REPLY_BYTES = 1024 * 1024
+"""The most of an app's answer to the sync PUT that is read (only its start is shown)."""
 DISCOVERY_PORTS = (3000, 3001, 3002, 3003, 3004, 3005, 3006, 3007, 3008, 3009, 3010, 3030,
                    5000, 5173, 8000, 8080, 8081, 8888)
 DISCOVERY_PATHS = ("/api/inngest", "/x/inngest", "/.netlify/functions/inngest",
@@ -226,7 +228,14 @@ class SdkApps:
         try:
             async with self._session.put(url, json={"url": url},
                                          headers={SERVER_KIND_HEADER: SERVER_KIND}) as resp:
-                status, text = resp.status, await resp.text(errors="replace")
+                status = resp.status
+                text = (await read_capped(resp, MAX_SYNC_REPLY_BYTES)).decode(
+                    "utf-8", errors="replace")
+        except ReplyTooLarge as exc:
+            if not sync.done.done():
+                return SyncResult(url, ok=False,
+                                  error=f"the app at {url} answered the sync: {exc}")
+            status, text = 200, ""
         except (aiohttp.ClientError, TimeoutError) as exc:
             return SyncResult(url, ok=False,
                               error=f"could not reach {url}: {exc or type(exc).__name__}")
@@ -246,6 +255,13 @@ class SdkApps:
     async def register(self, body: Any) -> tuple[bool, str]:
         """Apply an app's registration; returns (modified, app id). Raises `UserError`."""
         sync = self._sync_for(body.get("url") if isinstance(body, dict) else None)
+        known = identify(body)
+        current = self._apps.get(known[0]) if known is not None else None
+        if known is not None and current is not None and current.checksum == known[1]:
+            # Unchanged (every re-sync): answered from the checksum, nothing parsed/replaced.
+            if sync is not None and not sync.done.done():
+                sync.done.set_result(SyncResult(sync.url, ok=True, app_id=current.app_id))
+            return False, current.app_id
         try:
             reg = parse_registration(body)
             async with self._lock:

@@ -59,15 +59,22 @@ MAX_CALLS = 1000
 DEFAULT_CALL_TIMEOUT = 900.0
 """Seconds one call may take (the app runs a whole step within it)."""
 CONNECT_TIMEOUT = 10.0
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+"""The largest reply body read from an SDK app (64 MiB: more than any memo Inngest allows,
+4 MiB per step output and 32 MiB per run); checked while reading, so a reply claiming or
+streaming gigabytes fails its attempt instead of filling memory."""
+READ_CHUNK = 256 * 1024
 USER_AGENT = f"devserver/{__version__}"
 
 
 class SdkExecutor:
     """Executes invocations of SDK functions (`FunctionDef.remote`) for the runner."""
 
-    def __init__(self, clock: Clock, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(self, clock: Clock, *, call_timeout: float = DEFAULT_CALL_TIMEOUT,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         self.clock = clock
         self.call_timeout = call_timeout
+        self.max_reply_bytes = max_reply_bytes
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -237,8 +244,11 @@ class SdkExecutor:
                 headers={"Content-Type": "application/json", SERVER_KIND_HEADER: SERVER_KIND,
                          "User-Agent": USER_AGENT},
             ) as resp:
-                raw = await resp.read()
+                raw = await read_capped(resp, self.max_reply_bytes)
                 return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
+        except ReplyTooLarge as exc:
+            raise SdkError({"name": "SdkReplyTooLargeError", "stack": None,
+                            "message": f"{target_url}: {exc}"}) from None
         except ProtocolError as exc:
             error = {"name": "SdkProtocolError", "message": f"{target_url}: {exc.message}",
                      "stack": None}
@@ -247,6 +257,36 @@ class SdkExecutor:
             reason = str(exc) or type(exc).__name__
             raise SdkError({"name": "SdkUnreachableError", "stack": None,
                             "message": f"could not call {target_url}: {reason}"}) from None
+
+
+class ReplyTooLarge(Exception):
+    """A reply body over the cap (its message names the cap)."""
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):g} MiB" if n >= 1024 * 1024 else f"{n:,} bytes"
+
+
+async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The reply body, read in chunks; `ReplyTooLarge` as soon as it is known to pass `cap`
+    bytes (from Content-Length before reading, else once that much has arrived)."""
+    claimed = resp.content_length
+    if claimed is not None and claimed > cap:
+        resp.close()  # don't drain gigabytes to reuse the connection
+        raise ReplyTooLarge(f"the reply is {_size(claimed)} (Content-Length), over the "
+                            f"{_size(cap)} cap on SDK replies")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await resp.content.read(READ_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > cap:
+            resp.close()
+            raise ReplyTooLarge(f"the reply passed the {_size(cap)} cap on SDK replies "
+                                f"({size:,} bytes had arrived)")
+        chunks.append(chunk)
 
 
 def _earliest(waits: list[int | None]) -> int | None:

@@ -61,21 +61,43 @@ def parse_registration(body: Any) -> Registration:
         configs = []
     if not isinstance(configs, list):
         raise UserError(f"registration: 'functions' must be an array, got {kind_of(configs)}")
-    functions: list[FunctionDef] = []
+    by_id: dict[str, FunctionDef] = {}  # a dict: checking ids stays linear for thousands
     ignored: dict[str, list[str]] = {}
     for index, config in enumerate(configs):
         fn, skipped = _function(app_id, config, f"functions[{index}]")
-        if any(other.id == fn.id for other in functions):
+        if fn.id in by_id:
             raise UserError(f"functions[{index}]: two functions have the id {fn.id!r}")
-        functions.append(fn)
+        by_id[fn.id] = fn
         if skipped:
             ignored[fn.id] = skipped
-    canonical = json.dumps({"app": app_id, "url": url, "functions": configs},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return Registration(
         app_id=app_id, url=url, sdk=text_of(body.get("sdk")),
-        framework=text_of(body.get("framework")), functions=functions, ignored=ignored,
-        checksum=hashlib.sha256(canonical.encode("utf-8")).hexdigest(), configs=configs)
+        framework=text_of(body.get("framework")), functions=list(by_id.values()),
+        ignored=ignored, checksum=checksum(body), configs=configs)
+
+
+def identify(body: Any) -> tuple[str, str] | None:
+    """A registration's (app id, checksum) when it names its app, before any parsing; None
+    when it does not. An app that sends the same registration again (every re-sync does) is
+    recognised by this alone: nothing is parsed or replaced."""
+    if not isinstance(body, dict):
+        return None
+    app_id = body.get("appname", body.get("appName"))
+    if not isinstance(app_id, str) or not app_id.strip():
+        return None
+    return app_id, checksum(body)
+
+
+def checksum(body: dict[str, Any]) -> str:
+    """What identifies a registration's content: its app, URL and function configs (SDK
+    fields that change every sync, such as timestamps or signatures, are left out)."""
+    app_id = body.get("appname", body.get("appName"))
+    configs = body.get("functions")
+    canonical = json.dumps({"app": app_id, "url": body.get("url"),
+                            "functions": [] if configs is None else configs},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           default=repr)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _function(app_id: str, config: Any, where: str) -> tuple[FunctionDef, list[str]]:

@@ -2,6 +2,8 @@
 
 All SQL in the project lives in the store: the schema and migrations in `schema`, the queries
 in `queries`, the connections here. Callers pass and get plain dataclasses, never cursors.
+Every query is in `queries`: the only statements here are the writer's and reader's own
+transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT) and the connections' PRAGMAs.
 
 One owner for writes: every write is a small function queued to the writer task, which applies
 all pending writes in one transaction (each inside its own savepoint, so one failing write does
@@ -14,6 +16,18 @@ The writer runs its batches on the event loop's own thread: a batch is a few C-l
 thread and trading the GIL back and forth for every request (measured in `devserver.bench`).
 Reads use their own connection (aiosqlite, in its thread); with WAL they never wait for the
 writer.
+
+Because the writer is on the loop, it must never wait inside SQLite: its busy timeout is 0.
+When another process holds the write lock, the writer gives the loop back and tries again
+(`LOCK_WAIT` at most, then the batch fails). A fault of the file or disk (locked, read-only,
+damaged, deleted, full) fails the whole batch with `StoreUnavailable` (503) or `StoreFull`
+(507) and stores nothing of it; one log line says so (at most one every `FAULT_LOG_EVERY`
+seconds), and the next batch tries again, so writes succeed once the cause is gone. A
+database deleted or replaced under the server is the exception: every later write is refused
+(it would go to a file no one will see again) until devserver is restarted. Opening probes the
+file: a write that is rolled back (read-only, locked) and, for files up to
+`QUICK_CHECK_MAX_BYTES`, `PRAGMA quick_check` (damaged); each fails with one clear
+`ConfigError`.
 
 Per-session figures are counters kept up to date by the writes that change them (run created,
 started, finished), so reading them never scans runs.
@@ -28,18 +42,18 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiosqlite
 
-from devserver.errors import ConfigError
+from devserver.errors import ConfigError, StoreFull, StoreUnavailable
 from devserver.jsontext import dump_json
+from devserver.model.limits import MAX_TREE_RUNS
 from devserver.model.records import (
     COMPLETED,
-    QUEUED,
-    RUNNING,
     EnvironmentSummary,
     IdentifierSummary,
     NewEvent,
@@ -53,9 +67,9 @@ from devserver.model.records import (
     WaitSpec,
 )
 from devserver.store import queries
+from devserver.store.schema import BUSY_TIMEOUT_MS, connect_pragmas, migrate
 from devserver.store.schema import SCHEMA as SCHEMA
 from devserver.store.schema import SCHEMA_VERSION as SCHEMA_VERSION
-from devserver.store.schema import connect_pragmas, migrate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,6 +77,69 @@ T = TypeVar("T")
 
 
 MAX_BATCH = 512
+LOCK_WAIT = 1.0
+"""Seconds a batch waits for another process's write lock before its writes fail (503)."""
+LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.005, 0.05
+"""Seconds between tries for the lock: doubling from the first to the max."""
+FAULT_LOG_EVERY = 10.0
+"""Seconds between log lines about the same database fault."""
+QUICK_CHECK_MAX_BYTES = 16 * 1024 * 1024
+"""Files up to this size get `PRAGMA quick_check` at open (about 2 ms a MB); larger ones
+only the cheap checks, and damage found later fails the writes it touches (503)."""
+
+_BUSY = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_FAULTS = _BUSY | _DAMAGED | {
+    sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_NOLFS}
+"""SQLite's primary result codes that are the file's or the disk's fault, not a write's."""
+
+
+def _primary(exc: BaseException) -> int | None:
+    """SQLite's primary result code of an exception, None if it is not SQLite's."""
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    return None if code is None else int(code) & 0xFF
+
+
+def _is_fault(exc: BaseException) -> bool:
+    return _primary(exc) in _FAULTS
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write the file (if it exists) and create files beside it."""
+    if path.exists() and not os.access(path, os.W_OK):
+        return False
+    return os.access(path.parent, os.W_OK)
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+class _FaultLog:
+    """One log line per database fault, at most one every FAULT_LOG_EVERY seconds; one more
+    when writes succeed again."""
+
+    def __init__(self) -> None:
+        self._message: str | None = None
+        self._at = 0.0
+        self._refused = 0
+
+    def refused(self, error: StoreUnavailable, writes: int) -> None:
+        self._refused += writes
+        now = time.monotonic()
+        if error.message != self._message or now - self._at >= FAULT_LOG_EVERY:
+            log.error("database write failed: %s (%d write(s) refused)", error.message,
+                      self._refused)
+            self._message, self._at, self._refused = error.message, now, 0
+
+    def recovered(self) -> None:
+        if self._message is not None:
+            log.warning("database writes succeed again (after: %s)", self._message)
+            self._message, self._refused = None, 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +153,20 @@ _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 class Store:
     """The database: open it, write through the batching writer, read through the reader."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, probe_write: bool = True) -> None:
+        """`probe_write=False` skips the write probe at open, for a caller that only reads
+        (e.g. `export` of a read-only file); its writes still fail with `StoreUnavailable`."""
         self._requested = str(path)
+        self._probe_write = probe_write
         self._tmpdir: str | None = None
         self.path: Path = Path(self._requested)
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._identity: tuple[int, int] | None = None  # the file's (device, inode) at open
+        self._gone: str | None = None  # set once the file is found deleted or replaced
+        self._faults = _FaultLog()
 
     async def open(self) -> None:
         """Create or migrate the database and start the writer. Raises `ConfigError`."""
@@ -96,16 +179,25 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Open it once synchronously first: a path SQLite can't use fails here, cleanly,
             # instead of inside aiosqlite's worker thread.
-            probe = sqlite3.connect(self.path)
+            timeout = BUSY_TIMEOUT_MS / 1000
+            probe = sqlite3.connect(self.path, timeout=timeout)
             try:
                 probe.execute("PRAGMA schema_version")
             finally:
                 probe.close()
             # Used only from the event loop's thread (opened here, on it).
-            self._writer = sqlite3.connect(self.path, isolation_level=None)
+            self._writer = sqlite3.connect(self.path, isolation_level=None, timeout=timeout)
             connect_pragmas(self._writer)
             migrate(self._writer)
-            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            if self._probe_write:
+                _probe_write(self._writer)
+            self._quick_check(self._writer)
+            # From now on the writer runs on the loop: it must never wait inside SQLite.
+            self._writer.execute("PRAGMA busy_timeout = 0")
+            stat = os.stat(self.path)
+            self._identity = (stat.st_dev, stat.st_ino)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None,
+                                                   timeout=timeout)
             await self._call(self._reader, connect_pragmas)
             await self._call(self._reader, lambda db: db.execute("PRAGMA query_only = ON"))
         except ConfigError:
@@ -113,8 +205,68 @@ class Store:
             raise
         except (OSError, sqlite3.Error) as exc:
             await self.close()
-            raise ConfigError(f"cannot open database {self._requested}: {exc}") from exc
+            raise ConfigError(self._open_error(exc)) from exc
         self._writer_task = asyncio.create_task(self._write_loop(), name="devserver-writer")
+
+    def _quick_check(self, db: sqlite3.Connection) -> None:
+        if self.path.stat().st_size > QUICK_CHECK_MAX_BYTES:
+            return
+        found = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if found != "ok":
+            raise ConfigError(f"cannot open database {self._requested}: it is damaged "
+                              f"(quick_check: {' '.join(str(found).split())})")
+
+    def _open_error(self, exc: OSError | sqlite3.Error) -> str:
+        """The one line saying why the database can't be opened."""
+        where = f"cannot open database {self._requested}"
+        code = _primary(exc)
+        if code in _DAMAGED:
+            return f"{where}: it is not a database or is damaged ({exc})"
+        if code in _BUSY:
+            return (f"{where}: it is locked by another process (waited "
+                    f"{BUSY_TIMEOUT_MS / 1000:g} s: {exc}); end that process's transaction "
+                    "or use another --db")
+        if code == sqlite3.SQLITE_READONLY or (
+                code == sqlite3.SQLITE_CANTOPEN and not _writable(self.path)) or (
+                isinstance(exc, OSError) and not _writable(self.path)):
+            return (f"{where}: it is read-only ({exc}); make the file and its directory "
+                    "writable or use another --db")
+        if code == sqlite3.SQLITE_FULL:
+            return f"{where}: the disk is full ({exc})"
+        return f"{where}: {exc}"
+
+    def _fault(self, exc: BaseException) -> StoreUnavailable | None:
+        """The error to give callers for a fault of the file or disk; None for other errors
+        (a write's own, or a bug)."""
+        code = _primary(exc)
+        if code not in _FAULTS:
+            return None
+        path = self.path
+        if code in _BUSY:
+            return StoreUnavailable(f"the database {path} is locked by another process "
+                                    f"({exc}); retry once it is released")
+        if code == sqlite3.SQLITE_READONLY:
+            return StoreUnavailable(f"the database {path} is read-only ({exc}); make it "
+                                    "writable and retry")
+        if code in _DAMAGED:
+            return StoreUnavailable(f"the database {path} is damaged ({exc}); stop devserver "
+                                    "and restore or delete the file")
+        if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _disk_full(path)):
+            return StoreFull(f"disk full writing {path} ({exc}); free some space and retry")
+        return StoreUnavailable(f"cannot write the database {path} ({exc}); retry")
+
+    def _check_file(self) -> str | None:
+        """Why the path no longer names the file that was opened (deleted, replaced)."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            pass
+        else:
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                return None
+        return (f"the database {self.path} was deleted or replaced while devserver was "
+                "running: writes are refused, since a restart would lose them; restart "
+                "devserver")
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer and close both connections."""
@@ -141,7 +293,13 @@ class Store:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._reader is None:
             raise RuntimeError("store is not open")
-        return await self._call(self._reader, functools.partial(_in_snapshot, fn=fn))
+        try:
+            return await self._call(self._reader, functools.partial(_in_snapshot, fn=fn))
+        except sqlite3.Error as exc:
+            fault = self._fault(exc)
+            if fault is None:
+                raise
+            raise fault from exc
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         # A plain function handing back the future (not a coroutine awaiting it): one frame
@@ -176,11 +334,8 @@ class Store:
                         stopping = True
                         break
                     batch.append(item)
-            try:
-                results = _apply_batch(self._writer, batch=batch)
-            except Exception as exc:  # the commit itself failed: nothing in the batch is stored
-                log.exception("database commit failed")
-                results = [exc] * len(batch)
+            results, stop = await self._commit(batch)
+            stopping = stopping or stop
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -188,6 +343,60 @@ class Store:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _commit(self, batch: list[_Write]) -> tuple[list[Any], bool]:
+        """Apply a batch: its writes' results, or the one error every write of it gets
+        (nothing of it stored); and whether the end of the queue was taken meanwhile.
+
+        Waits for another process's lock off the loop's back (`LOCK_WAIT` at most), taking
+        the writes queued meanwhile into the batch, so they share the wait."""
+        assert self._writer is not None
+        stopping = False
+        locked_since: float | None = None
+        pause = LOCK_RETRY_FIRST
+        while True:
+            if self._gone is not None:
+                error: StoreUnavailable = StoreUnavailable(self._gone)
+                break
+            try:
+                results = _apply_batch(self._writer, batch=batch)
+            except Exception as exc:  # the commit failed: nothing in the batch is stored
+                fault = self._fault(exc)
+                if fault is None:
+                    log.exception("database commit failed")
+                    return [exc] * len(batch), stopping
+                error = fault
+                if _primary(exc) in _BUSY:
+                    now = time.monotonic()
+                    if locked_since is None:
+                        locked_since = now
+                    if now - locked_since < LOCK_WAIT:
+                        await asyncio.sleep(pause)
+                        pause = min(2 * pause, LOCK_RETRY_MAX)
+                        stopping = self._take_queued(batch) or stopping
+                        continue
+                break
+            # Committed; but to the file the path names? A deleted (or replaced) file's
+            # writes would be lost at the next start, so they are not acknowledged.
+            gone = self._check_file()
+            if gone is None:
+                self._faults.recovered()
+                return results, stopping
+            self._gone = gone
+            error = StoreUnavailable(gone)
+            break
+        self._faults.refused(error, len(batch))
+        # An exception object each: they are raised in as many tasks.
+        return [type(error)(error.message) for _ in batch], stopping
+
+    def _take_queued(self, batch: list[_Write]) -> bool:
+        """Move queued writes into the batch; True if the end of the queue was among them."""
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                return True
+            batch.append(item)
+        return False
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -203,13 +412,7 @@ class Store:
     ) -> list[str] | None:
         """`ingest` for a request whose event ids came from an SDK's id seed: None (and
         nothing stored) when its first event is already stored, i.e. the SDK sent it again."""
-        def write(db: sqlite3.Connection) -> list[str] | None:
-            if events and db.execute("SELECT 1 FROM events WHERE internal_id = ?",
-                                     (events[0].internal_id,)).fetchone() is not None:
-                return None
-            return queries.ingest(db, env, received_at, events)
-
-        return await self._write(write)
+        return await self._write(lambda db: queries.ingest_once(db, env, received_at, events))
 
     async def start_run(self, run_id: str, now: int) -> bool:
         """Mark a queued run Running; False when it was not Queued."""
@@ -252,31 +455,40 @@ class Store:
 
     async def send_events(
         self, env: str, now: int, events: list[NewEvent], run_id: str, step: StepAttempt,
+        max_tree_runs: int = MAX_TREE_RUNS,
     ) -> list[str] | None:
         """A `send_event` step: its events and its result in one commit (exactly once).
 
-        Returns the runs the events started, or None when the sending run has ended.
+        Returns the runs the events started, or None when the sending run has ended. Raises
+        `RunTreeTooLarge` (nothing stored) when the runs would grow the sender's tree of
+        runs past `max_tree_runs`.
         """
-        def write(db: sqlite3.Connection) -> list[str] | None:
-            if not queries.live(db, run_id):
-                return None
-            queries.add_attempt(db, run_id, step)
-            db.execute("UPDATE runs SET attempt = 0 WHERE run_id = ?", (run_id,))
-            return queries.ingest(db, env, now, events)
-
-        return await self._write(write)
+        return await self._write(
+            lambda db: queries.send_events(db, env, now, events, run_id, step, max_tree_runs))
 
     async def invoke(
         self, env: str, now: int, event: NewEvent, run_id: str, step: StepAttempt,
-        wait: WaitSpec,
+        wait: WaitSpec, max_tree_runs: int = MAX_TREE_RUNS,
     ) -> list[str] | None:
-        """An `invoke` step: the child's event and run, and the parent's wait, in one commit."""
+        """An `invoke` step: the child's event and run, and the parent's wait, in one commit
+        (`RunTreeTooLarge` as for `send_events`)."""
         def write(db: sqlite3.Connection) -> list[str] | None:
             if not queries.begin_wait(db, env, run_id, step, wait):
                 return None
-            return queries.ingest(db, env, now, [event])
+            created = queries.ingest(db, env, now, [event])
+            queries.grow_tree(db, run_id, created, max_tree_runs)
+            return created
 
         return await self._write(write)
+
+    async def note_restarts(self, run_ids: list[str]) -> dict[str, int]:
+        """At start-up, for runs about to execute at once: one more restart each; returns
+        each one's count of restarts without progress."""
+        return await self._write(lambda db: queries.note_restarts(db, run_ids))
+
+    async def clear_restarts(self) -> None:
+        """At a clean shutdown: the runs it interrupted did not end the process."""
+        await self._write(queries.clear_restarts)
 
     async def finish_run(
         self, run_id: str, status: str, now: int, *, output: Any = None,
@@ -300,40 +512,29 @@ class Store:
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""
-        marks = ", ".join("?" * len(names))  # placeholders only; the names are parameters
-        return await self._read(lambda db: [r[0] for r in db.execute(
-            f"SELECT DISTINCT run_id FROM waits WHERE env = ? AND event_name IN ({marks})",
-            (env, *names))])
+        return await self._read(lambda db: queries.waiting_for_events(db, env, names))
 
     async def waiting_for_run(self, child_run_id: str) -> list[str]:
         """Runs with an `invoke` step waiting for this run to end."""
-        return await self._read(lambda db: [r[0] for r in db.execute(
-            "SELECT run_id FROM waits WHERE child_run_id = ?", (child_run_id,))])
+        return await self._read(lambda db: queries.waiting_for_run(db, child_run_id))
 
     async def events_after(
         self, env: str, name: str, after_internal_id: str, limit: int = 100,
     ) -> list[StoredEvent]:
         """Events called `name` received after the event id boundary, oldest first."""
-        return await self._read(lambda db: [queries.event_from_row(r) for r in db.execute(
-            "SELECT * FROM events WHERE env = ? AND name = ? AND internal_id > ? "
-            "AND duplicate = 0 ORDER BY internal_id LIMIT ?",
-            (env, name, after_internal_id, limit))])
+        return await self._read(
+            lambda db: queries.read_events_after(db, env, name, after_internal_id, limit))
 
     async def run(self, run_id: str) -> RunRecord | None:
         """One run's row."""
-        return await self._read(lambda db: next(map(queries.run_from_row, db.execute(
-            "SELECT * FROM runs WHERE run_id = ?", (run_id,))), None))
+        return await self._read(lambda db: queries.read_run(db, run_id))
 
     async def unfinished_runs_of(
         self, env: str, function_id: str, before_internal_id: str,
     ) -> list[tuple[RunRecord, StoredEvent]]:
         """Unfinished runs of a function created before an event id, with their trigger."""
-        return await self._read(lambda db: [
-            (queries.run_from_row(r), queries.event_from_row(e)) for r in db.execute(
-                "SELECT * FROM runs WHERE env = ? AND function_id = ? AND status IN (?, ?) "
-                "AND run_id < ?", (env, function_id, QUEUED, RUNNING, before_internal_id))
-            for e in db.execute("SELECT * FROM events WHERE internal_id = ?", (r["event_id"],))
-        ])
+        return await self._read(lambda db: queries.read_unfinished_runs_of(
+            db, env, function_id, before_internal_id))
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -351,61 +552,49 @@ class Store:
         A run with a pending wait (event, invoke) is due at once, so it re-checks what it
         waits for; others are due at their stored wake time (sleep end, retry backoff).
         """
-        return await self._read(lambda db: [
-            (r[0], r[1], r[2] or 0) for r in db.execute(
-                "SELECT r.run_id, r.function_id, CASE WHEN EXISTS (SELECT 1 FROM waits w "
-                "WHERE w.run_id = r.run_id) THEN 0 ELSE r.next_at END AS due FROM runs r "
-                "WHERE r.status IN ('Queued', 'Running') ORDER BY due")
-        ])
+        return await self._read(queries.read_unfinished_runs)
 
     async def runs(
         self, env: str, *, function_id: str | None = None, status: str | None = None,
         limit: int = 100,
     ) -> list[RunRecord]:
         """Runs of an environment, newest first, optionally of one function or status."""
-        # `where` holds fixed fragments with `?` placeholders; the values go in `params`.
-        where, params = ["env = ?"], [env]
-        if function_id is not None:
-            where.append("function_id = ?")
-            params.append(function_id)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        return await self._read(lambda db: [queries.run_from_row(r) for r in db.execute(
-            f"SELECT * FROM runs WHERE {' AND '.join(where)} ORDER BY run_id DESC LIMIT ?",
-            (*params, limit))])
+        return await self._read(
+            lambda db: queries.read_runs(db, env, function_id, status, limit))
 
     async def waited_event_names(self) -> list[tuple[str, str]]:
         """(env, event name) pairs that some run's `wait_for_event` step waits for."""
-        return await self._read(lambda db: [(r[0], r[1]) for r in db.execute(
-            "SELECT DISTINCT env, event_name FROM waits WHERE event_name IS NOT NULL")])
+        return await self._read(queries.waited_event_names)
 
     async def event(self, internal_id: str) -> StoredEvent | None:
         """One event by its internal id."""
-        return await self._read(lambda db: next(
-            map(queries.event_from_row, db.execute("SELECT * FROM events WHERE internal_id = ?",
-                                   (internal_id,))), None))
+        return await self._read(lambda db: queries.read_event(db, internal_id))
 
     async def event_runs(self, internal_id: str) -> list[RunRecord]:
         """The runs an event started, oldest first."""
-        return await self._read(lambda db: [queries.run_from_row(r) for r in db.execute(
-            "SELECT * FROM runs WHERE event_id = ? ORDER BY run_id", (internal_id,))])
+        return await self._read(lambda db: queries.read_event_runs(db, internal_id))
 
     async def environments(self) -> list[EnvironmentSummary]:
         """Every environment with data, most recently active first."""
-        return await self._read(lambda db: [
-            EnvironmentSummary(r["env"], r["events"], r["last_active"]) for r in db.execute(
-                "SELECT * FROM environments ORDER BY last_active DESC, env")])
+        return await self._read(queries.read_environments)
 
     async def identifiers(self, env: str) -> list[IdentifierSummary]:
         """The session identifiers seen in `env`, most recently active first."""
-        return await self._read(lambda db: [
-            IdentifierSummary(r["identifier"], r["sessions"], r["last_active"])
-            for r in db.execute(
-                "SELECT identifier, sessions, (SELECT max(last_active) FROM sessions s "
-                "WHERE s.env = i.env AND s.identifier = i.identifier) AS last_active "
-                "FROM identifiers i WHERE env = ? ORDER BY last_active DESC, identifier",
-                (env,))])
+        return await self._read(lambda db: queries.read_identifiers(db, env))
+
+    async def environments_page(self, *, limit: int = 50, cursor: str | None = None) -> Page:
+        """A page of `environments` (rows are `EnvironmentSummary`)."""
+        return await self._read(lambda db: queries.read_environments_page(db, limit, cursor))
+
+    async def identifiers_page(self, env: str, *, limit: int = 50,
+                               cursor: str | None = None) -> Page:
+        """A page of `identifiers` (rows are `IdentifierSummary`)."""
+        return await self._read(
+            lambda db: queries.read_identifiers_page(db, env, limit, cursor))
+
+    async def identifier_known(self, env: str, identifier: str) -> bool:
+        """Whether sessions with this identifier were seen in `env`."""
+        return await self._read(lambda db: queries.read_identifier_known(db, env, identifier))
 
     async def sessions(
         self, env: str, identifier: str, *, q: str | None = None, sort: str = "last_active",
@@ -425,10 +614,8 @@ class Store:
 
     async def session_events(self, env: str, identifier: str, value: str) -> list[StoredEvent]:
         """Every event that carried a session, in the order they were received."""
-        return await self._read(lambda db: [queries.event_from_row(r) for r in db.execute(
-            "SELECT e.* FROM event_sessions es JOIN events e ON e.internal_id = es.internal_id "
-            "WHERE es.env = ? AND es.identifier = ? AND es.value = ? ORDER BY es.internal_id",
-            (env, identifier, value))])
+        return await self._read(
+            lambda db: queries.read_session_events(db, env, identifier, value))
 
 
 def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -458,6 +645,8 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
     results: list[Any] = [None] * len(batch)
     ingests = [i for i, (fn, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
     ends: list[int] = []  # consecutive run ends not applied yet
+    if db.in_transaction:  # left open by a ROLLBACK that failed
+        db.execute("ROLLBACK")
     db.execute("BEGIN IMMEDIATE")
     try:
         if len(ingests) > 1:
@@ -476,22 +665,40 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
         _apply_ends(db, batch, ends, results)
         db.execute("COMMIT")
     except BaseException:
+        # A fault may have rolled the transaction back already (SQLITE_FULL does); a
+        # ROLLBACK that fails too is tried again before the next batch.
         if db.in_transaction:
-            db.execute("ROLLBACK")
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.debug("rollback after a failed batch failed too", exc_info=True)
         raise
     return results
+
+
+def _probe_write(db: sqlite3.Connection) -> None:
+    """Write and roll back: a read-only or locked file fails here, at open, not at the first
+    write. (BEGIN IMMEDIATE alone succeeds on a read-only file in WAL mode.) The write sets
+    the header's application id, which devserver leaves at 0, to 0: never committed anyway."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("PRAGMA application_id = 0")
+    finally:
+        db.execute("ROLLBACK")
 
 
 def _apply_one(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> Any:
     """One write's result, or the exception it raised (and nothing of it applied)."""
     db.execute("SAVEPOINT w")
     try:
-        return fn(db)
-    except Exception as exc:  # noqa: BLE001 - handed to the caller who queued it
+        result = fn(db)
+    except Exception as exc:  # handed to the caller who queued it
+        if _is_fault(exc):  # the file's or disk's fault: the whole batch fails
+            raise
         db.execute("ROLLBACK TO w")
-        return exc
-    finally:
-        db.execute("RELEASE w")
+        result = exc
+    db.execute("RELEASE w")
+    return result
 
 
 def _apply_ends(db: sqlite3.Connection, batch: list[_Write], ends: list[int],
@@ -513,7 +720,9 @@ def _apply_together(db: sqlite3.Connection, batch: list[_Write], positions: list
         for index, result in zip(positions, apply_many(db, [batch[i][0] for i in positions]),
                                  strict=True):
             results[index] = result
-    except Exception:  # noqa: BLE001 - applied one by one instead, where a failure is reported
+    except Exception as exc:  # applied one by one, where a failure is reported
+        if _is_fault(exc):
+            raise
         db.execute("ROLLBACK TO together")
         for index in positions:
             results[index] = _apply_one(db, batch[index][0])

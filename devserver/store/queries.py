@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from devserver.errors import UserError
 from devserver.jsontext import dump_json
+from devserver.model.limits import MAX_TREE_RUNS, RunTreeTooLarge
 from devserver.model.records import (
     CANCELLED,
     FAILED,
@@ -296,7 +297,8 @@ def record_attempt(
         return False
     add_attempt(db, run_id, attempt)
     db.execute(
-        "UPDATE runs SET attempt = ?, next_at = coalesce(?, next_at) WHERE run_id = ?",
+        "UPDATE runs SET attempt = ?, next_at = coalesce(?, next_at), restarts = 0 "
+        "WHERE run_id = ?",
         (next_attempt, next_at, run_id),
     )
     return True
@@ -314,7 +316,8 @@ def begin_wait(
             "VALUES (?, ?, ?, ?, ?, ?)",
             (run_id, step.step_id, env, step.kind, wait.event_name, wait.child_run_id),
         )
-    db.execute("UPDATE runs SET next_at = ? WHERE run_id = ?", (step.wait_until, run_id))
+    db.execute("UPDATE runs SET next_at = ?, restarts = 0 WHERE run_id = ?",
+               (step.wait_until, run_id))
     return True
 
 
@@ -330,7 +333,7 @@ def end_wait(
         (status, now, output, error, run_id, step_id, WAITING),
     ).rowcount
     db.execute("DELETE FROM waits WHERE run_id = ? AND step_id = ?", (run_id, step_id))
-    db.execute("UPDATE runs SET attempt = 0 WHERE run_id = ?", (run_id,))
+    db.execute("UPDATE runs SET attempt = 0, restarts = 0 WHERE run_id = ?", (run_id,))
     return bool(changed)
 
 
@@ -347,15 +350,52 @@ def ingest_once(
 
 def send_events(
     db: sqlite3.Connection, env: str, now: int, events: list[NewEvent], run_id: str,
-    step: StepAttempt,
+    step: StepAttempt, max_tree_runs: int = MAX_TREE_RUNS,
 ) -> list[str] | None:
     """A `send_event` step: its events and its result together. Returns the runs the events
     started, or None (and nothing stored) when the sending run has ended."""
     if not live(db, run_id):
         return None
     add_attempt(db, run_id, step)
-    db.execute("UPDATE runs SET attempt = 0 WHERE run_id = ?", (run_id,))
-    return ingest(db, env, now, events)
+    db.execute("UPDATE runs SET attempt = 0, restarts = 0 WHERE run_id = ?", (run_id,))
+    created = ingest(db, env, now, events)
+    grow_tree(db, run_id, created, max_tree_runs)
+    return created
+
+
+def grow_tree(db: sqlite3.Connection, run_id: str, created: list[str], bound: int) -> None:
+    """Count runs that `run_id` started toward its tree of runs, and mark them as in it.
+    Raises `RunTreeTooLarge` (the caller's write is then rolled back) past `bound`."""
+    if not created:
+        return
+    row = db.execute("SELECT coalesce(tree, run_id) FROM runs WHERE run_id = ?",
+                     (run_id,)).fetchone()
+    root = run_id if row is None else row[0]
+    total = db.execute(
+        "INSERT INTO run_trees (root, runs) VALUES (?, ?) ON CONFLICT DO UPDATE SET "
+        "runs = runs + excluded.runs RETURNING runs", (root, len(created))).fetchone()[0]
+    if total > bound:
+        raise RunTreeTooLarge(root, total, bound)
+    db.executemany("UPDATE runs SET tree = ? WHERE run_id = ?", ((root, r) for r in created))
+
+
+def note_restarts(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, int]:
+    """At start-up: count one more restart for each run (due now, executed at once);
+    returns each run's count since it last showed progress."""
+    counts: dict[str, int] = {}
+    for start in range(0, len(run_ids), 500):  # well under SQLite's limit on parameters
+        chunk = run_ids[start:start + 500]
+        marks = ", ".join("?" * len(chunk))
+        counts.update(db.execute(
+            f"UPDATE runs SET restarts = restarts + 1 WHERE run_id IN ({marks}) "
+            "AND status IN (?, ?) RETURNING run_id, restarts", (*chunk, QUEUED, RUNNING)))
+    return counts
+
+
+def clear_restarts(db: sqlite3.Connection) -> None:
+    """At a clean shutdown: the runs it interrupted did not end the process."""
+    db.execute("UPDATE runs SET restarts = 0 WHERE status IN (?, ?) AND restarts > 0",
+               (QUEUED, RUNNING))
 
 
 @dataclass(slots=True)
@@ -660,6 +700,45 @@ def read_identifiers(db: sqlite3.Connection, env: str) -> list[IdentifierSummary
             "WHERE s.env = i.env AND s.identifier = i.identifier) AS last_active "
             "FROM identifiers i WHERE env = ? ORDER BY last_active DESC, identifier",
             (env,))]
+
+
+def read_environments_page(db: sqlite3.Connection, limit: int, cursor: str | None) -> Page:
+    """A page of `read_environments` (keyset on last_active, env: O(page) per page)."""
+    after = decode_cursor(cursor, 2) if cursor is not None else [None, None]
+    rows = db.execute(
+        "SELECT env, events, last_active FROM environments "
+        "WHERE ?1 IS NULL OR (-last_active, env) > (?1, ?2) "
+        "ORDER BY last_active DESC, env LIMIT ?3", (*after, limit + 1)).fetchall()
+    found = [EnvironmentSummary(r["env"], r["events"], r["last_active"]) for r in rows[:limit]]
+    last = found[-1] if len(rows) > limit else None
+    return Page(rows=found, next_cursor=encode_cursor([-last.last_active, last.env])
+                if last is not None else None)
+
+
+def read_identifiers_page(
+    db: sqlite3.Connection, env: str, limit: int, cursor: str | None,
+) -> Page:
+    """A page of `read_identifiers`, most recently active first (cursor: the last row's
+    activity and identifier)."""
+    after = decode_cursor(cursor, 2) if cursor is not None else [None, None]
+    rows = db.execute(
+        "SELECT * FROM (SELECT identifier, sessions, coalesce((SELECT max(last_active) "
+        "FROM sessions s WHERE s.env = i.env AND s.identifier = i.identifier), 0) "
+        "AS last_active FROM identifiers i WHERE env = ?1) "
+        "WHERE ?2 IS NULL OR (-last_active, identifier) > (?2, ?3) "
+        "ORDER BY last_active DESC, identifier LIMIT ?4",
+        (env, *after, limit + 1)).fetchall()
+    found = [IdentifierSummary(r["identifier"], r["sessions"], r["last_active"])
+             for r in rows[:limit]]
+    last = found[-1] if len(rows) > limit else None
+    return Page(rows=found, next_cursor=encode_cursor([-last.last_active, last.identifier])
+                if last is not None else None)
+
+
+def read_identifier_known(db: sqlite3.Connection, env: str, identifier: str) -> bool:
+    """Whether sessions with this identifier were seen in `env` (one index lookup)."""
+    return db.execute("SELECT 1 FROM identifiers WHERE env = ? AND identifier = ?",
+                      (env, identifier)).fetchone() is not None
 
 
 def read_session_events(

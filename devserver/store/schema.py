@@ -72,7 +72,7 @@ CREATE TABLE runs (
     output TEXT,
     error TEXT,
     sessions TEXT NOT NULL
-);
+, restarts INTEGER NOT NULL DEFAULT 0, tree TEXT);
 CREATE INDEX runs_by_event ON runs (event_id);
 CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
 CREATE INDEX runs_unfinished_by_function ON runs (env, function_id)
@@ -160,6 +160,17 @@ END;
 
 -- wait_for_event looks for events by name received after the wait began.
 CREATE INDEX events_by_name ON events (env, name, internal_id);
+
+-- Safety (version 5). `runs.restarts`: the starts of the server at which the run was due
+-- and executed at once, since it last showed progress (a step committed, a wait begun, a
+-- retry recorded); a run at the bound is failed instead of killing every restart.
+-- `runs.tree`: the first run of the tree of runs this one belongs to (started by a run's
+-- send_event, invoke or lifecycle events), NULL for a run started from outside;
+-- `run_trees` counts each tree's runs, so a tree that fans out without end is stopped.
+CREATE TABLE run_trees (
+    root TEXT PRIMARY KEY,
+    runs INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
 
@@ -179,6 +190,15 @@ DROP TRIGGER run_session_added;
 -- instead of one a run).
 DROP TRIGGER run_status_changed;
 """,
+    5: """
+-- Safety: restarts a run survived without progress, and the tree of runs it belongs to.
+ALTER TABLE runs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN tree TEXT;
+CREATE TABLE run_trees (
+    root TEXT PRIMARY KEY,
+    runs INTEGER NOT NULL
+) WITHOUT ROWID;
+""",
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new
 database gets SCHEMA, which already is the result (tests/test_store.py proves the two equal)."""
@@ -186,13 +206,20 @@ database gets SCHEMA, which already is the result (tests/test_store.py proves th
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
+BUSY_TIMEOUT_MS = 2000
+"""How long a connection waits for another process's lock before SQLITE_BUSY: the bounded
+wait at start-up and in the reader's thread. The writer, which runs on the event loop, sets
+its own to 0 once open and waits between tries without blocking the loop (store.facade)."""
+
+
 def connect_pragmas(db: sqlite3.Connection) -> None:
     db.row_factory = sqlite3.Row
+    # First: the PRAGMAs after it may need a lock another process holds.
+    db.execute("PRAGMA busy_timeout = 2000")  # BUSY_TIMEOUT_MS (SQL takes only constants)
     db.execute("PRAGMA journal_mode = WAL")
     # NORMAL in WAL mode: a commit survives the process being killed (the OS has the WAL);
     # only an OS crash or power cut can lose the last commits. Right for a dev server.
     db.execute("PRAGMA synchronous = NORMAL")
-    db.execute("PRAGMA busy_timeout = 10000")
     db.execute("PRAGMA temp_store = MEMORY")
     db.execute("PRAGMA cache_size = -8000")  # 8 MB a connection: memory stays flat
 

@@ -175,6 +175,9 @@ def step_doc(step: StepAttempt) -> dict[str, Any]:
         "output": step.output,
         "error": step.error,
         "final": step.final,
+        # A waiting step: when it wakes (None: never by itself) and what it waits for.
+        "wait_until": iso(step.wait_until),
+        "detail": step.detail,
     }
 
 
@@ -185,6 +188,7 @@ def run_detail_doc(detail: RunDetail) -> dict[str, Any]:
         **run_summary_doc(run),
         "env": run.env,
         "attempt": run.attempt,
+        "next_at": iso(run.next_at),
         "sessions": run.sessions,
         "output": run.output,
         "error": run.error,
@@ -306,13 +310,16 @@ async def sessions_doc(request: web.Request) -> dict[str, Any]:
     env = env_of(request)
     identifier = request.query.get("identifier")
     if identifier is None:
+        listed = await store.identifiers_page(env, limit=limit_param(request),
+                                              cursor=request.query.get("cursor") or None)
         return {
             "env": env,
             "identifiers": [
                 {"identifier": i.identifier, "sessions": i.sessions,
                  "last_active": iso(i.last_active)}
-                for i in await store.identifiers(env)
+                for i in listed.rows
             ],
+            "next_cursor": listed.next_cursor,
         }
     if not identifier:
         raise UserError("query parameter 'identifier' must not be empty")
@@ -320,10 +327,8 @@ async def sessions_doc(request: web.Request) -> dict[str, Any]:
     page = await store.sessions(env, identifier, q=request.query.get("q") or None, sort=sort,
                                 limit=limit_param(request),
                                 cursor=request.query.get("cursor") or None)
-    if not page.rows:
-        known = {i.identifier for i in await store.identifiers(env)}
-        if identifier not in known:
-            raise NotFound(f"no session with identifier {identifier!r} in environment {env!r}")
+    if not page.rows and not await store.identifier_known(env, identifier):
+        raise NotFound(f"no session with identifier {identifier!r} in environment {env!r}")
     return {
         "env": env,
         "identifier": identifier,
@@ -392,11 +397,13 @@ async def api_runs(request: web.Request) -> web.Response:
 
 @routes.get("/api/environments")
 async def api_environments(request: web.Request) -> web.Response:
-    """The environments that have data (for the dashboard's selector)."""
+    """The environments that have data (for the dashboard's selector), a page at a time."""
+    listed = await request.app[STORE].environments_page(
+        limit=limit_param(request), cursor=request.query.get("cursor") or None)
     return json_ok({"environments": [
         {"env": e.env, "events": e.events, "last_active": iso(e.last_active)}
-        for e in await request.app[STORE].environments()
-    ]})
+        for e in listed.rows
+    ], "next_cursor": listed.next_cursor})
 
 
 @routes.get("/api/status")

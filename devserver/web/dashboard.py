@@ -55,6 +55,8 @@ DEFAULT_SORT = "last_active"
 STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (*UNFINISHED, *FINISHED, WAITING)}
 API_PREFIXES = ("/api/", "/e/", "/v1/", "/static/")
 MAX_SUGGESTIONS = 20
+MAX_ENVIRONMENTS = 100
+"""Environments the selector lists (the most recently active; the current one always)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +300,9 @@ def _twin_url(request: web.Request) -> str:
 async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str, Any]:
     """What every page's template needs besides its document."""
     dash = request.app[DASHBOARD]
-    known = [e.env for e in await request.app[api.STORE].environments()]
+    # The selector lists the most recently active environments (one bounded page).
+    listed = await request.app[api.STORE].environments_page(limit=MAX_ENVIRONMENTS)
+    known = [e.env for e in listed.rows]
     environments = known if env in known else [*known, env]
 
     def static_url(name: str) -> str:
@@ -336,16 +340,19 @@ def render(request: web.Request, template: str, context: dict[str, Any]) -> web.
                             charset="utf-8")
     response.headers.update({
         "Content-Security-Policy": CSP, "Cache-Control": "no-cache",
-        "Link": f'<{context["json_url"]}>; rel="alternate"; type="application/json"',
         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"})
+    if context.get("json_url"):  # None on a page that has no JSON twin
+        response.headers["Link"] = (f'<{context["json_url"]}>; rel="alternate"; '
+                                    'type="application/json"')
     return response
 
 
 async def error_page(
     request: web.Request, status: int, title: str, message: str, *, env: str | None = None,
-    identifier: str | None = None, value: str | None = None,
+    identifier: str | None = None, value: str | None = None, twin: bool = True,
 ) -> web.Response:
-    """The friendly HTML error page.
+    """The friendly HTML error page (`twin=False`: no "This page as JSON" link, for a path
+    that has no JSON twin).
 
     Given the `identifier` (and `value`) that was not found, it says so plainly, lists the
     identifiers that do exist and shows the curl command that would create the session.
@@ -356,15 +363,19 @@ async def error_page(
         except UserError:
             env = api.DEFAULT_ENV
     ctx = await _context(request, env, live_ms=LIVE_FAST_MS if identifier is not None else 0)
-    curl, known = None, []
+    if not twin:
+        ctx["json_url"] = None
+    curl, known, more = None, [], False
     if identifier is not None:
         curl = curl_command(ctx["base_url"], env, identifier, value or "example-1",
                             _example_event(request))
-        known = [i.identifier for i in await request.app[api.STORE].identifiers(env)]
+        listed = await request.app[api.STORE].identifiers_page(env, limit=MAX_SUGGESTIONS)
+        known = [i.identifier for i in listed.rows]
+        more = listed.next_cursor is not None
     return render(request, "error.html", {
         **ctx, "status": status, "title": title, "message": message, "curl": curl,
-        "identifier": identifier, "value": value, "known": known[:MAX_SUGGESTIONS],
-        "more_known": max(0, len(known) - MAX_SUGGESTIONS),
+        "identifier": identifier, "value": value, "known": known,
+        "more_known": more, "more_url": ctx["link"]("/sessions") if more else None,
     })
 
 
@@ -387,8 +398,9 @@ async def html_not_found(request: web.Request) -> web.StreamResponse | None:
     if (request.method not in ("GET", "HEAD") or request.path.startswith(API_PREFIXES)
             or "text/html" not in request.headers.get("Accept", "")):
         return None
+    # No "This page as JSON" link: /api + an unknown path is no endpoint either.
     return await error_page(request, 404, "Page not found",
-                            f"There is no dashboard page at {request.path}.")
+                            f"There is no dashboard page at {request.path}.", twin=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +430,13 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
     if identifier is None:
         curl = curl_command(ctx["base_url"], env, "conversation_id", "conv_1234",
                             _example_event(request))
-        return render(request, "identifiers.html", {**ctx, "doc": doc, "curl": curl})
+        limit = request.query.get("limit") or None
+        here = functools.partial(link, "/sessions", limit=limit)
+        return render(request, "identifiers.html", {
+            **ctx, "doc": doc, "curl": curl,
+            "first_url": here() if request.query.get("cursor") else None,
+            "next_url": here(cursor=doc["next_cursor"]) if doc["next_cursor"] else None,
+        })
     q, limit = request.query.get("q") or "", request.query.get("limit") or None
     here = functools.partial(link, "/sessions", identifier=identifier, limit=limit)
     sort, next_cursor = doc["sort"], doc["next_cursor"]

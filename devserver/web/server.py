@@ -9,6 +9,8 @@ URL before the first request and no other process can take the port in between.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import ipaddress
 import socket
 from collections.abc import AsyncIterator
@@ -26,7 +28,7 @@ from devserver.runtime.reload import AppReloader
 from devserver.runtime.runner import Runner
 from devserver.runtime.watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 from devserver.sdk import apps as sdk
-from devserver.sdk.executor import SdkExecutor
+from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
 from devserver.store.facade import Store
 from devserver.web import api, dashboard, guard, sdk_routes
 
@@ -37,6 +39,18 @@ SHUTDOWN_GRACE = 1.0
 """Seconds requests in flight get to finish when the server stops (an event request waits for
 one commit: milliseconds). A body still arriving is not read any more (aiohttp stops reading
 once it closes connections), so such a request is dropped, unanswered, after this."""
+
+IDLE_TIMEOUT = 75.0
+"""Seconds an idle keep-alive connection (or one whose request head is still trickling in) is
+kept open: as long as many servers keep one, longer than browsers and HTTP clients reuse one."""
+BODY_TIMEOUT = 60.0
+"""Seconds a request body may take to arrive (a 3 MiB event batch needs a fraction of that even
+at 100 KB/s); a slower one is answered 408 and its connection closed."""
+LINGER = 1.0
+"""Seconds the rest of an unread body is still read (and dropped) after answering early (413,
+408), so the client sees the answer instead of a reset; aiohttp's 10 s would let a slow client
+hold its connection that much longer."""
+BODY_DEADLINE: web.AppKey[float] = web.AppKey("body_deadline", float)
 
 
 @dataclass
@@ -65,6 +79,14 @@ class Config:
     """More `Host` names to answer (`--allow-host`); see `web.guard`."""
     allowed_origins: list[str] = field(default_factory=list)
     """Origins whose web pages may change state (`--allow-origin`); see `web.guard`."""
+    idle_timeout: float = IDLE_TIMEOUT
+    """Seconds a connection may sit without a whole request head arriving (idle keep-alive, or
+    headers trickling in) before it is closed."""
+    max_sdk_reply_bytes: int = MAX_REPLY_BYTES
+    """The largest reply read from an SDK app; a bigger one fails the attempt, saying so."""
+    body_timeout: float = BODY_TIMEOUT
+    """Seconds a request body may take to arrive before the request is answered 408 and its
+    connection closed."""
 
     def backoff(self) -> Backoff:
         """The retry delay policy this config selects."""
@@ -75,14 +97,16 @@ class Config:
 
 def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     """The aiohttp application; the store opens and the runner starts when it starts."""
-    app = web.Application(middlewares=[guard.guard_middleware, api.error_middleware],
-                          client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[guard.guard_middleware, api.error_middleware, body_deadline_middleware],
+        client_max_size=MAX_BODY_BYTES)
+    app[BODY_DEADLINE] = config.body_timeout
     app[guard.GUARD] = guard.Guard(DEFAULT_HOST, config.allowed_hosts, config.allowed_origins)
     store = Store(config.db)
     clock = clock or WallClock()
     # The one place where functions meet their executors: local code and SDK apps alike.
     local = LocalExecutor(function_timeout=config.function_timeout)
-    remote = SdkExecutor(clock)
+    remote = SdkExecutor(clock, max_reply_bytes=config.max_sdk_reply_bytes)
     runner = Runner(store, clock, config.backoff(), local=local, remote=remote)
     runner.register(config.functions)
     apps = sdk.SdkApps(runner, clock, urls=config.sdk_urls,
@@ -137,6 +161,26 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     return app
 
 
+@web.middleware
+async def body_deadline_middleware(request: web.Request,
+                                   handler: api.Handler) -> web.StreamResponse:
+    """Read a request's body within `Config.body_timeout` (handlers then get it from memory):
+    a body trickling in slower than that is answered 408 and its connection closed, so slow
+    clients can't hold connections and descriptors for ever. Runs after the guard, so a
+    refused request's body is never read."""
+    if request.body_exists:
+        try:
+            async with asyncio.timeout(request.app[BODY_DEADLINE]):
+                await request.read()
+        except TimeoutError:
+            response = api.error_response(
+                408, f"the request body did not arrive within {request.app[BODY_DEADLINE]:g} s",
+                event_api=request.path.startswith("/e/") or request.path == "/e")
+            response.force_close()
+            return response
+    return await handler(request)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or `ConfigError` saying why not (e.g. port in use)."""
     try:
@@ -151,8 +195,12 @@ def bind(host: str, port: int) -> socket.socket:
         sock.listen(1024)
     except OSError as exc:
         sock.close()
-        reason = "is already in use" if exc.errno in (98, 48) else f"can't be used: {exc.strerror}"
-        raise ConfigError(f"port {port} on {host} {reason}") from exc
+        if exc.errno in (errno.EADDRINUSE, 98, 48):
+            other = port + 1 if 0 < port < 65535 else 8289
+            raise ConfigError(f"port {port} on {host} is already in use (another devserver, "
+                              f"or another program): pick another with --port {other}, or "
+                              "--port 0 for a free one") from exc
+        raise ConfigError(f"port {port} on {host} can't be used: {exc.strerror}") from exc
     sock.setblocking(False)
     return sock
 
@@ -215,7 +263,9 @@ class Server:
         self._sock = bind(self._host, self._port)
         self.sdk.base_url = self.url
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=SHUTDOWN_GRACE)
+                                    shutdown_timeout=SHUTDOWN_GRACE,
+                                    keepalive_timeout=self.config.idle_timeout,
+                                    lingering_time=LINGER)
         try:
             await self._runner.setup()
             await web.SockSite(self._runner, self._sock).start()
