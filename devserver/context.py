@@ -65,6 +65,18 @@ Duration = str | int | float | dt.timedelta
 Moment = dt.datetime | str | int | float
 
 
+class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """`ctx.logger`: the function's logger (`devserver.functions.<function id>`), its lines
+    starting with the run id so the terminal says which run wrote them (`run_id` is also on
+    each record, for handlers of your own)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Prefix the run id; keep `run_id` in the record's extra."""
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"run {extra.get('run_id')}: {msg}", kwargs
+
+
 class ThreadAbandoned(BaseException):
     """Raised in a worker thread whose sync code ran past its function's timeout, to stop it;
     a BaseException, so that `except Exception` in user code doesn't swallow it."""
@@ -226,7 +238,7 @@ class _ContextBase:
         self.function_id = function_id
         self.env = env
         self.sessions = sessions
-        self.logger: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(
+        self.logger: logging.LoggerAdapter[logging.Logger] = RunLogger(
             logging.getLogger(f"devserver.functions.{function_id}"), {"run_id": run_id})
         self._invocation = invocation
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import signal
 import socket
@@ -26,7 +27,7 @@ from devserver.cli import replay
 from devserver.errors import UserError
 from devserver.model.events import validate_event
 
-from .helpers import MakeServer, eventually
+from .helpers import MakeServer, eventually, eventually_sync
 from .procs import EXIT_TIMEOUT, Spawn, child_env
 
 pytest_plugins = ["pytester"]
@@ -389,3 +390,89 @@ def test_replay_app_hints_to_keep_the_temporary_database(
     assert code == 1
     assert "deleted on exit" not in out, out
     assert f"--db {kept}" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# The terminal: a line for every run that fails for good, retries at debug, run ids on logs
+
+
+def failing_app() -> devserver.App:
+    app = devserver.App("term")
+    tries: list[int] = []
+
+    @app.function(trigger="term/go", retries=1)
+    async def breaks(ctx: devserver.Context) -> None:
+        ctx.logger.info("working on %s", ctx.event.data["n"])
+
+        def flaky() -> int:
+            tries.append(1)
+            if len(tries) == 1:
+                raise ConnectionError("upstream hiccup")
+            return 1
+
+        await ctx.step.run("fetch", flaky)
+        raise ValueError("cannot finish\nsecond line of the message")
+
+    return app
+
+
+@pytest.mark.asyncio
+async def test_a_run_that_fails_for_good_says_so_in_one_line_and_retries_at_debug(
+    make_server: MakeServer, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = await make_server(failing_app())
+    async with http.post(f"{server.url}/e/k", json={
+            "name": "term/go", "data": {"n": 7},
+            "sessions": {"conversation_id": "c1", "user_id": "u9"}}) as resp:
+        (event_id,) = (await resp.json())["ids"]
+    await asyncio.wait_for(server.runner.wait_idle(), 20)
+    async with http.get(f"{server.url}/v1/events/{event_id}/runs") as resp:
+        (run,) = (await resp.json())["data"]
+    run_id = run["run_id"]
+    lines = [r for r in caplog.records if r.name == "devserver.runs"]
+    failed = [r.getMessage() for r in lines if r.levelno == logging.WARNING]
+    assert failed == [
+        f"run {run_id} of term-breaks failed (conversation_id=c1, user_id=u9): ValueError: "
+        f"cannot finish — {server.url}/runs/{run_id}"], failed
+    retries = [r.getMessage() for r in lines if r.levelno == logging.DEBUG]
+    assert len(retries) == 2, retries  # the step's retry, then the function's
+    assert "attempt 1 of step 'fetch' failed (ConnectionError: upstream hiccup)" in retries[0]
+    assert "attempt 1 of the function failed (ValueError: cannot finish)" in retries[1]
+    assert all(f"run {run_id} of term-breaks" in line for line in retries)
+    logged = [r for r in caplog.records if r.name == "devserver.functions.term-breaks"]
+    assert logged
+    assert all(r.getMessage() == f"run {run_id}: working on 7" for r in logged)
+    assert all(getattr(r, "run_id", None) == run_id for r in logged)
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_a_failed_run_at_the_default_level(
+    spawn: Spawn, tmp_path: Path,
+) -> None:
+    app = tmp_path / "term_app.py"
+    app.write_text(textwrap.dedent("""
+        import devserver
+        app = devserver.App("term")
+
+        @app.function(trigger="term/go", retries=0)
+        async def breaks(ctx):
+            raise RuntimeError("it broke")
+    """))
+    child = spawn("--port", "0", "--db", str(tmp_path / "t.sqlite3"), "--app", str(app),
+                  "--no-reload")
+    child.wait_banner()
+    (event_id,) = child.send({"name": "term/go", "sessions": {"conversation_id": "c2"}})
+
+    def failed() -> Any:
+        runs = child.get(f"/v1/events/{event_id}/runs")["data"]
+        return runs if runs and runs[0]["status"] == "Failed" else None
+
+    (run,) = eventually_sync(failed, "the run to fail")
+    assert child.stop() == 0
+    lines = [line for line in child.stderr().splitlines() if "devserver.runs" in line]
+    assert len(lines) == 1, child.stderr()
+    assert lines[0].endswith(
+        f"run {run['run_id']} of term-breaks failed (conversation_id=c2): RuntimeError: it "
+        f"broke — {child.url}/runs/{run['run_id']}")
+    assert " WARNING " in lines[0]

@@ -47,6 +47,9 @@ class CapLength(logging.Filter):
         return True
 
 
+RUNS_LOGGER = "devserver.runs"
+"""The line per failed run (devserver.runtime.runlog): each about a run of its own, never
+rate-limited."""
 USER_LOGGERS = "devserver.functions."
 """The loggers of `ctx.logger` (one a function): never rate-limited."""
 OUR_LOGGERS = ("devserver", "asyncio", "aiohttp", "aiosqlite")
@@ -73,7 +76,7 @@ class RateLimit(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """False for a repeat within the interval; notes the count on the next one let out."""
         if (record.levelno < logging.WARNING or record.name.startswith(USER_LOGGERS)
-                or not record.name.startswith(OUR_LOGGERS)):
+                or record.name == RUNS_LOGGER or not record.name.startswith(OUR_LOGGERS)):
             return True  # what user code logs is theirs to read, every line
         exc = record.exc_info[1] if record.exc_info else None
         # The format string's first line without numbers: asyncio's reports of a failing

@@ -46,6 +46,7 @@ from devserver.model.records import (
     event_dict,
 )
 from devserver.model.retry import Backoff
+from devserver.runtime import runlog
 
 if TYPE_CHECKING:
     from devserver.store.facade import Store
@@ -188,6 +189,8 @@ class Invocation:
                                  final=False)
             self._check_live(await self.store.record_attempt(
                 self.run_id, record, self.attempt + 1, next_at))
+            runlog.will_retry(run_id=self.run_id, function_id=self.function.id, step_id=uid,
+                              attempt=self.attempt, error=error, at_ms=next_at)
             raise Reschedule(next_at)
         record = StepAttempt(0, uid, kind, self.attempt, FAILED, started, now, None, error,
                              final=True)

@@ -53,6 +53,7 @@ from devserver.model.records import (
 from devserver.model.registry import Registry, is_local
 from devserver.model.retry import Backoff
 from devserver.model.triggers import CronTrigger
+from devserver.runtime import runlog
 from devserver.runtime.crons import CronSchedule
 from devserver.runtime.invocation import FunctionExecutor, Invocation, encode_output
 from devserver.store.facade import Store
@@ -94,6 +95,8 @@ class Runner:
         """Executes invocations of local Python functions."""
         self.remote = remote
         """Executes invocations of SDK functions (`FunctionDef.remote`), when SDK apps are on."""
+        self.dashboard_url: str | None = None
+        """The dashboard's base URL once the server is bound: log lines link runs there."""
         self.clock = clock
         self.backoff = backoff
         self.registry = Registry()
@@ -536,6 +539,9 @@ class Runner:
             attempt = StepAttempt(0, None, "function", inv.attempt, FAILED, started, now, None,
                                   error, final=False)
             if await self.store.record_attempt(run.run_id, attempt, inv.attempt + 1, next_at):
+                runlog.will_retry(run_id=run.run_id, function_id=run.function_id, step_id=None,
+                                  attempt=inv.attempt, error=error, at_ms=next_at,
+                                  base_url=self.dashboard_url)
                 self.schedule(run.run_id, next_at)
             return
         attempt = StepAttempt(0, None, "function", inv.attempt, FAILED, started, now, None,
@@ -570,6 +576,9 @@ class Runner:
                 attempt=attempt, emitted=emitted, started_at=started_at)
             raise
         if created is not None:
+            if status == FAILED:
+                runlog.run_failed(run_id=run.run_id, function_id=run.function_id,
+                                  sessions=run.sessions, error=error, base_url=self.dashboard_url)
             await self._ended(run, emitted, created)
 
     async def _ended(self, run: RunRecord, emitted: list[NewEvent], created: list[str]) -> None:

@@ -8,6 +8,7 @@ and its `/api` twin show the same data. Every error leaves as one JSON shape:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -56,11 +57,30 @@ def error_response(status: int, message: str, *, event_api: bool = False) -> web
     return web.json_response(body, status=status, dumps=_dumps)
 
 
+BODY_DEADLINE: web.AppKey[float] = web.AppKey("body_deadline", float)
+"""Seconds a request body may take to arrive (`Config.body_timeout`)."""
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn errors into the JSON error shape; a bug becomes a logged 500, never a traceback."""
+    """Turn errors into the JSON error shape; a bug becomes a logged 500, never a traceback.
+
+    A body still arriving is read here first, within `BODY_DEADLINE`: one trickling in slower
+    than that is answered 408 and its connection closed, so slow clients can't hold
+    connections and descriptors for ever (handlers then read it from memory)."""
     event_api = request.path.startswith("/e/") or request.path == "/e"
     try:
+        if request.body_exists and not request.content.is_eof():  # else it has all arrived
+            deadline = request.app[BODY_DEADLINE]
+            try:
+                async with asyncio.timeout(deadline):
+                    await request.read()
+            except TimeoutError:
+                response = error_response(
+                    408, f"the request body did not arrive within {deadline:g} s",
+                    event_api=event_api)
+                response.force_close()
+                return response
         return await handler(request)
     except DevserverError as exc:
         return error_response(exc.status, exc.message, event_api=event_api)

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SAME_SITE_VALUES = frozenset({"same-origin", "none"})
+MAX_REMEMBERED_HOSTS = 256
+"""Allowed `Host` values remembered, so the usual one costs a set lookup (a bound: a client
+can send any number of spellings)."""
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
                             "ip6-loopback"})
 
@@ -72,6 +75,8 @@ class Guard:
     `http://localhost:3000`."""
     _names: set[str] = field(default_factory=set, init=False)
     _origins: set[str] = field(default_factory=set, init=False)
+    _answered: set[str] = field(default_factory=set, init=False)
+    """`Host` values already found allowed (a client sends the same one every time)."""
 
     def __post_init__(self) -> None:
         names = {name.lower().rstrip(".") for name in self.allowed_hosts}
@@ -87,14 +92,17 @@ class Guard:
 
     def host_allowed(self, host: str | None) -> bool:
         """Whether a request with this `Host` header is addressed to this server."""
-        if host is None:
-            return True  # HTTP/1.0 without Host: no browser sends that, no rebinding
+        if host is None or host in self._answered:
+            return True  # no Host (HTTP/1.0): no browser sends that, so no rebinding
         parsed = split_host(host)
         if parsed is None:
             return False
         name, _ = parsed
-        return (name in LOOPBACK_NAMES or name.endswith(".localhost") or is_ip_literal(name)
-                or name in self._names)
+        allowed = (name in LOOPBACK_NAMES or name.endswith(".localhost") or is_ip_literal(name)
+                   or name in self._names)
+        if allowed and len(self._answered) < MAX_REMEMBERED_HOSTS:
+            self._answered.add(host)
+        return allowed
 
     def origin_allowed(self, origin: str | None, fetch_site: str | None,
                        host: str | None) -> bool:

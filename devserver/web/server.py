@@ -9,7 +9,6 @@ URL before the first request and no other process can take the port in between.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import socket
@@ -50,7 +49,6 @@ LINGER = 1.0
 """Seconds the rest of an unread body is still read (and dropped) after answering early (413,
 408), so the client sees the answer instead of a reset; aiohttp's 10 s would let a slow client
 hold its connection that much longer."""
-BODY_DEADLINE: web.AppKey[float] = web.AppKey("body_deadline", float)
 
 
 @dataclass
@@ -98,9 +96,9 @@ class Config:
 def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     """The aiohttp application; the store opens and the runner starts when it starts."""
     app = web.Application(
-        middlewares=[guard.guard_middleware, api.error_middleware, body_deadline_middleware],
+        middlewares=[guard.guard_middleware, api.error_middleware],
         client_max_size=MAX_BODY_BYTES)
-    app[BODY_DEADLINE] = config.body_timeout
+    app[api.BODY_DEADLINE] = config.body_timeout
     app[guard.GUARD] = guard.Guard(DEFAULT_HOST, config.allowed_hosts, config.allowed_origins)
     store = Store(config.db)
     clock = clock or WallClock()
@@ -159,26 +157,6 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.add_routes(sdk_routes.routes)
     dashboard.setup(app)
     return app
-
-
-@web.middleware
-async def body_deadline_middleware(request: web.Request,
-                                   handler: api.Handler) -> web.StreamResponse:
-    """Read a request's body within `Config.body_timeout` (handlers then get it from memory):
-    a body trickling in slower than that is answered 408 and its connection closed, so slow
-    clients can't hold connections and descriptors for ever. Runs after the guard, so a
-    refused request's body is never read."""
-    if request.body_exists:
-        try:
-            async with asyncio.timeout(request.app[BODY_DEADLINE]):
-                await request.read()
-        except TimeoutError:
-            response = api.error_response(
-                408, f"the request body did not arrive within {request.app[BODY_DEADLINE]:g} s",
-                event_api=request.path.startswith("/e/") or request.path == "/e")
-            response.force_close()
-            return response
-    return await handler(request)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -262,6 +240,7 @@ class Server:
         """Bind, open the database, resume unfinished runs and start serving."""
         self._sock = bind(self._host, self._port)
         self.sdk.base_url = self.url
+        self.runner.dashboard_url = self.url
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                     shutdown_timeout=SHUTDOWN_GRACE,
                                     keepalive_timeout=self.config.idle_timeout,

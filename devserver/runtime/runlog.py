@@ -1,0 +1,56 @@
+"""What the terminal says about runs: one line for every run that fails for good (at warning,
+so the default level shows it) and one for every retry (at debug), on the `devserver.runs`
+logger. Each names the function, the run, its sessions and the error's first line, and links
+the run's dashboard page when the server has a URL.
+
+These lines are never rate-limited (cli/logs.py): each is about a run of its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+RUNS_LOGGER = "devserver.runs"
+log = logging.getLogger(RUNS_LOGGER)
+
+
+def error_line(error: dict[str, Any] | None) -> str:
+    """`Name: first line of the message`, as a log line shows an error."""
+    if not error:
+        return "no error recorded"
+    message = str(error.get("message") or "").strip().partition("\n")[0]
+    name = str(error.get("name") or "Error")
+    return f"{name}: {message}" if message else name
+
+
+def sessions_text(sessions: dict[str, str]) -> str:
+    """`conversation_id=conv_1, user_id=42`, or `no session`."""
+    if not sessions:
+        return "no session"
+    return ", ".join(f"{key}={value}" for key, value in sorted(sessions.items()))
+
+
+def run_link(base_url: str | None, run_id: str) -> str:
+    """` — http://…/runs/ID` when there is a dashboard to link to, else nothing."""
+    return f" — {base_url.rstrip('/')}/runs/{run_id}" if base_url else ""
+
+
+def run_failed(*, run_id: str, function_id: str, sessions: dict[str, str],
+               error: dict[str, Any] | None, base_url: str | None) -> None:
+    """Say that a run failed for good."""
+    log.warning("run %s of %s failed (%s): %s%s", run_id, function_id, sessions_text(sessions),
+                error_line(error), run_link(base_url, run_id))
+
+
+def will_retry(*, run_id: str, function_id: str, step_id: str | None, attempt: int,
+               error: dict[str, Any] | None, at_ms: int, base_url: str | None = None) -> None:
+    """Say (at debug) that an attempt failed and when the next one is."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    when = dt.datetime.fromtimestamp(at_ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
+    what = "the function" if step_id is None else f"step {step_id!r}"
+    log.debug("run %s of %s: attempt %d of %s failed (%s); retrying at %s%s", run_id,
+              function_id, attempt + 1, what, error_line(error), when.replace("+00:00", "Z"),
+              run_link(base_url, run_id))
