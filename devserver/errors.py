@@ -75,3 +75,14 @@ class Reschedule(Unwind):
 
 class RunEnded(Unwind):
     """The run ended (was cancelled) while this invocation was executing."""
+
+
+class StoreInterrupted(Unwind):
+    """A write a step needed was refused by the database (`error`): the invocation ends and
+    the run is executed again later from its last commit. An Unwind, so that user code's
+    `except Exception` around a step can't swallow it and go on as if the step's result
+    were stored."""
+
+    def __init__(self, error: StoreUnavailable) -> None:
+        super().__init__(error.message)
+        self.error = error

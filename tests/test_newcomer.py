@@ -476,3 +476,36 @@ def test_the_terminal_shows_a_failed_run_at_the_default_level(
         f"run {run['run_id']} of term-breaks failed (conversation_id=c2): RuntimeError: it "
         f"broke — {child.url}/runs/{run['run_id']}")
     assert " WARNING " in lines[0]
+
+
+@pytest.mark.asyncio
+async def test_replay_wait_follows_the_runs_a_runs_end_starts(
+    make_server: MakeServer, http: aiohttp.ClientSession,
+) -> None:
+    """`--wait` follows what a run led to through its `emitted_events` too: the runs its end's
+    lifecycle events start (an `on_failure` handler here), not only send_event and invoke."""
+    app = devserver.App("chain")
+
+    async def report(ctx: devserver.Context) -> str:
+        return "reported"
+
+    @app.function(trigger="chain/go", retries=0, on_failure=report)
+    async def go(ctx: devserver.Context) -> None:
+        await ctx.step.send_event("tell", {"name": "chain/told"})
+        raise devserver.NonRetriableError("broke")
+
+    @app.function(trigger="chain/told")
+    async def told(ctx: devserver.Context) -> str:
+        return "heard"
+
+    server = await make_server(app)
+    async with http.post(f"{server.url}/e/k", json={"name": "chain/go"}) as resp:
+        (event_id,) = (await resp.json())["ids"]
+    followed = await replay.follow_runs(server.url, http, [event_id], timeout=20)
+    assert followed.finished
+    by_function = {doc["function_id"]: doc for doc in followed.runs.values()}
+    assert set(by_function) == {"chain-go", "chain-told", "chain-go-failure"}, by_function
+    assert by_function["chain-go-failure"]["status"] == "Completed"
+    go_doc = by_function["chain-go"]
+    # chain/told and inngest/function.failed (function.finished is stored only when used)
+    assert len(go_doc["emitted_events"]) == 2

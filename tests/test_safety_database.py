@@ -543,3 +543,51 @@ async def test_a_full_disk_gives_507_without_a_traceback_and_writes_resume_once_
     assert sorted(stored) == sorted(acked), "exactly the acknowledged events are stored"
     assert len(stored) == len(set(stored))
     assert len(acked) > 4
+
+
+@pytest.mark.slow  # the step's write waits for the lock, then the run is retried on the clock
+@pytest.mark.asyncio
+async def test_user_code_catching_exception_cannot_swallow_a_refused_step_write(
+    make_server: MakeServer, http: aiohttp.ClientSession, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    app = App("careless")
+    gate = asyncio.Event()
+    bodies: list[int] = []
+
+    @app.function(trigger="t/careless", retries=0)
+    async def careless(ctx: Context) -> dict[str, Any]:
+        async def body() -> int:
+            bodies.append(1)
+            await gate.wait()
+            return 42
+        try:
+            value = await ctx.step.run("answer", body)
+        except Exception as exc:  # noqa: BLE001 - the careless code under test
+            return {"swallowed": repr(exc)}
+        return {"value": value}
+
+    db = tmp_path / "careless.sqlite3"
+    server = await make_server(app, db=db)
+    acked: list[str] = []
+    assert (await post(http, server, event("t/careless"), acked))[0] == 200
+    run_id = await eventually(lambda: _running_run(http, server, acked[0]), "a Running run")
+    await eventually(lambda: _true(bool(bodies)), "the step's body to start")
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        gate.set()  # the step returns; its write meets the lock
+        await eventually(
+            lambda: _logged(caplog, "database write failed"), "the step's write to be refused")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    doc = await eventually(lambda: _ended(http, server, run_id), "the run to end")
+    assert doc["status"] == "Completed", doc
+    assert doc["output"] == {"value": 42}, doc  # not {"swallowed": ...}
+    assert len(bodies) == 2  # its result was never stored, so the step ran again
+
+
+async def _true(value: bool) -> bool:
+    return value

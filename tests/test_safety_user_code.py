@@ -6,6 +6,7 @@ ends the process (`os._exit`), runaway sync code and a tree of runs that fans ou
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 import textwrap
@@ -340,6 +341,34 @@ async def test_a_tree_of_runs_that_fans_out_without_end_is_stopped_at_its_bound(
     assert run["status"] == "Failed", run
     assert run["steps"][0]["step_id"] == "child"
     assert "at most 0 are allowed" in run["steps"][0]["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_functions_triggered_by_each_others_ends_are_stopped_at_the_bound(
+    make_server: MakeServer, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Three functions each triggered by every other's `inngest/function.finished`: every end
+    starts two runs. Their tree is bounded like one grown by send_event."""
+    app = devserver.App("echo")
+    for name in ("a", "b", "c"):
+        @app.function(id=name, trigger=["echo/start", "inngest/function.finished"])
+        async def echo(ctx: devserver.Context) -> str:
+            return "ok"
+
+    server = await make_server(app)
+    server.runner.max_tree_runs = 40
+    caplog.set_level(logging.WARNING)
+    await send(http, server, "echo/start")
+    await idle(server)
+    runs = [run for name in ("a", "b", "c")
+            for run in await runs_of_function(http, server, f"echo-{name}")]
+    # 3 roots, each its own tree: at most 3 x (1 + 40) runs, and all of them ended well
+    assert 3 < len(runs) <= 3 * 41, len(runs)
+    assert {run["status"] for run in runs} == {"Completed"}
+    warnings = [r.getMessage() for r in caplog.records if "lifecycle events" in r.getMessage()]
+    assert warnings
+    assert "past the bound of 40" in warnings[0]
+    assert 'README "Safety"' in warnings[0]
 
 
 @pytest.mark.slow

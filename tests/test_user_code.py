@@ -210,7 +210,8 @@ def test_a_function_that_logs_megabytes_gets_its_lines_cut_and_the_server_keeps_
     assert child.stop() == 0
     err = child.stderr()
     assert err.count("[log line cut: ") == 2
-    assert f"{8_000_006 - MAX_LOG_CHARS:,} more characters]" in err  # "huge: " + 8M
+    prefix = len("run ") + 26 + len(": ")  # ctx.logger lines start with the run id
+    assert f"{prefix + 8_000_006 - MAX_LOG_CHARS:,} more characters]" in err  # "huge: " + 8M
     assert err.count(" b" + "b" * 999) == 2000  # ordinary lines are untouched
     assert len(err) < 2000 * 1100 + 2 * (MAX_LOG_CHARS + 500) + 20_000
 

@@ -402,9 +402,12 @@ ULID_CHARS = 26
 
 
 def led_to(run: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(event ids, run ids) a run's steps produced: the events of its `send_event` steps (of
-    SDK apps too, reported as a step's output) and the runs its `invoke` steps started."""
-    events: list[str] = []
+    """(event ids, run ids) a run produced: the events it sent and its end's lifecycle events
+    (`emitted_events`), the events of its `send_event` steps (of SDK apps too, reported as a
+    step's output) and the runs its `invoke` steps started."""
+    emitted = run.get("emitted_events")
+    events: list[str] = [e for e in emitted if isinstance(e, str)] if isinstance(
+        emitted, list) else []
     runs: list[str] = []
     for step in run.get("steps") or []:
         kind, detail = step.get("kind"), step.get("detail")

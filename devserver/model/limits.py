@@ -36,3 +36,10 @@ class RunTreeTooLarge(Exception):
         self.root = root
         self.runs = runs
         self.bound = bound
+
+    def lifecycle_message(self, run_id: str) -> str:
+        """Why the lifecycle events of `run_id`'s end start no runs."""
+        return (f"run {run_id} ended, but the runs its lifecycle events (inngest/function.*) "
+                f"would start make {self.runs:,} runs in the tree begun by run {self.root}, "
+                f"past the bound of {self.bound:,}: the events are stored and start nothing "
+                f"(see {SAFETY_DOCS})")

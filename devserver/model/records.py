@@ -124,6 +124,8 @@ class RunDetail:
     run: RunRecord
     events: list[StoredEvent]
     steps: list[StepAttempt]
+    emitted: list[str] = field(default_factory=list)
+    """Ids of the events the run produced (send_event steps, its end's lifecycle events)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,10 @@ So a wake-up lost to a crash only delays a run; on restart every unfinished run 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from devserver.app import (
     INVOKED_EVENT,
@@ -25,7 +27,7 @@ from devserver.app import (
     StepError,
 )
 from devserver.clock import Clock, parse_duration, to_ms
-from devserver.errors import Reschedule, RunEnded, UserError
+from devserver.errors import Reschedule, RunEnded, StoreInterrupted, StoreUnavailable, UserError
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import MAX_DEPTH, IncomingEvent, too_deep, validate_event
@@ -111,6 +113,30 @@ def to_json_value(value: Any, what: str) -> Any:
     return json.loads(encode_output(value, what))
 
 
+class _StepWrites:
+    """The store as an invocation uses it: a write the database refuses (`StoreUnavailable`,
+    an Exception) is raised as `StoreInterrupted` (an Unwind), so that user code catching
+    `Exception` around a step can't swallow it; the runner executes the run again later."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        @functools.wraps(attr)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await attr(*args, **kwargs)
+            except StoreUnavailable as exc:
+                raise StoreInterrupted(exc) from exc
+
+        setattr(self, name, call)  # made once per name and invocation
+        return call
+
+
 class Invocation:
     """One execution of a run's function: its memo, its step ids and its attempt counter.
 
@@ -131,7 +157,7 @@ class Invocation:
         self.memo = memo
         self.pending = pending
         self.attempt = attempt
-        self.store = store
+        self.store = cast("Store", _StepWrites(store))
         self.clock = clock
         self.backoff = backoff
         self.runtime = runtime

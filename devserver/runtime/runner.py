@@ -29,7 +29,7 @@ from devserver.app import (
     StepError,
 )
 from devserver.clock import Clock, TimerHandle, VirtualClock
-from devserver.errors import NotFound, Reschedule, RunEnded, StoreUnavailable
+from devserver.errors import NotFound, Reschedule, RunEnded, StoreInterrupted, StoreUnavailable
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import IncomingEvent
@@ -390,7 +390,13 @@ class Runner:
         event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
                          data=dump_json({"cron": cron.cron}), v=None, user=None, meta=None,
                          sessions={}, runs=(NewRun(new_ulid(), fn.id),), source="cron")
-        created = await self.store.ingest(DEFAULT_ENV, self.clock.now_ms(), [event])
+        try:
+            created = await self.store.ingest(DEFAULT_ENV, self.clock.now_ms(), [event])
+        except StoreUnavailable as exc:
+            # The schedule goes on; this fire is lost (a cron only runs for times to come).
+            log.warning("cron %r of %s did not fire at %d: %s", cron.cron, fn.id, due,
+                        exc.message)
+            return
         await self.after_ingest(DEFAULT_ENV, [event], created)
 
     # -- cancelling --------------------------------------------------------------------------
@@ -501,6 +507,8 @@ class Runner:
             return
         except StoreUnavailable:  # not the function's failure
             raise
+        except StoreInterrupted as interrupted:  # a step's write refused, under user code
+            raise interrupted.error from None
         except asyncio.CancelledError as exc:
             if _cancelled_by_us():
                 raise
@@ -568,7 +576,8 @@ class Runner:
             created = await self.store.finish_run(run.run_id, status, self.clock.now_ms(),
                                                   output_json=output_json, error=error,
                                                   attempt=attempt, emitted=emitted,
-                                                  started_at=started_at)
+                                                  started_at=started_at,
+                                                  max_tree_runs=self.max_tree_runs)
         except StoreUnavailable:
             # Retried by `_execute`'s reschedule: this write, not the function again.
             self._unwritten_ends[run.run_id] = functools.partial(

@@ -494,7 +494,7 @@ class Store:
         self, run_id: str, status: str, now: int, *, output: Any = None,
         error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
         emitted: list[NewEvent] | None = None, output_json: str | None = None,
-        started_at: int | None = None,
+        started_at: int | None = None, max_tree_runs: int = MAX_TREE_RUNS,
     ) -> list[str] | None:
         """Record a run's final status, its last attempt and the events its end emits.
 
@@ -508,7 +508,8 @@ class Store:
             output_json = dump_json(output)
         error_json = None if error is None else dump_json(error)
         return await self._write(queries.Finish(
-            run_id, status, now, output_json, error_json, attempt, emitted or [], started_at))
+            run_id, status, now, output_json, error_json, attempt, emitted or [], started_at,
+            max_tree_runs))
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import math
@@ -363,9 +364,11 @@ def send_events(
     return created
 
 
-def grow_tree(db: sqlite3.Connection, run_id: str, created: list[str], bound: int) -> None:
+def grow_tree(db: sqlite3.Connection, run_id: str, created: list[str], bound: int, *,
+              strict: bool = True) -> None:
     """Count runs that `run_id` started toward its tree of runs, and mark them as in it.
-    Raises `RunTreeTooLarge` (the caller's write is then rolled back) past `bound`."""
+    Raises `RunTreeTooLarge` (the caller's write is then rolled back) past `bound`, unless
+    not `strict` (a run's end, whose emitted runs `within_tree` already checked)."""
     if not created:
         return
     row = db.execute("SELECT coalesce(tree, run_id) FROM runs WHERE run_id = ?",
@@ -374,7 +377,7 @@ def grow_tree(db: sqlite3.Connection, run_id: str, created: list[str], bound: in
     total = db.execute(
         "INSERT INTO run_trees (root, runs) VALUES (?, ?) ON CONFLICT DO UPDATE SET "
         "runs = runs + excluded.runs RETURNING runs", (root, len(created))).fetchone()[0]
-    if total > bound:
+    if total > bound and strict:
         raise RunTreeTooLarge(root, total, bound)
     db.executemany("UPDATE runs SET tree = ? WHERE run_id = ?", ((root, r) for r in created))
 
@@ -415,6 +418,8 @@ class Finish:
     attempt: StepAttempt | None
     emitted: list[NewEvent]
     started_at: int | None = None
+    max_tree_runs: int = MAX_TREE_RUNS
+    """The bound on the tree of runs the emitted events' runs join (`within_tree`)."""
 
     def __call__(self, db: sqlite3.Connection) -> list[str] | None:
         return finish_many(db, [self])[0]
@@ -444,6 +449,7 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
     ended: list[tuple[Any, ...]] = []
     activity: dict[tuple[str, str, str], list[int]] = {}  # session -> [last active, failed]
     emitted: list[tuple[int, Ingest]] = []
+    growing: dict[str, int] = {}  # tree root -> runs this batch adds to it
     for finish in finishes:
         run = live.pop(finish.run_id, None)
         if run is None:
@@ -464,7 +470,9 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
             figures[0] = max(figures[0], finish.now)
             figures[1] += finish.status == FAILED
         if finish.emitted:
-            emitted.append((len(results) - 1, Ingest(env, finish.now, finish.emitted)))
+            events = within_tree(db, finish.run_id, finish.emitted, finish.max_tree_runs,
+                                 growing)
+            emitted.append((len(results) - 1, Ingest(env, finish.now, events)))
     if not ended:
         return results
     db.executemany("DELETE FROM waits WHERE run_id = ?", ((row[-1],) for row in ended))
@@ -484,7 +492,32 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
         created = ingest_many(db, [write for _, write in emitted])
         for (index, _), runs in zip(emitted, created, strict=True):
             results[index] = runs
+            grow_tree(db, finishes[index].run_id, runs, finishes[index].max_tree_runs,
+                      strict=False)
     return results
+
+
+def within_tree(db: sqlite3.Connection, run_id: str, events: list[NewEvent], bound: int,
+                growing: dict[str, int]) -> list[NewEvent]:
+    """The lifecycle events a run's end emits, with the runs they would start left out when
+    those would grow the run's tree of runs past `bound` (functions triggered by each other's
+    `inngest/function.finished` can fan out without end). The end itself is always recorded:
+    the events are stored, start nothing, and a warning says why. `growing` holds what
+    earlier ends in the same batch add to each tree (not written yet)."""
+    wanted = sum(len(ev.runs) for ev in events)
+    if not wanted:
+        return events
+    row = db.execute("SELECT coalesce(r.tree, r.run_id), coalesce(t.runs, 0) FROM runs r "
+                     "LEFT JOIN run_trees t ON t.root = coalesce(r.tree, r.run_id) "
+                     "WHERE r.run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        return events
+    root, total = row[0], row[1] + growing.get(row[0], 0) + wanted
+    if total <= bound:
+        growing[root] = growing.get(root, 0) + wanted
+        return events
+    log.warning("%s", RunTreeTooLarge(root, total, bound).lifecycle_message(run_id))
+    return [dataclasses.replace(ev, runs=()) for ev in events]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +550,14 @@ def read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:
         "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
     steps = [step_from_row(r) for r in db.execute(
         "SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))]
-    return RunDetail(run=run, events=events, steps=steps)
+    emitted = [r[0] for r in db.execute(
+        "SELECT internal_id FROM events WHERE source = ? ORDER BY internal_id LIMIT ?",
+        (run_id, MAX_EMITTED_SHOWN))]
+    return RunDetail(run=run, events=events, steps=steps, emitted=emitted)
+
+
+MAX_EMITTED_SHOWN = 1000
+"""The most event ids a run document lists as produced by the run (a bound on its size)."""
 
 
 def _functions_of(db: sqlite3.Connection, env: str, ident: str, value: str) -> list[str]:

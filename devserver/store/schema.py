@@ -171,6 +171,10 @@ CREATE TABLE run_trees (
     root TEXT PRIMARY KEY,
     runs INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- The events a run produced (send_event steps, its end's lifecycle events): only those have
+-- a source, so events from outside cost the index nothing.
+CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
 
@@ -198,6 +202,11 @@ CREATE TABLE run_trees (
     root TEXT PRIMARY KEY,
     runs INTEGER NOT NULL
 ) WITHOUT ROWID;
+""",
+    6: """
+-- The events a run produced (send_event steps, its end's lifecycle events): only those have
+-- a source, so events from outside cost the index nothing.
+CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
 """,
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new

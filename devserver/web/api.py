@@ -214,6 +214,7 @@ def run_detail_doc(detail: RunDetail) -> dict[str, Any]:
         "error": run.error,
         "events": [event_doc(ev) for ev in detail.events],
         "steps": [step_doc(step) for step in detail.steps],
+        "emitted_events": detail.emitted,
     }
 
 
