@@ -24,6 +24,7 @@ from devserver.app import NonRetriableError, StepError
 from devserver.clock import Clock
 from devserver.errors import Reschedule, UserError
 from devserver.jsontext import dump_json
+from devserver.model.failures import stored_error
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.protocol import (
     OP_INVOKE,
@@ -134,10 +135,9 @@ class SdkExecutor:
                     await self._apply(inv, op, reply, started)
             parallel = parallel or len(planned) > 1
             targets.extend(planned)
-        raise SdkNonRetriableError({
-            "name": "StepLimitError", "stack": None,
-            "message": f"the app was called {MAX_CALLS} times in one go without finishing: "
-                       "does it plan the same steps again and again?"})
+        raise SdkNonRetriableError(stored_error(
+            "StepLimitError", f"the app was called {MAX_CALLS} times in one go without "
+            "finishing: does it plan the same steps again and again?"))
 
     @staticmethod
     def _will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
@@ -193,10 +193,9 @@ class SdkExecutor:
             except StepError:
                 pass  # spent: memoized as an error, which the app raises in the function
         else:
-            raise SdkNonRetriableError({
-                "name": "UnsupportedStepError", "stack": None,
-                "message": f"step {uid!r} uses {op.op}, which devserver does not support "
-                           "(supported: step.run, sleep, waitForEvent, invoke, sendEvent)"})
+            raise SdkNonRetriableError(stored_error(
+                "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
+                "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
 
     async def _wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
         now = self.clock.now_ms()
@@ -247,16 +246,15 @@ class SdkExecutor:
                 raw = await read_capped(resp, self.max_reply_bytes)
                 return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
         except ReplyTooLarge as exc:
-            raise SdkError({"name": "SdkReplyTooLargeError", "stack": None,
-                            "message": f"{target_url}: {exc}"}) from None
+            raise SdkError(stored_error("SdkReplyTooLargeError",
+                                        f"{target_url}: {exc}")) from None
         except ProtocolError as exc:
-            error = {"name": "SdkProtocolError", "message": f"{target_url}: {exc.message}",
-                     "stack": None}
+            error = stored_error("SdkProtocolError", f"{target_url}: {exc.message}")
             raise SdkError(error) if exc.retriable else SdkNonRetriableError(error) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
-            raise SdkError({"name": "SdkUnreachableError", "stack": None,
-                            "message": f"could not call {target_url}: {reason}"}) from None
+            raise SdkError(stored_error("SdkUnreachableError",
+                                        f"could not call {target_url}: {reason}")) from None
 
 
 class ReplyTooLarge(Exception):
