@@ -154,6 +154,8 @@ class Workers(concurrent.futures.Executor):
                 self.abandoned.discard(me)
                 if job is not None:
                     self._running.pop(job.future, None)
+                    if not job.future.done():  # it landed between the job and its result
+                        job.future.set_exception(ThreadAbandoned())
 
     def abandon(self, future: concurrent.futures.Future[Any]) -> None:
         """Give up on a job: interrupt its thread and let a new thread take its place (a
