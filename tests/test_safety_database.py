@@ -9,7 +9,8 @@ with a 200 is there, and nothing else.
 
 Real faults only: a second SQLite connection holding `BEGIN IMMEDIATE`, a tmpfs remounted
 read-only (root ignores file modes; a plain chmod otherwise), garbage and truncated files, a
-deleted file, a tmpfs of a few MB filled up (these skip where mounting is not permitted).
+deleted file, a tmpfs of a few MB filled up (mounting needs root, as CI runs: without it
+these fail, never skip).
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def start_fails(spawn: Spawn, db: Path) -> str:
 @contextlib.contextmanager
 def read_only_file(db: Path) -> Iterator[None]:
     """Make a file read-only for this process while the block runs: a chmod, or for root,
-    who ignores file modes, an immutable file (skips where that is not supported)."""
+    who ignores file modes, an immutable file (`chattr +i`; the test fails where that is not
+    possible rather than pass unchecked)."""
     if os.geteuid() != 0:
         db.chmod(0o444)
         yield
@@ -116,7 +118,8 @@ def read_only_file(db: Path) -> Iterator[None]:
     done = subprocess.run(["chattr", "+i", str(db)], capture_output=True, text=True,
                           check=False)
     if done.returncode != 0:
-        pytest.skip(f"cannot make a file immutable here: {done.stderr.strip()}")
+        pytest.fail(f"cannot make a file immutable here (chattr +i, as root): "
+                    f"{done.stderr.strip()}")
     try:
         yield
     finally:
@@ -125,8 +128,9 @@ def read_only_file(db: Path) -> Iterator[None]:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    """Mount small tmpfs file systems under tmp_path (root only; skips where not permitted);
-    each is unmounted after the test."""
+    """Mount small tmpfs file systems under tmp_path (needs root, as CI runs; the test fails
+    where mounting is not permitted rather than pass unchecked); each is unmounted after the
+    test."""
     mounted: list[Path] = []
 
     def mount(size: str = "4m", name: str = "fs") -> Path:
@@ -135,7 +139,8 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
                                str(where)], capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+            pytest.fail(f"cannot mount a tmpfs here (the full-disk and read-only tests need "
+                        f"root): {done.stderr.strip()}")
         mounted.append(where)
         return where
 
