@@ -571,6 +571,10 @@ class Store:
         """One event by its internal id."""
         return await self._read(lambda db: queries.read_event(db, internal_id))
 
+    async def recent_events(self, limit: int) -> list[StoredEvent]:
+        """The most recently received events (all environments), newest first."""
+        return await self._read(lambda db: queries.read_recent_events(db, limit))
+
     async def event_runs(self, internal_id: str) -> list[RunRecord]:
         """The runs an event started, oldest first."""
         return await self._read(lambda db: queries.read_event_runs(db, internal_id))

@@ -789,3 +789,11 @@ def read_session_events(
         "SELECT e.* FROM event_sessions es JOIN events e ON e.internal_id = es.internal_id "
         "WHERE es.env = ? AND es.identifier = ? AND es.value = ? ORDER BY es.internal_id",
         (env, identifier, value))]
+
+
+def read_recent_events(db: sqlite3.Connection, limit: int) -> list[StoredEvent]:
+    """The most recently received events of every environment, newest first (duplicates left
+    out); for the GraphQL `events` and `stream` lists."""
+    return [event_from_row(r) for r in db.execute(
+        "SELECT * FROM events WHERE duplicate = 0 ORDER BY internal_id DESC LIMIT ?",
+        (limit,))]
