@@ -208,9 +208,6 @@ class Store:
                                                    timeout=timeout)
             await self._call(self._reader, connect_pragmas)
             await self._call(self._reader, lambda db: db.execute("PRAGMA query_only = ON"))
-            self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None,
-                                                         timeout=timeout)
-            await self._call(self._checkpointer, connect_pragmas)
         except ConfigError:
             await self.close()
             raise
@@ -371,13 +368,18 @@ class Store:
         a connection of its own, in its own thread: it copies the WAL's committed pages into
         the database file and syncs it without holding up the writer, which keeps committing
         meanwhile. A failure (disk full, say) is left to the writer's own checkpoint."""
-        assert self._checkpointer is not None
-        checkpointer = self._checkpointer
         while True:
             await self._committed.wait()
             self._committed.clear()
             try:
-                await self._call(checkpointer,
+                if self._checkpointer is None:  # opened at the first commit: a quick start
+                    if self._gone is not None or self._check_file() is not None:
+                        return  # never create or touch another file at the path
+                    self._checkpointer = await aiosqlite.connect(
+                        self.path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                        timeout=BUSY_TIMEOUT_MS / 1000)
+                    await self._call(self._checkpointer, connect_pragmas)
+                await self._call(self._checkpointer,
                                  lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
             except sqlite3.Error:
                 log.debug("background checkpoint failed", exc_info=True)
