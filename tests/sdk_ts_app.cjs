@@ -103,6 +103,65 @@ const cancellable = inngest.createFunction(
   },
 );
 
+class CodedError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "CodedError";
+    this.code = "E_CODED";
+  }
+}
+
+const coded = inngest.createFunction(
+  {
+    id: "coded", retries: 0, triggers: [{ event: "shop/coded" }],
+    onFailure: async ({ event }) => ({ failed: event.data }),
+  },
+  async () => { throw new CodedError("a coded failure"); },
+);
+
+const stepNoRetry = inngest.createFunction(
+  { id: "step-no-retry", retries: 3, triggers: [{ event: "shop/step-no-retry" }] },
+  async ({ step }) => {
+    try {
+      await step.run("never", () => { throw new NonRetriableError("this step never works"); });
+    } catch (err) {
+      return { name: err.name, message: err.message };
+    }
+    return "unreachable";
+  },
+);
+
+const callData = inngest.createFunction(
+  { id: "call-data", triggers: [{ event: "shop/call-data" }] },
+  async ({ step, requestId, jobId }) => {
+    const first = await step.run("first", () => ({ requestId, jobId }));
+    return { step: first, fn: { requestId, jobId } };
+  },
+);
+
+const echo = inngest.createFunction(
+  { id: "echo", triggers: [{ event: "shop/never" }] },
+  async ({ event }) => event.data,
+);
+
+const slowChild = inngest.createFunction(
+  { id: "slow-child", retries: 0, triggers: [{ event: "shop/never" }] },
+  async ({ step }) => { await step.sleep("nap", "1m"); },
+);
+
+const invoker = inngest.createFunction(
+  { id: "invoker", retries: 0, triggers: [{ event: "shop/invoker" }] },
+  async ({ step }) => {
+    const seen = await step.invoke("child", { function: echo, data: { total: 7 } });
+    try {
+      await step.invoke("late", { function: slowChild, data: {}, timeout: "1s" });
+    } catch (err) {
+      return { seen, timeout: [err.name, err.message] };
+    }
+    return { seen, timeout: null };
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -110,6 +169,7 @@ const added = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
+  coded, stepNoRetry, callData, echo, slowChild, invoker,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

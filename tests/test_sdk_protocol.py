@@ -102,9 +102,15 @@ def test_a_step_is_recorded_under_the_users_id_verified_against_the_hash() -> No
 def test_memo_shapes_per_step_kind() -> None:
     assert memo_value(record("a", output={"x": 1})) == {"data": {"x": 1}}
     assert memo_value(record("a", output=None)) == {"data": None}
-    assert memo_value(record("a", error={"name": "ValueError", "message": "no", "stack": "s",
-                                         "step_id": "a"})) == {
-        "error": {"name": "ValueError", "message": "no", "stack": "s"}}
+    # A failed step's error goes back as stored: every key the SDK sent, none added...
+    sent = {"name": "StepError", "message": "no", "stack": "s", "code": "step_errored",
+            "cause": {"name": "ValueError", "message": "inner"}}
+    assert memo_value(record("a", error=sent)) == {"error": sent}
+    assert memo_value(record("a", error={"name": "E", "message": "m"})) == {
+        "error": {"name": "E", "message": "m"}}  # no "stack": null
+    # ...but with the name and message both SDKs require.
+    assert memo_value(record("a", error={"code": "x"})) == {
+        "error": {"code": "x", "name": "Error", "message": ""}}
     assert memo_value(record("nap", kind="sleep")) is None
     assert memo_value(record("w", kind="wait_for_event")) is None
     waited = {"name": "app/ok", "data": {"a": 1}, "id": "", "ts": NOW, "v": None, "user": {},
@@ -187,15 +193,28 @@ def test_errors_no_retry_and_retry_after() -> None:
     python = read_reply(500, Headers({**SDK, "x-inngest-no-retry": "true"}),
                         b'{"code":"non_retriable_error","message":"no","name":"NonRetriableError",'
                         b'"stack":"Traceback"}', NOW)
-    assert python.error == {"name": "NonRetriableError", "message": "no", "stack": "Traceback"}
+    assert python.error == {"code": "non_retriable_error", "message": "no",
+                            "name": "NonRetriableError", "stack": "Traceback"}  # verbatim
+    assert python.reason == "invalid status code: 500"
     assert python.no_retry
     ts = read_reply(500, Headers({**SDK, "X-Inngest-No-Retry": "false", "Retry-After": "30"}),
                     b'{"name":"Error","message":"later","__serialized":true}', NOW)
     assert (ts.no_retry, ts.retry_at_ms) == (False, NOW + 30_000)
     plain = read_reply(502, Headers(), b"Bad Gateway", NOW)
-    assert plain.error == {"name": "Error", "message": "the app answered HTTP 502: Bad Gateway",
-                           "stack": None}
-    assert error_doc({"error": "boom"}) == {"name": "Error", "message": "boom", "stack": None}
+    assert plain.error == {"name": "Error", "message": "the app answered HTTP 502: Bad Gateway"}
+    assert error_doc({"error": "boom"}) == {"error": "boom"}
+    assert error_doc({"code": "output_unserializable", "message": "m", "name": "E"}) == {
+        "code": "output_unserializable", "message": "m", "name": "E"}  # no stack added
+    # X-Inngest-No-Retry counts on a 206 too (a StepError the SDK says not to retry).
+    step = read_reply(206, Headers({**SDK, "x-inngest-no-retry": "true"}),
+                      b'[{"op":"StepError","id":"h","error":{"name":"E","message":"m",'
+                      b'"code":"step_nested"}}]', NOW)
+    assert step.no_retry
+    assert step.ops is not None
+    assert step.ops[0].error == {"name": "E", "message": "m", "code": "step_nested"}
+    later_step = read_reply(206, Headers({**SDK, "Retry-After": "5"}),
+                            b'[{"op":"StepError","id":"h","error":{}}]', NOW)
+    assert (later_step.no_retry, later_step.retry_at_ms) == (False, NOW + 5000)
 
 
 def test_retry_after_in_seconds_http_dates_and_iso_dates() -> None:

@@ -358,7 +358,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            assert len(await function_ids()) == 11  # 10 functions and ship's onFailure
+            # 16 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 18
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -394,3 +395,53 @@ async def test_a_run_waiting_in_an_sdk_function_survives_a_devserver_restart(
                 ("hold", "Completed")]
     finally:
         await app.stop()
+
+
+async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        coded_id, no_retry_id, call_id, invoker_id = await app.send(http, [
+            {"name": "shop/coded", "data": {"order": 1}}, {"name": "shop/step-no-retry"},
+            {"name": "shop/call-data"}, {"name": "shop/invoker"}])
+        await idle(server)
+
+        # The error body the SDK sent, its own `code` too, as the run's error everywhere.
+        coded = await the_run(http, server, coded_id)
+        assert coded["status"] == "Failed"
+        error = coded["error"]
+        assert (error["name"], error["message"], error["code"]) == (
+            "CodedError", "a coded failure", "E_CODED")
+        assert "sdk_ts_app.cjs" in error["stack"]
+        v1 = (await get(http, server, f"/v1/runs/{coded['run_id']}"))["data"]
+        assert v1["output"] == error
+        # onFailure got Inngest's function.failed event: the trigger with its real id and
+        # the error in Inngest's shape.
+        [handler] = await runs_of_function(http, server, "shop-coded-failure")
+        failed = (await run_doc(http, server, handler["run_id"]))["output"]["failed"]
+        assert failed["event"]["id"] == coded_id
+        assert failed["event"]["data"] == {"order": 1}
+        assert failed["error"] == {"error": "invalid status code: 400", "name": "CodedError",
+                                   "message": "a coded failure", "stack": error["stack"]}
+
+        # A step's NonRetriableError: its 3 retries are not used, and the SDK raises its
+        # error in the function at once.
+        no_retry = await the_run(http, server, no_retry_id)
+        assert attempts(no_retry, "never") == [(0, "Failed")]
+        assert no_retry["output"]["message"] == "this step never works"
+
+        call = await the_run(http, server, call_id)
+        step, fn = call["output"]["step"], call["output"]["fn"]
+        assert step["requestId"]
+        assert fn["requestId"]
+        assert step["requestId"] != fn["requestId"]  # one per call
+        assert step["jobId"] == fn["jobId"] == f"{call['run_id']}:step"
+
+        invoked = await the_run(http, server, invoker_id)
+        assert invoked["status"] == "Completed", invoked
+        seen = invoked["output"]["seen"]
+        assert seen["total"] == 7
+        assert seen["_inngest"]["fn_id"] == "shop-echo"
+        assert seen["_inngest"]["correlation_id"].startswith(f"{invoked['run_id']}.")
+        assert invoked["output"]["timeout"] == [
+            "InngestInvokeTimeoutError", "Timed out waiting for invoked function to complete"]

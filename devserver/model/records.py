@@ -186,6 +186,22 @@ def event_dict(ev: StoredEvent) -> dict[str, Any]:
             "internal_id": ev.internal_id}
 
 
+def inngest_event(doc: dict[str, Any]) -> dict[str, Any]:
+    """An event (as `event_dict` gives it) in Inngest's wire shape, which the SDKs validate:
+    `ts` an integer, `id` a string (the sender's id, else ours: never empty), sessions under
+    `meta.sessions`."""
+    out: dict[str, Any] = {
+        "name": doc["name"], "data": doc.get("data") or {},
+        "id": doc.get("id") or doc.get("internal_id") or "",
+        "ts": int(doc.get("ts") or 0), "user": doc.get("user") or {},
+    }
+    if doc.get("v") is not None:
+        out["v"] = doc["v"]
+    if doc.get("sessions"):
+        out["meta"] = {"sessions": dict(doc["sessions"])}
+    return out
+
+
 def format_percent(rate: float) -> str:
     """A failure rate (a fraction) as a percent: `0%`, `<0.1%`, `33.3%`, `>99.9%`, `100%`."""
     percent = rate * 100

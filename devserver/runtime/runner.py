@@ -33,7 +33,7 @@ from devserver.errors import NotFound, Reschedule, RunEnded, StoreInterrupted, S
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import IncomingEvent
-from devserver.model.failures import error_info, stored_error
+from devserver.model.failures import ReportedError, error_info, stored_error
 from devserver.model.lifecycle import lifecycle_events, lifecycle_names
 from devserver.model.limits import MAX_RESTARTS, MAX_TREE_RUNS, restarts_message
 from devserver.model.records import (
@@ -554,7 +554,9 @@ class Runner:
             return
         attempt = StepAttempt(0, None, "function", inv.attempt, FAILED, started, now, None,
                               error, final=True)
-        await self._finish(run, inv.events, FAILED, error=error, attempt=attempt)
+        reason = exc.reason if isinstance(exc, ReportedError) else None
+        await self._finish(run, inv.events, FAILED, error=error, attempt=attempt,
+                           reason=reason)
 
     def _write_start(self, run_id: str) -> None:
         started_at = self._unstarted.pop(run_id, None)
@@ -566,10 +568,10 @@ class Runner:
         self, run: RunRecord, events: list[StoredEvent], status: str, *,
         output_json: str | None = None, error: dict[str, Any] | None = None,
         attempt: StepAttempt | None = None, emitted: list[NewEvent] | None = None,
-        started_at: int | None = None,
+        started_at: int | None = None, reason: str | None = None,
     ) -> None:
         if emitted is None:
-            emitted = self._lifecycle(run, events, status, output_json, error)
+            emitted = self._lifecycle(run, events, status, output_json, error, reason)
         if started_at is None:
             started_at = self._unstarted.pop(run.run_id, None)
         try:
@@ -598,7 +600,7 @@ class Runner:
 
     def _lifecycle(
         self, run: RunRecord, events: list[StoredEvent], status: str, output_json: str | None,
-        error: dict[str, Any] | None,
+        error: dict[str, Any] | None, reason: str | None = None,
     ) -> list[NewEvent]:
         """The events a run's end emits, prepared to store. Only stored when some function
         or waiting run could use them: nothing else reads them."""
@@ -607,5 +609,5 @@ class Runner:
         if not wanted:
             return []
         return self.prepare(
-            run.env, lifecycle_events(run, events, status, output_json, error, wanted),
+            run.env, lifecycle_events(run, events, status, output_json, error, wanted, reason),
             self.clock.now_ms(), skip_function=run.function_id, source=run.run_id)
