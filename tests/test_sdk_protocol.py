@@ -15,7 +15,13 @@ import pytest
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.errors import UserError
 from devserver.ids import is_ulid, ulid_time_ms
-from devserver.model.failures import error_info
+from devserver.model.failures import (
+    MAX_ERROR_CHARS,
+    error_info,
+    failure_event_error,
+    reported_error,
+    stored_error,
+)
 from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
@@ -361,3 +367,34 @@ def test_retries_come_from_the_step_config() -> None:
 def test_bad_registrations_say_what_and_where(body: Any, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_registration(body)
+
+
+def test_the_failed_events_error_is_inngests_shape() -> None:
+    sent = {"code": "unknown", "message": "boom", "name": "MyError", "stack": "Traceback..."}
+    assert failure_event_error(sent, "invalid status code: 500") == {
+        "error": "invalid status code: 500", "message": "boom", "name": "MyError",
+        "stack": "Traceback..."}  # no `code`: Inngest's four keys
+    # No stack: none added; no reason: the error's own words.
+    assert failure_event_error({"name": "E", "message": "m"}) == {
+        "error": "E: m", "name": "E", "message": "m"}
+    # An error's own `error` string wins; one nested under `error` or `body` is read.
+    assert failure_event_error({"error": "kaput", "message": "m"}, "invalid status code: 502")[
+        "error"] == "kaput"
+    assert failure_event_error({"body": '{"name": "Inner", "message": "deep"}'}, "r") == {
+        "error": "r", "name": "Inner", "message": "deep"}
+    assert failure_event_error({}, "invalid status code: 500") == {
+        "error": "invalid status code: 500", "name": "Error",
+        "message": "invalid status code: 500"}
+
+
+def test_a_reported_error_is_kept_but_its_text_is_capped() -> None:
+    huge = "x" * (MAX_ERROR_CHARS * 2)
+    kept = reported_error({"name": "E", "message": huge, "stack": huge, "code": 7,
+                           "cause": {"name": "C", "message": "inner"}}, "fallback")
+    assert (kept["name"], kept["code"], kept["cause"]) == ("E", 7, {"name": "C",
+                                                                      "message": "inner"})
+    assert len(kept["message"]) < len(huge)
+    assert len(kept["stack"]) < len(huge)
+    assert reported_error("plain text", "fallback") == {"name": "Error", "message": "plain text"}
+    assert reported_error(None, "fallback") == {"name": "Error", "message": "fallback"}
+    assert stored_error("E", "m") == {"name": "E", "message": "m"}
