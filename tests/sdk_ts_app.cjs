@@ -3,15 +3,20 @@
 // Environment: DEVSERVER_URL (the devserver to register with and send to), PORT (to listen
 // on, 127.0.0.1), APP_VERSION ("1" or "2": version 2 drops `strict` and adds `added`, to test
 // re-syncing an app that restarted with new code). Besides the Inngest endpoint at
-// /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`.
+// /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`, and
+// POST /metadata, which attaches {values, kind} to run {runId} (step {stepId}) with the SDK.
 "use strict";
 
 const http = require("node:http");
 const { Inngest, NonRetriableError, RetryAfterError } = require("inngest");
 const { serve } = require("inngest/node");
+const { metadataMiddleware } = require("inngest/experimental");
 
 const version = process.env.APP_VERSION || "1";
-const inngest = new Inngest({ id: "shop", isDev: true, baseUrl: process.env.DEVSERVER_URL });
+const inngest = new Inngest({
+  id: "shop", isDev: true, baseUrl: process.env.DEVSERVER_URL,
+  middleware: [metadataMiddleware()],
+});
 let charges = 0;
 
 const checkout = inngest.createFunction(
@@ -176,6 +181,23 @@ else functions.push(added);
 const handler = serve({ client: inngest, functions });
 
 const server = http.createServer(async (req, res) => {
+  if (req.method === "POST" && req.url === "/metadata") {
+    // Attach metadata to a run (or one of its steps) with the SDK's own API call.
+    let body = "";
+    for await (const chunk of req) body += chunk;
+    try {
+      const { runId, stepId, values, kind } = JSON.parse(body);
+      let builder = inngest.metadata.run(runId);
+      if (stepId) builder = builder.step(stepId);
+      await builder.set(values, kind);
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end("{}");
+    } catch (err) {
+      res.writeHead(500, { "content-type": "text/plain" });
+      res.end(String((err && err.stack) || err));
+    }
+    return;
+  }
   if (req.method === "POST" && req.url === "/send") {
     let body = "";
     for await (const chunk of req) body += chunk;

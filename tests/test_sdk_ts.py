@@ -445,3 +445,29 @@ async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
         assert seen["_inngest"]["correlation_id"].startswith(f"{invoked['run_id']}.")
         assert invoked["output"]["timeout"] == [
             "InngestInvokeTimeoutError", "Timed out waiting for invoked function to complete"]
+
+
+async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_document(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/call-data"})
+        await idle(server)
+        run_id = (await the_run(http, server, event_id))["run_id"]
+
+        async def attach(body: dict[str, Any]) -> None:
+            async with http.post(f"http://127.0.0.1:{app.port}/metadata", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+        await attach({"runId": run_id, "values": {"progress": 0.5}, "kind": "progress"})
+        await attach({"runId": run_id, "stepId": "first", "values": {"rows": 3}})
+        assert (await run_doc(http, server, run_id))["metadata"] == [
+            {"scope": "run", "step_id": None, "step_attempt": None,
+             "kind": "userland.progress", "op": "set", "values": {"progress": 0.5}},
+            {"scope": "step", "step_id": "first", "step_attempt": None,
+             "kind": "userland.default", "op": "set", "values": {"rows": 3}}]
+
+        # An unknown run: the SDK's call fails, saying why.
+        async with http.post(f"http://127.0.0.1:{app.port}/metadata", json={
+                "runId": "01J0000000000000000000000Z", "values": {"a": 1}}) as resp:
+            assert resp.status == 500
+            assert "no run with id" in await resp.text()

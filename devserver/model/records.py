@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from devserver.model.metadata import MetadataUpdate
+
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "Queued", "Running", "Completed", "Failed", "Cancelled"
 )
@@ -126,6 +128,8 @@ class RunDetail:
     steps: list[StepAttempt]
     emitted: list[str] = field(default_factory=list)
     """Ids of the events the run produced (send_event steps, its end's lifecycle events)."""
+    metadata: list[MetadataUpdate] = field(default_factory=list)
+    """Metadata an SDK attached to the run or its steps, in arrival order."""
 
 
 @dataclass(frozen=True, slots=True)
