@@ -167,6 +167,16 @@ const invoker = inngest.createFunction(
   },
 );
 
+const ask = inngest.createFunction(
+  { id: "ask", retries: 1, triggers: [{ event: "shop/ask" }] },
+  async ({ event, step }) => step.ai.infer("ask-model", {
+    model: step.ai.models.openai({
+      model: "gpt-test", apiKey: "sk-test", baseUrl: event.data.baseUrl,
+    }),
+    body: { messages: [{ role: "user", content: event.data.question }] },
+  }),
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -174,7 +184,7 @@ const added = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
-  coded, stepNoRetry, callData, echo, slowChild, invoker,
+  coded, stepNoRetry, callData, echo, slowChild, invoker, ask,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

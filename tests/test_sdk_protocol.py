@@ -25,6 +25,7 @@ from devserver.model.failures import (
 from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
+from devserver.sdk.gateway import gateway_answer, gateway_request
 from devserver.sdk.protocol import (
     Op,
     ProtocolError,
@@ -398,3 +399,28 @@ def test_a_reported_error_is_kept_but_its_text_is_capped() -> None:
     assert reported_error("plain text", "fallback") == {"name": "Error", "message": "plain text"}
     assert reported_error(None, "fallback") == {"name": "Error", "message": "fallback"}
     assert stored_error("E", "m") == {"name": "E", "message": "m"}
+
+
+def test_an_ai_gateway_opcode_becomes_the_request_inngest_makes() -> None:
+    opts = {"url": "https://models.test/v1/chat", "auth_key": "k", "format": "openai-chat",
+            "headers": {"x-extra": "1"}, "body": {"model": "m", "messages": []}}
+    request = gateway_request(opts)
+    assert (request.url, request.body) == ("https://models.test/v1/chat",
+                                           b'{"model": "m", "messages": []}')
+    assert request.headers == {"content-type": "application/json", "Authorization": "Bearer k",
+                               "x-extra": "1"}
+    assert gateway_request({**opts, "format": "anthropic"}).headers["x-api-key"] == "k"
+    assert gateway_request({**opts, "format": "bedrock"}).headers["Authorization"] == "k"
+    gemini = gateway_request({**opts, "url": "https://g.test/m?alt=sse", "format": "gemini"})
+    assert gemini.url == "https://g.test/m?alt=sse&key=k"
+    assert "Authorization" not in gemini.headers
+    with pytest.raises(ProtocolError, match=r"opts\.url"):
+        gateway_request({"body": {}})
+    assert gateway_answer(200, '{"a": 1}').data == {"a": 1}
+    assert gateway_answer(200, "plain").data == "plain"
+    assert gateway_answer(429, "").error == {
+        "name": "Error making AI request: unsuccessful status code: 429",
+        "message": '{"error":"Error making AI request"}'}
+    assert gateway_answer(None, "", "connection refused").error == {
+        "name": "Error making AI request: connection refused",
+        "message": '{"error":"Error making AI request"}'}

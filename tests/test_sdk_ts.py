@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from devserver.clock import VirtualClock
 from devserver.ids import ulid_time_ms
@@ -358,8 +359,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 16 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 18
+            # 17 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 19
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -471,3 +472,57 @@ async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_docum
                 "runId": "01J0000000000000000000000Z", "values": {"a": 1}}) as resp:
             assert resp.status == 500
             assert "no run with id" in await resp.text()
+
+
+async def test_step_ai_infer_is_requested_by_the_server_and_its_answer_is_the_steps_data(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    """AIGateway: devserver makes the request the opcode describes (here to a local mock of
+    the model's API) and memoizes the answer as the step's data."""
+    seen: list[tuple[str, dict[str, str], Any]] = []
+    answers = [web.json_response({"choices": [{"message": {"content": "forty-two"}}]}),
+               web.json_response({"error": {"message": "overloaded"}}, status=503),
+               web.json_response({"error": {"message": "overloaded"}}, status=503)]
+
+    async def model(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers), await request.json()))
+        return answers[min(len(seen), len(answers)) - 1]
+
+    mock = web.Application()
+    mock.router.add_post("/v1/chat/completions", model)
+    runner = web.AppRunner(mock)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/v1/"
+    try:
+        async with sdk_server(tmp_path) as server, \
+                node_app(node_modules, server, tmp_path) as app:
+            [ok_id] = await app.send(http, {"name": "shop/ask",
+                                            "data": {"baseUrl": base, "question": "why?"}})
+            await idle(server)
+            run = await the_run(http, server, ok_id)
+            assert (run["status"], run["output"]) == (
+                "Completed", {"choices": [{"message": {"content": "forty-two"}}]})
+            [(path, headers, body)] = seen
+            assert path == "/v1/chat/completions"
+            assert headers["Authorization"] == "Bearer sk-test"
+            assert body == {"model": "gpt-test",
+                            "messages": [{"role": "user", "content": "why?"}]}
+            assert [(s["step_id"], s["status"]) for s in run["steps"]] == [
+                ("ask-model", "Completed")]
+
+            # The model fails: a step error, retried with the step's attempts, then raised.
+            [bad_id] = await app.send(http, {"name": "shop/ask",
+                                             "data": {"baseUrl": base, "question": "again?"}})
+            await idle(server)
+            failed = await the_run(http, server, bad_id)
+            assert failed["status"] == "Failed"
+            assert attempts(failed, "ask-model") == [(0, "Failed"), (1, "Failed")]
+            error = failed["steps"][0]["error"]
+            assert error["name"] == "Error making AI request: unsuccessful status code: 503"
+            assert "overloaded" in error["message"]
+            assert len(seen) == 3
+    finally:
+        await runner.cleanup()

@@ -36,7 +36,9 @@ from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
 from devserver.runtime.invocation import Invocation
+from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
+    OP_AI_GATEWAY,
     OP_INVOKE,
     OP_RUN_COMPLETE,
     OP_SLEEP,
@@ -132,6 +134,11 @@ class SdkExecutor:
                     if op.id not in targets and op.id not in planned:
                         planned.append(op.id)
                         planned_at[op.id] = inv.attempt
+                elif op.op == OP_AI_GATEWAY:
+                    try:
+                        await self._ai_gateway(inv, op, started)
+                    except Reschedule as wait:  # the request failed; retried with backoff
+                        waits.append(wait.at_ms)
                 elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
                     try:
                         await self._wait(inv, op, step_uid(op), started)
@@ -206,6 +213,33 @@ class SdkExecutor:
             raise SdkNonRetriableError(stored_error(
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
+
+    async def _ai_gateway(self, inv: Invocation, op: Op, started: int) -> None:
+        """`step.ai.infer`: make the model request the opcode describes (`sdk.gateway`) and
+        commit its answer as the step's result, or its failure as a step error."""
+        uid = step_uid(op)
+        if uid in inv.memo:
+            return
+        if self._session is None:
+            raise RuntimeError("the SDK executor is not open")
+        try:
+            request = gateway_request(op.opts)
+        except ProtocolError as exc:
+            error: dict[str, Any] | None = stored_error("AIGatewayError", exc.message)
+            answer = None
+        else:
+            answer = await perform(self._session, request, self.max_reply_bytes)
+            error = answer.error
+        try:
+            if error is None:
+                assert answer is not None
+                await inv.step_succeeded(uid, answer.data, started)
+            else:
+                final = answer is None  # a malformed opcode can't get better
+                await inv.step_failed(uid, sdk_error(error, no_retry=final, retry_at_ms=None),
+                                      started)
+        except StepError:
+            pass  # spent: memoized as an error, which the app raises in the function
 
     async def _wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
         now = self.clock.now_ms()

@@ -56,8 +56,11 @@ OP_SLEEP = "Sleep"
 OP_WAIT_FOR_EVENT = "WaitForEvent"
 OP_INVOKE = "InvokeFunction"
 OP_RUN_COMPLETE = "RunComplete"
+OP_AI_GATEWAY = "AIGateway"
+OP_DEFER_ADD = "DeferAdd"
+OP_DEFER_ABORT = "DeferAbort"
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
-                 OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE)
+                 OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE, OP_AI_GATEWAY)
 
 MAX_RETRY_AFTER_SECONDS = 10 * 365 * 86400
 """A `Retry-After` further off than this (or not a finite number) is ignored."""
