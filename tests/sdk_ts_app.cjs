@@ -10,7 +10,7 @@
 const http = require("node:http");
 const { Inngest, NonRetriableError, RetryAfterError } = require("inngest");
 const { serve } = require("inngest/node");
-const { metadataMiddleware } = require("inngest/experimental");
+const { createDefer, metadataMiddleware } = require("inngest/experimental");
 
 const version = process.env.APP_VERSION || "1";
 const inngest = new Inngest({
@@ -177,6 +177,21 @@ const ask = inngest.createFunction(
   }),
 );
 
+const scorer = createDefer(inngest, { id: "scorer" }, async ({ event, parents }) => ({
+  got: event.data, parents,
+}));
+
+const deferring = inngest.createFunction(
+  { id: "deferring", triggers: [{ event: "shop/deferring" }] },
+  async ({ step, defer }) => {
+    defer("score-it", { function: scorer, data: { points: 3 } });
+    const dropped = defer("drop-it", { function: scorer, data: { points: 0 } });
+    const worked = await step.run("work", () => 7);
+    dropped.abort();
+    return worked;
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -184,7 +199,7 @@ const added = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
-  coded, stepNoRetry, callData, echo, slowChild, invoker, ask,
+  coded, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

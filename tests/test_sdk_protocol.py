@@ -424,3 +424,21 @@ def test_an_ai_gateway_opcode_becomes_the_request_inngest_makes() -> None:
     assert gateway_answer(None, "", "connection refused").error == {
         "name": "Error making AI request: connection refused",
         "message": '{"error":"Error making AI request"}'}
+
+
+def test_deferred_runs_are_told_as_defers_not_steps() -> None:
+    memo = {
+        "work": record("work", output=7, ended=1),
+        "score-it": record("score-it", kind="defer", ended=2, output={
+            "fn_slug": "app-scorer", "input": {"points": 3}, "aborted": False}),
+        "drop-it": record("drop-it", kind="defer", ended=3, output={
+            "fn_slug": "app-scorer", "input": {}, "aborted": True}),
+    }
+    body = call_body(events=[], memo=memo, run_id="r", attempt=0, max_attempts=1,
+                     disable_immediate_execution=False)
+    assert list(body["steps"]) == [hash_step_id("work")]
+    assert body["ctx"]["stack"]["stack"] == [hash_step_id("work")]
+    assert body["defers"] == {hash_step_id("score-it"): {"abortable": True}}
+    plain = call_body(events=[], memo={"work": memo["work"]}, run_id="r", attempt=0,
+                      max_attempts=1, disable_immediate_execution=False)
+    assert "defers" not in plain  # only sent when there are some

@@ -359,8 +359,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 17 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 19
+            # 19 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 21
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -526,3 +526,28 @@ async def test_step_ai_infer_is_requested_by_the_server_and_its_answer_is_the_st
             assert len(seen) == 3
     finally:
         await runner.cleanup()
+
+
+async def test_a_deferred_run_starts_when_the_run_that_deferred_it_ends(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    """DeferAdd / DeferAbort (`defer()` of `createDefer` functions): recorded with the run,
+    told back to the SDK as `defers`, and started by an inngest/deferred.schedule event when
+    the run ends; an aborted one never starts."""
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/deferring",
+                                           "meta": {"sessions": {"customer": "c_9"}}})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert (run["status"], run["output"]) == ("Completed", 7)
+        defers = {s["step_id"]: s["output"] for s in run["steps"] if s["kind"] == "defer"}
+        assert defers["score-it"]["aborted"] is False
+        assert defers["drop-it"]["aborted"] is True  # the latest record of it
+        [scored] = await runs_of_function(http, server, "shop-scorer")
+        scorer = await run_doc(http, server, scored["run_id"])
+        assert scorer["status"] == "Completed", scorer
+        assert scorer["output"] == {"got": {"points": 3}, "parents": [
+            {"fnSlug": "shop-deferring", "runId": run["run_id"]}]}
+        assert scorer["events"][0]["name"] == "inngest/deferred.schedule"
+        assert scorer["sessions"] == {"customer": "c_9"}
+        assert scorer["events"][0]["internal_id"] in run["emitted_events"]

@@ -5,12 +5,15 @@ so an `on_failure` handler (a function triggered by `.failed`) runs in the same 
 `data.error` is Inngest's `{error, name, message, stack}` (`failure_event_error`); the run
 itself keeps the error verbatim.
 
-Also the `_inngest` object Inngest adds to an invoked run's event data (`invoke_metadata`).
+Also the `_inngest` object Inngest adds to an invoked run's event data (`invoke_metadata`),
+and the `inngest/deferred.schedule` events that start the runs an SDK deferred (`defer()`,
+recorded as steps of kind `defer`) when the run that deferred them ends (`deferred_events`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from devserver.app import CANCELLED_EVENT, FAILED_EVENT, FINISHED_EVENT
@@ -21,6 +24,7 @@ from devserver.model.records import (
     COMPLETED,
     FAILED,
     RunRecord,
+    StepAttempt,
     StoredEvent,
     event_dict,
     inngest_event,
@@ -64,3 +68,29 @@ def invoke_metadata(*, source_app_id: str, source_fn_id: str, target_fn_id: str,
     return {"source_app_id": source_app_id, "source_fn_id": source_fn_id, "source_fn_v": 1,
             "fn_id": target_fn_id, "correlation_id": correlation_id,
             "expire": expires_at or 0, "gid": "", "name": name}
+
+
+DEFERRED_EVENT = "inngest/deferred.schedule"
+DEFER_KIND = "defer"
+"""The step kind of a deferred run (`DeferAdd`): its output is `{fn_slug, input, meta,
+aborted}`."""
+
+
+def deferred_events(run: RunRecord, memo: Mapping[str, StepAttempt]) -> list[IncomingEvent]:
+    """The `inngest/deferred.schedule` events of the runs `run` deferred and did not abort, in
+    the order they were deferred: data is the deferred input with Inngest's `_inngest`
+    (`fn_slug` routes it to the deferred function, `parent_*` and `defer_id` name where it
+    came from); they carry the run's sessions."""
+    out: list[IncomingEvent] = []
+    for uid, record in sorted(memo.items(), key=lambda item: item[1].ended_at):
+        doc = record.output
+        if record.kind != DEFER_KIND or not isinstance(doc, dict) or doc.get("aborted"):
+            continue
+        given = doc.get("input")
+        data = dict(given) if isinstance(given, dict) else {}
+        data[INNGEST_DATA_KEY] = {"fn_slug": doc.get("fn_slug"), "parent_fn_slug": run.function_id,
+                                  "parent_run_id": run.run_id, "defer_id": doc.get("hashed_id")
+                                  or uid}
+        out.append(IncomingEvent(name=DEFERRED_EVENT, data=data, id=None, ts=None, v=None,
+                                 user=None, meta=None, sessions=dict(run.sessions)))
+    return out

@@ -246,6 +246,16 @@ class Invocation:
         self._done(record)
         return value
 
+    async def record_step(self, uid: str, kind: str, output: Any, started: int) -> None:
+        """Commit a step that does no work of its own (an SDK's deferred run, started when
+        this run ends), leaving the attempt count of the work in progress as it is; recording
+        the same id again replaces it (a defer aborted)."""
+        value = to_json_value(output, f"step {uid!r}")
+        record = StepAttempt(0, uid, kind, 0, COMPLETED, started, self.clock.now_ms(), value,
+                             None, final=True)
+        self._check_live(await self.store.record_attempt(self.run_id, record, self.attempt))
+        self.memo[uid] = record
+
     # -- waiting steps -----------------------------------------------------------------------
 
     async def _wait(self, uid: str, kind: str, until: int | None, detail: dict[str, Any],

@@ -35,10 +35,13 @@ from devserver.errors import Reschedule, UserError
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
+from devserver.model.lifecycle import DEFER_KIND
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
     OP_AI_GATEWAY,
+    OP_DEFER_ABORT,
+    OP_DEFER_ADD,
     OP_INVOKE,
     OP_RUN_COMPLETE,
     OP_SLEEP,
@@ -134,6 +137,8 @@ class SdkExecutor:
                     if op.id not in targets and op.id not in planned:
                         planned.append(op.id)
                         planned_at[op.id] = inv.attempt
+                elif op.op in (OP_DEFER_ADD, OP_DEFER_ABORT):
+                    await self._defer(inv, op, started)
                 elif op.op == OP_AI_GATEWAY:
                     try:
                         await self._ai_gateway(inv, op, started)
@@ -213,6 +218,32 @@ class SdkExecutor:
             raise SdkNonRetriableError(stored_error(
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
+
+    async def _defer(self, inv: Invocation, op: Op, started: int) -> None:
+        """`defer()` (TypeScript): `DeferAdd` records a run to start when this one ends (an
+        `inngest/deferred.schedule` event for the deferred function `opts.fn_slug`, its data
+        `opts.input`); `DeferAbort` takes back the one `opts.target_hashed_id` names. Both
+        ride along other opcodes and need no answer: the next call lists the run's defers."""
+        if op.op == OP_DEFER_ADD:
+            uid = step_uid(op)
+            if uid in inv.memo:
+                return  # already recorded (the SDK skips defers it was told about)
+            fn_slug = op.opts.get("fn_slug")
+            if not isinstance(fn_slug, str) or not fn_slug:
+                log.warning("run %s: DeferAdd %s without opts.fn_slug: ignored", inv.run_id,
+                            op.id)
+                return
+            meta = op.opts.get("meta")
+            await inv.record_step(uid, DEFER_KIND, {
+                "fn_slug": fn_slug, "input": op.opts.get("input"), "hashed_id": op.id,
+                "meta": meta if isinstance(meta, dict) else None, "aborted": False}, started)
+            return
+        target = op.opts.get("target_hashed_id")
+        for uid, record in list(inv.memo.items()):
+            doc = record.output
+            if (record.kind == DEFER_KIND and isinstance(doc, dict)
+                    and doc.get("hashed_id") == target and not doc.get("aborted")):
+                await inv.record_step(uid, DEFER_KIND, {**doc, "aborted": True}, started)
 
     async def _ai_gateway(self, inv: Invocation, op: Op, started: int) -> None:
         """`step.ai.infer`: make the model request the opcode describes (`sdk.gateway`) and

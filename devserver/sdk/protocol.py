@@ -25,6 +25,7 @@ from typing import Any
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.clock import parse_duration, to_ms
 from devserver.model.failures import ReportedError, memo_error, reported_error
+from devserver.model.lifecycle import DEFER_KIND
 from devserver.model.records import StepAttempt, StoredEvent, event_dict, inngest_event
 
 # -- wire strings -----------------------------------------------------------------------------
@@ -249,9 +250,16 @@ def call_body(
     TypeScript SDK switches to checkpointing instead of answering 206."""
     docs = [sdk_event(event_dict(ev)) for ev in events]
     done = sorted(memo.items(), key=lambda item: item[1].ended_at)  # completion order
-    steps = {memo_key(uid): memo_value(record) for uid, record in done}
+    steps = {memo_key(uid): memo_value(record) for uid, record in done
+             if record.kind != DEFER_KIND}
+    # Deferred runs are not steps: the SDK learns of them from `defers` (and so does not
+    # defer them again on replay).
+    defers = {memo_key(uid): {"abortable": True} for uid, record in done
+              if record.kind == DEFER_KIND and isinstance(record.output, dict)
+              and not record.output.get("aborted")}
     stack = list(steps)
     return {
+        **({"defers": defers} if defers else {}),
         "event": docs[0] if docs else {}, "events": docs, "steps": steps,
         "ctx": {"run_id": run_id, "attempt": attempt, "max_attempts": max_attempts, "env": "",
                 "stack": {"stack": stack, "current": len(stack)},
