@@ -124,6 +124,20 @@ const coded = inngest.createFunction(
   async () => { throw new CodedError("a coded failure"); },
 );
 
+const caused = inngest.createFunction(
+  { id: "caused", retries: 0, triggers: [{ event: "shop/caused" }] },
+  async ({ step }) => {
+    try {
+      await step.run("fragile", () => {
+        throw new Error("outer failure", { cause: new CodedError("inner failure") });
+      });
+    } catch (err) {
+      return { name: err.name, message: err.message, cause: err.cause && err.cause.message };
+    }
+    return "unreachable";
+  },
+);
+
 const stepNoRetry = inngest.createFunction(
   { id: "step-no-retry", retries: 3, triggers: [{ event: "shop/step-no-retry" }] },
   async ({ step }) => {
@@ -199,7 +213,7 @@ const added = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
-  coded, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
+  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

@@ -359,8 +359,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 19 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 21
+            # 20 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 22
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -402,9 +402,9 @@ async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
-        coded_id, no_retry_id, call_id, invoker_id = await app.send(http, [
+        coded_id, no_retry_id, call_id, invoker_id, caused_id = await app.send(http, [
             {"name": "shop/coded", "data": {"order": 1}}, {"name": "shop/step-no-retry"},
-            {"name": "shop/call-data"}, {"name": "shop/invoker"}])
+            {"name": "shop/call-data"}, {"name": "shop/invoker"}, {"name": "shop/caused"}])
         await idle(server)
 
         # The error body the SDK sent, its own `code` too, as the run's error everywhere.
@@ -437,6 +437,14 @@ async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
         assert fn["requestId"]
         assert step["requestId"] != fn["requestId"]  # one per call
         assert step["jobId"] == fn["jobId"] == f"{call['run_id']}:step"
+
+        # The memo of a failed step gives the error back as the SDK sent it: its nested
+        # `cause` reaches the StepError the function catches.
+        caused = await the_run(http, server, caused_id)
+        assert caused["output"] == {"name": "Error", "message": "outer failure",
+                                    "cause": "inner failure"}
+        stored = caused["steps"][0]["error"]
+        assert (stored["cause"]["name"], stored["cause"]["code"]) == ("CodedError", "E_CODED")
 
         invoked = await the_run(http, server, invoker_id)
         assert invoked["status"] == "Completed", invoked

@@ -117,6 +117,11 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
                 return {"seen": seen, "timeout": [exc.name, exc.message]}
             return {"seen": seen, "timeout": None}
 
+        @client.create_function(fn_id="invoke-timeout", retries=0,
+                                trigger=inngest.TriggerEvent(event="wire/invoke-timeout"))
+        def invoke_timeout(ctx: inngest.ContextSync) -> None:
+            ctx.step.invoke("late", function=slow_invokee, timeout=dt.timedelta(seconds=1))
+
         @client.create_function(fn_id="napper", trigger=inngest.TriggerEvent(event="wire/nap"))
         def napper(ctx: inngest.ContextSync) -> int:
             before = ctx.step.run("before", lambda: 1)
@@ -124,7 +129,7 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
             return before + ctx.step.run("after", lambda: 1)
 
         return [fails, bad_output, no_retry_step, nested, call_data, invokee, slow_invokee,
-                invoker, napper]
+                invoker, invoke_timeout, napper]
 
     async def unserializable_async() -> object:
         return unserializable()
@@ -184,6 +189,11 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
             return {"seen": seen, "timeout": [exc.name, exc.message]}
         return {"seen": seen, "timeout": None}
 
+    @client.create_function(fn_id="invoke-timeout", retries=0,
+                            trigger=inngest.TriggerEvent(event="wire/invoke-timeout"))
+    async def invoke_timeout_a(ctx: inngest.Context) -> None:
+        await ctx.step.invoke("late", function=slow_invokee_a, timeout=dt.timedelta(seconds=1))
+
     @client.create_function(fn_id="napper", trigger=inngest.TriggerEvent(event="wire/nap"))
     async def napper_a(ctx: inngest.Context) -> int:
         before = await ctx.step.run("before", one)
@@ -191,7 +201,7 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
         return before + await ctx.step.run("after", one)
 
     return [fails_a, bad_output_a, no_retry_step_a, nested_a, call_data_a, invokee_a,
-            slow_invokee_a, invoker_a, napper_a]
+            slow_invokee_a, invoker_a, invoke_timeout_a, napper_a]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +460,22 @@ async def test_an_invoked_run_sees_inngests_data_and_a_timeout_raises_inngests_e
         late = next(s for s in run["steps"] if s["step_id"] == "late")
         assert late["error"] == {"name": "InngestInvokeTimeoutError",
                                  "message": "Timed out waiting for invoked function to complete"}
+
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_an_uncaught_invoke_timeout_fails_the_run_as_the_sdks_suite_expects(
+    framework: str, tmp_path: Path, apps: list[SdkApp], http: aiohttp.ClientSession,
+) -> None:
+    # Its own server: the SDK dates its sleeps by the wall clock, and another test's hour on
+    # the virtual clock would end the invoked run's sleep at once.
+    async with sdk_server(tmp_path) as server:
+        await start_app(framework, server, apps)
+        failed = await settled(server, http, await send(http, server, "wire/invoke-timeout"))
+        assert failed["status"] == FAILED
+        assert failed["error"] == {
+            "code": "step_errored", "name": "InngestInvokeTimeoutError", "stack": None,
+            "message": "Timed out waiting for invoked function to complete"}
 
 
 # ---------------------------------------------------------------------------------------------
