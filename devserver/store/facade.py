@@ -53,6 +53,7 @@ import aiosqlite
 from devserver.errors import ConfigError, StoreFull, StoreUnavailable
 from devserver.jsontext import dump_json
 from devserver.model.limits import MAX_TREE_RUNS
+from devserver.model.metadata import MetadataUpdate
 from devserver.model.records import (
     COMPLETED,
     EnvironmentSummary,
@@ -551,6 +552,10 @@ class Store:
         return await self._write(queries.Finish(
             run_id, status, now, output_json, error_json, attempt, emitted or [], started_at,
             max_tree_runs))
+
+    async def add_metadata(self, run_id: str, updates: list[MetadataUpdate], now: int) -> bool:
+        """Attach metadata an SDK reported to a run; False when there is no such run."""
+        return await self._write(lambda db: queries.add_metadata(db, run_id, updates, now))
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""

@@ -175,6 +175,21 @@ CREATE TABLE run_trees (
 -- The events a run produced (send_event steps, its end's lifecycle events): only those have
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
+
+-- Metadata an SDK attached to a run (`POST /v1/runs/{id}/metadata`), in arrival order: its
+-- scope (`run`, or `step` with the user's step id and attempt), kind, op and values.
+CREATE TABLE run_metadata (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    step_id TEXT,
+    step_attempt INTEGER,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    "values" TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
 
@@ -207,6 +222,22 @@ CREATE TABLE run_trees (
 -- The events a run produced (send_event steps, its end's lifecycle events): only those have
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
+""",
+    7: """
+-- Metadata an SDK attached to a run (`POST /v1/runs/{id}/metadata`), in arrival order: its
+-- scope (`run`, or `step` with the user's step id and attempt), kind, op and values.
+CREATE TABLE run_metadata (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    step_id TEXT,
+    step_attempt INTEGER,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    "values" TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
 """,
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new
