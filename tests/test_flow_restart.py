@@ -1,0 +1,129 @@
+"""Pending debounces and batches survive a restart: a clean stop (in-process, on virtual
+time) and `kill -9` of a real `python -m devserver` child. After the restart each fires once,
+with the events it held; nothing runs twice and nothing is lost."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import devserver
+from devserver.clock import VirtualClock
+
+from .helpers import MakeServer, eventually_sync, get, idle, run_doc, runs_of_function, send
+from .procs import FINAL_STATUSES, RUN_TIMEOUT, Devserver, Spawn
+
+T0 = 1_700_000_000_000
+
+FLOW_APP = textwrap.dedent(
+    """
+    import devserver
+
+    app = devserver.App("flow")
+
+
+    @app.function(trigger="cart/updated",
+                  debounce=devserver.Debounce(period="2s", key="event.data.user"))
+    async def save(ctx):
+        return ctx.event.data["n"]
+
+
+    @app.function(trigger="order/placed",
+                  batch_events=devserver.Batch(max_size=10, timeout="3s"))
+    async def ship(ctx):
+        return [e.data["n"] for e in ctx.events]
+    """
+)
+
+
+def flow_app() -> devserver.App:
+    app = devserver.App("flow")
+
+    @app.function(trigger="cart/updated",
+                  debounce=devserver.Debounce(period="1h", key="event.data.user"))
+    async def save(ctx: devserver.Context) -> Any:
+        return ctx.event.data["n"]
+
+    @app.function(trigger="order/placed",
+                  batch_events=devserver.Batch(max_size=10, timeout="10m"))
+    async def ship(ctx: devserver.Context) -> Any:
+        return [e.data["n"] for e in ctx.events]
+
+    return app
+
+
+@pytest.mark.asyncio
+async def test_pending_work_fires_once_after_a_restart(
+    make_server: MakeServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    db = tmp_path / "flow.sqlite3"
+    first = await make_server(flow_app(), db=db, clock=VirtualClock(T0))
+    for n in range(3):
+        await send(http, first, "cart/updated", {"user": "a", "n": n})
+        await send(http, first, "order/placed", {"n": n},
+                   sessions={"conversation_id": "c1"})
+    await first.runner.wait_idle(skip_time=False)
+    assert await runs_of_function(http, first, "flow-save") == []
+    await first.stop()
+
+    second = await make_server(flow_app(), db=db, clock=VirtualClock(T0 + 1000))
+    await idle(second)  # the hour and the ten minutes pass at once
+    (save,) = await runs_of_function(http, second, "flow-save")
+    (ship,) = await runs_of_function(http, second, "flow-ship")
+    assert (await run_doc(http, second, save["run_id"]))["output"] == 2
+    assert (await run_doc(http, second, ship["run_id"]))["output"] == [0, 1, 2]
+    session = await get(http, second, "/api/session", identifier="conversation_id", value="c1")
+    assert session["stats"]["runs"] == 1
+    await second.stop()
+
+    third = await make_server(flow_app(), db=db, clock=VirtualClock(T0 + 7_200_000))
+    await idle(third)
+    assert len(await runs_of_function(http, third, "flow-save")) == 1
+    assert len(await runs_of_function(http, third, "flow-ship")) == 1
+
+
+def _start(spawn: Spawn, tmp_path: Path, app: Path) -> Devserver:
+    child = spawn("--port", "0", "--db", str(tmp_path / "db.sqlite3"), "--app", str(app),
+                  "--no-reload")
+    child.wait_banner()
+    return child
+
+
+@pytest.mark.slow  # real devserver children, killed
+def test_kill_9_in_the_middle_of_a_batch_and_a_debounce(spawn: Spawn, tmp_path: Path) -> None:
+    app = tmp_path / "flow_app.py"
+    app.write_text(FLOW_APP)
+    server = _start(spawn, tmp_path, app)
+    debounced = server.send(*({"name": "cart/updated", "data": {"user": "a", "n": n}}
+                              for n in range(3)))
+    batched = server.send(*({"name": "order/placed", "data": {"n": n},
+                             "sessions": {"conversation_id": "c9"}} for n in range(4)))
+    for event_id in debounced + batched:  # acknowledged: stored with its decision
+        assert server.get(f"/api/events/{event_id}")["flow"][0]["action"] in (
+            "debounced", "batched")
+    server.kill()  # SIGKILL, well before the 2 s and 3 s are up
+
+    server = _start(spawn, tmp_path, app)
+
+    def finished(fn: str) -> list[dict[str, Any]] | None:
+        runs = server.get("/api/runs", function_id=fn)["runs"]
+        return runs if runs and all(r["status"] in FINAL_STATUSES for r in runs) else None
+
+    (save,) = eventually_sync(lambda: finished("flow-save"), "the debounce to fire",
+                              RUN_TIMEOUT)
+    (ship,) = eventually_sync(lambda: finished("flow-ship"), "the batch to fire", RUN_TIMEOUT)
+    assert server.get(f"/api/runs/{save['run_id']}")["output"] == 2
+    ship_doc = server.get(f"/api/runs/{ship['run_id']}")
+    assert ship_doc["output"] == [0, 1, 2, 3]
+    assert [e["internal_id"] for e in ship_doc["events"]] == batched
+    server.kill()
+
+    server = _start(spawn, tmp_path, app)  # and once more: nothing fires twice
+    assert len(server.get("/api/runs", function_id="flow-save")["runs"]) == 1
+    assert len(server.get("/api/runs", function_id="flow-ship")["runs"]) == 1
+    session = server.get("/api/session", identifier="conversation_id", value="c9")
+    assert session["stats"]["runs"] == 1
