@@ -358,7 +358,7 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            assert len(await function_ids()) == 11  # 10 functions and ship's onFailure
+            assert len(await function_ids()) == 12  # 11 functions and ship's onFailure
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"

@@ -251,6 +251,47 @@ def e2e_row(seconds: float, rounds: int, bare_url: str, tmp: Path) -> Row:
                f"{ratio:.2f} x bare ({bare:.0f}/s), median of {rounds} rounds")
 
 
+def flow_row(kind: str, seconds: float, rounds: int, bare_url: str, tmp: Path) -> Row:
+    """Events into a batched (up to 100 a run) or a debounced function, until every batch
+    or debounce has run: events per second, as a ratio to the bare server's ingest."""
+    name = {"batch": "bench/batched", "debounce": "bench/debounced"}[kind]
+    body = json.dumps([{**EVENT, "name": name}]).encode()
+    port = free_port()
+    seen: dict[str, int] = {"events": 0, "runs": 0, "failed": 0}
+    with child(devserver_args(port, tmp / f"{kind}.sqlite3", "--app", BENCH_APP), port) as url:
+        session = url + "/api/session?identifier=conversation_id&value=conv_0"
+
+        def events() -> float:
+            start, before = time.perf_counter(), _events(url)
+            load(url + "/e/key", body, seconds)
+            _wait_idle(url)  # pending batches and debounces count as busy
+            elapsed = time.perf_counter() - start
+            stats = _stats(session)
+            seen.update(events=_events(url), runs=int(stats["runs"]),
+                        failed=int(stats["failed_runs"]))
+            return (seen["events"] - before) / elapsed
+
+        bare, rate, ratio = alternate(
+            rounds, lambda: load(bare_url + "/e/key", body, seconds), events)
+    if kind == "batch":  # every event in exactly one run of at most 100
+        right = -(-seen["events"] // 100) <= seen["runs"] < seen["events"]
+        what = f"{seen['events']:,} events in {seen['runs']:,} batched runs"
+        title = "batched: events -> runs of up to 100"
+    else:  # one key: one run per round, after its last event
+        right = seen["runs"] == rounds
+        what = f"{seen['events']:,} events, {seen['runs']} debounced runs"
+        title = "debounced: events -> one run per key"
+    return Row(title, rate, "events/s", ">= 0.25 x bare",
+               ratio >= 0.25 and right and seen["failed"] == 0,
+               f"{ratio:.2f} x bare ({bare:.0f}/s); {what}, median of {rounds} rounds")
+
+
+def _events(url: str) -> int:
+    with urllib.request.urlopen(url + "/api/environments", timeout=10) as resp:
+        envs = json.loads(resp.read())["environments"]
+    return sum(int(e["events"]) for e in envs)
+
+
 def _stats(session_url: str) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(session_url, timeout=10) as resp:
@@ -381,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="a quick run for CI")
     parser.add_argument("--no-fail", action="store_true", help="exit 0 even if a row misses")
     parser.add_argument("--only", action="append", default=[],
-                        help="run only these rows: ingest, e2e, dashboard, fixture, startup, "
-                             "memory")
+                        help="run only these rows: ingest, e2e, batch, debounce, dashboard, "
+                             "fixture, startup, memory")
     args = parser.parse_args(argv)
     short = args.short
-    wanted = set(args.only) or {"ingest", "e2e", "dashboard", "fixture", "startup", "memory"}
+    wanted = set(args.only) or {"ingest", "e2e", "batch", "debounce", "dashboard", "fixture",
+                                "startup", "memory"}
     print(f"devserver benchmarks ({'short' if short else 'full'} run)")
     print(f"machine: {machine()}")
     print(f"load generator: {'wrk' if shutil.which('wrk') else 'built-in aiohttp client'}, "
@@ -403,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[tuple[str, Callable[[Path], list[Row]]]] = [
         ("ingest", lambda tmp: ingest_rows(seconds, rounds, bare(), tmp)),
         ("e2e", lambda tmp: [e2e_row(seconds, rounds, bare(), tmp)]),
+        ("batch", lambda tmp: [flow_row("batch", seconds, rounds, bare(), tmp)]),
+        ("debounce", lambda tmp: [flow_row("debounce", seconds, rounds, bare(), tmp)]),
         ("dashboard", lambda tmp: dashboard_rows([10_000, 100_000 if short else 1_000_000],
                                                  tmp, 20 if short else 60)),
         ("fixture", lambda tmp: [fixture_row(10 if short else 30, tmp)]),
