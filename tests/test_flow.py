@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 import devserver
+from devserver.cli import main as cli
 from devserver.clock import VirtualClock
+from devserver.testing import DevServer
 from devserver.web.server import Server
 
-from .helpers import MakeServer, eventually, get, idle, run_doc, runs_of_function, send
+from .helpers import (
+    MakeServer,
+    eventually,
+    get,
+    idle,
+    run_doc,
+    runs_of_event,
+    runs_of_function,
+    send,
+)
 
-pytestmark = pytest.mark.asyncio
 T0 = 1_700_000_000_000
 
 
@@ -39,6 +52,7 @@ async def runs(http: aiohttp.ClientSession, server: Server, fn: str) -> list[dic
 # Debounce
 
 
+@pytest.mark.asyncio
 async def test_debounce_runs_once_with_the_last_event_per_key(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -76,6 +90,7 @@ async def test_debounce_runs_once_with_the_last_event_per_key(
     assert (await event_flow(http, server, other))[0]["run_id"] == by_user["u2"]["run_id"]
 
 
+@pytest.mark.asyncio
 async def test_debounce_timeout_caps_the_wait(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -106,6 +121,7 @@ async def test_debounce_timeout_caps_the_wait(
 # Batching
 
 
+@pytest.mark.asyncio
 async def test_batch_runs_full_batches_at_once_and_the_rest_at_the_timeout(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -140,6 +156,9 @@ async def test_batch_runs_full_batches_at_once_and_the_rest_at_the_timeout(
     for event_id in ids[:3]:
         (outcome,) = await event_flow(http, server, event_id)
         assert (outcome["action"], outcome["run_id"]) == ("batched", first["run_id"])
+        # Every event of a batch lists the run among those it started.
+        assert [r["run_id"] for r in await runs_of_event(http, server, event_id)] == [
+            first["run_id"]]
     # A batched run counts once in each session any of its events carries.
     figures = {}
     for ident, value in [("shop", "s1"), ("user", "u0"), ("user", "u1")]:
@@ -148,6 +167,7 @@ async def test_batch_runs_full_batches_at_once_and_the_rest_at_the_timeout(
     assert figures == {"s1": (3, 3), "u0": (3, 3), "u1": (2, 2)}
 
 
+@pytest.mark.asyncio
 async def test_batch_key_and_if(make_server: MakeServer, http: aiohttp.ClientSession) -> None:
     app = devserver.App("shop")
     seen: list[list[int]] = []
@@ -168,6 +188,7 @@ async def test_batch_key_and_if(make_server: MakeServer, http: aiohttp.ClientSes
 # Singleton, rate limit, idempotency
 
 
+@pytest.mark.asyncio
 async def test_singleton_skip_drops_events_while_a_run_is_live(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -198,6 +219,7 @@ async def test_singleton_skip_drops_events_while_a_run_is_live(
         assert (await event_flow(http, server, event_id))[0]["action"] == "started"
 
 
+@pytest.mark.asyncio
 async def test_singleton_cancel_replaces_the_live_run(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -224,6 +246,7 @@ async def test_singleton_cancel_replaces_the_live_run(
     assert outcome["run_id"] in cancelled["flow"]["cancelled"]
 
 
+@pytest.mark.asyncio
 async def test_rate_limit_drops_events_over_the_limit_per_key(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -248,6 +271,7 @@ async def test_rate_limit_drops_events_over_the_limit_per_key(
     assert "rate limit of 2 per 3600 s" in outcome["detail"]
 
 
+@pytest.mark.asyncio
 async def test_idempotency_key_drops_repeats_within_24h(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -262,10 +286,13 @@ async def test_idempotency_key_drops_repeats_within_24h(
     first = await send(http, server, "order/paid", {"order": "o1", "n": 1})
     repeat = await send(http, server, "order/paid", {"order": "o1", "n": 2})
     await send(http, server, "order/paid", {"order": "o2", "n": 3})
+    for n in (5, 6):  # no key: nothing to drop
+        await send(http, server, "order/paid", {"n": n})
     clock.advance(24 * 3_600_000 + 1)
     await send(http, server, "order/paid", {"order": "o1", "n": 4})
     await idle(server)
-    assert sorted(r["output"] for r in await runs(http, server, "shop-receipt")) == [1, 3, 4]
+    assert sorted(r["output"] for r in await runs(http, server, "shop-receipt")) == [
+        1, 3, 4, 5, 6]
     (outcome,) = await event_flow(http, server, repeat)
     assert outcome["action"] == "idempotency_duplicate"
     assert outcome["run_id"] == (await event_flow(http, server, first))[0]["run_id"]
@@ -275,6 +302,7 @@ async def test_idempotency_key_drops_repeats_within_24h(
 # Throttle, concurrency, priority, timeouts
 
 
+@pytest.mark.asyncio
 async def test_throttle_queues_runs_over_the_limit(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -301,6 +329,7 @@ async def test_throttle_queues_runs_over_the_limit(
         "started"] * 3 + ["throttled"] * 3
 
 
+@pytest.mark.asyncio
 async def test_concurrency_queues_runs_and_says_why(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -346,6 +375,7 @@ async def test_concurrency_queues_runs_and_says_why(
     assert most == 2  # 0 and 9: one per key
 
 
+@pytest.mark.asyncio
 async def test_timeouts_cancel_runs_that_start_or_finish_too_late(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:
@@ -380,3 +410,59 @@ async def test_timeouts_cancel_runs_that_start_or_finish_too_late(
     assert len(late_ids) == 3
     (quick_run,) = await runs(http, server, "shop-quick")
     assert (quick_run["status"], quick_run["output"]) == ("Completed", "done")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pytest fixture and `replay --app`: virtual time passes pending work at once
+
+FIXTURE_APP = devserver.App("fx")
+
+
+@FIXTURE_APP.function(trigger="fx/typed",
+                      debounce=devserver.Debounce(period="1h", key="event.data.doc"))
+def autosave(ctx: devserver.SyncContext) -> Any:
+    return ctx.event.data["text"]
+
+
+@FIXTURE_APP.function(trigger="fx/typed", batch_events=devserver.Batch(max_size=50,
+                                                                       timeout="10m"))
+def index(ctx: devserver.SyncContext) -> int:
+    return len(ctx.events)
+
+
+@pytest.mark.devserver(apps=[FIXTURE_APP])
+def test_the_fixtures_wait_idle_waits_for_debounces_and_batches(devserver: DevServer) -> None:
+    for text in ("h", "he", "hel"):
+        devserver.send({"name": "fx/typed", "data": {"doc": "d1", "text": text},
+                        "sessions": {"doc": "d1"}})
+    devserver.wait_idle()
+    assert [r.output for r in devserver.runs(function="fx-autosave")] == ["hel"]
+    assert [r.output for r in devserver.runs(function="fx-index")] == [3]
+    assert devserver.session("doc", "d1").runs == 2
+
+
+def test_replay_app_runs_debounces_and_batches_on_virtual_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app_file = tmp_path / "typing_app.py"
+    app_file.write_text(
+        "import devserver\n"
+        "app = devserver.App('fx')\n"
+        "@app.function(trigger='fx/typed', debounce=devserver.Debounce(period='1h'))\n"
+        "async def autosave(ctx):\n"
+        "    return ctx.event.data['text']\n"
+        "@app.function(trigger='fx/typed', batch_events=devserver.Batch(max_size=50, "
+        "timeout='10m'))\n"
+        "async def index(ctx):\n"
+        "    return len(ctx.events)\n")
+    fixture = tmp_path / "typing.jsonl"
+    fixture.write_text("".join(
+        json.dumps({"name": "fx/typed", "data": {"text": t}, "sessions": {"doc": "d1"}}) + "\n"
+        for t in ("h", "he", "hel")))
+    began = time.monotonic()
+    code = cli.main(["replay", str(fixture), "--app", str(app_file)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert time.monotonic() - began < 30  # an hour of debounce passed on virtual time
+    (row,) = [line for line in out.splitlines() if "d1" in line]
+    assert row.split()[:3] == ["doc", "d1", "2"], out  # one debounced run, one batched run

@@ -482,7 +482,10 @@ def request(function_id: str, run_id: str, config: FlowConfig,
             event: Mapping[str, Any]) -> FlowRequest:
     """Evaluate an event's keys for a function's intake decisions."""
     keys: dict[str, str] = {}
-    if config.idempotency is not None:
+    if config.idempotency is not None and (
+            config.idempotency.expression is None
+            or config.idempotency.expression.value(event=event) is not None):
+        # A key that evaluates to nothing (a missing field) drops nothing.
         keys["idempotency"] = config.idempotency.of(event)
     if config.rate_limit is not None:
         keys["rate"] = config.rate_limit.key.of(event)

@@ -58,7 +58,7 @@ def apply_flow(db: sqlite3.Connection, env: str, now: int, ev: NewEvent,
     control, store the decision and its state, and return it."""
     cfg, keys, fn = req.config, req.keys, req.function_id
     marks: list[tuple[str, str, int]] = []  # (kind, key, at) the event counts toward
-    if cfg.idempotency is not None:
+    if "idempotency" in keys:
         key = keys["idempotency"]
         _forget_marks(db, env, fn, "idempotency", key, now - flow.IDEMPOTENCY_MS)
         row = db.execute("SELECT run_id FROM flow_marks WHERE env = ? AND function_id = ? "

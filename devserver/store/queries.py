@@ -738,9 +738,12 @@ def read_events_after(
 
 
 def read_event_runs(db: sqlite3.Connection, internal_id: str) -> list[RunRecord]:
-    """The runs an event started, oldest first."""
+    """The runs an event started (a batched run counts for each of its events), oldest
+    first."""
     return [run_from_row(r) for r in db.execute(
-        "SELECT * FROM runs WHERE event_id = ? ORDER BY run_id", (internal_id,))]
+        "SELECT * FROM runs WHERE event_id = ? UNION SELECT r.* FROM run_events re "
+        "JOIN runs r ON r.run_id = re.run_id WHERE re.internal_id = ? ORDER BY run_id",
+        (internal_id, internal_id))]
 
 
 def read_environments(db: sqlite3.Connection) -> list[EnvironmentSummary]:

@@ -225,6 +225,7 @@ CREATE TABLE run_events (
     internal_id TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+CREATE INDEX run_events_by_event ON run_events (internal_id);
 CREATE TABLE run_notes (
     run_id TEXT NOT NULL,
     kind TEXT NOT NULL,
@@ -315,6 +316,7 @@ CREATE TABLE run_events (
     internal_id TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+CREATE INDEX run_events_by_event ON run_events (internal_id);
 CREATE TABLE run_notes (
     run_id TEXT NOT NULL,
     kind TEXT NOT NULL,
