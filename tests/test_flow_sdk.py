@@ -84,7 +84,13 @@ def build(client: inngest.Inngest) -> list[inngest.Function[Any]]:
         ctx.step.sleep("slow", dt.timedelta(hours=1))
         return "woke"
 
-    return [debounced, batched, single, replaced, limited, once, paced, bounded]
+    @client.create_function(
+        fn_id="big", trigger=inngest.TriggerEvent(event="flow/big"), retries=0,
+        batch_events=inngest.Batch(max_size=8, timeout=dt.timedelta(seconds=10)))
+    def big(ctx: inngest.ContextSync) -> Any:
+        return [len(e.data["msg"]) for e in ctx.events]
+
+    return [debounced, batched, single, replaced, limited, once, paced, bounded, big]
 
 
 class FlowApp:
@@ -191,3 +197,17 @@ async def test_throttle_and_timeouts(served: Server, http: aiohttp.ClientSession
     (bounded,) = await runs_of_function(http, served, f"{APP}-bounded")
     assert "timeouts.finish" in (await run_doc(http, served, bounded["run_id"]))["flow"][
         "cancelled"]
+
+
+async def test_a_batch_of_eight_one_mib_events(served: Server, http: aiohttp.ClientSession) -> None:
+    """As the SDK's own suite sends it: 8 MiB in one batch, all of it reaching the function."""
+    app_client = inngest.Inngest(app_id=APP, is_production=False, api_base_url=served.url,
+                                 event_api_base_url=served.url)
+    try:
+        await app_client.send([inngest.Event(name="flow/big", data={"msg": "a" * 1024 * 1024})
+                               for _ in range(8)])
+    finally:
+        await app_client._http_client._http_client.aclose()
+        app_client._http_client._http_client_sync.close()
+    await idle(served)
+    assert await outputs(http, served, "big") == [("Completed", [1024 * 1024] * 8)]
