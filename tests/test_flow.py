@@ -78,6 +78,7 @@ async def test_debounce_runs_once_with_the_last_event_per_key(
     done = await runs(http, server, "shop-save")
     by_user = {r["events"][0]["data"]["user"]: r for r in done}
     assert by_user["u1"]["output"] == 1
+    assert by_user["u1"]["flow"]["started"].startswith("debounced")
     assert by_user["u1"]["status"] == "Completed"
     # The last event of u1 arrived at T0 + 20 min: the run waited a full hour after it.
     assert by_user["u1"]["queued_at"] == dt.datetime.fromtimestamp(
@@ -151,6 +152,8 @@ async def test_batch_runs_full_batches_at_once_and_the_rest_at_the_timeout(
     assert dict((tuple(x), s) for x, s in seen)[(6,)] == {"shop": "s1", "user": "u0"}
     done = await runs(http, server, "shop-ship")
     assert [len(r["events"]) for r in done] == [3, 3, 1]
+    assert "the batch was full" in done[0]["flow"]["started"]
+    assert "timeout" in done[2]["flow"]["started"]
     first = done[0]
     assert [e["internal_id"] for e in first["events"]] == ids[:3]
     for event_id in ids[:3]:

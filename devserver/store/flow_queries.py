@@ -22,7 +22,7 @@ from devserver.model import flow
 from devserver.model.flow import FlowConfig, FlowOutcome, FlowRequest
 from devserver.model.records import QUEUED, RUNNING, NewEvent
 
-QUEUED_NOTE, CANCELLED_NOTE = "queued", "cancelled"
+QUEUED_NOTE, CANCELLED_NOTE, STARTED_NOTE = "queued", "cancelled", "started"
 
 
 def _mark(db: sqlite3.Connection, env: str, function_id: str, kind: str, key: str, at: int,
@@ -141,6 +141,8 @@ def _batch(db: sqlite3.Connection, env: str, now: int, ev: NewEvent,
             return started
         started.action = flow.BATCHED
         started.detail = f"batched: run of {len(events)} event(s) (batch full)"
+        note_run(db, pending_id, STARTED_NOTE, f"batched: {len(events)} event(s), the batch "
+                 f"was full ({rule.max_size})", now)
         return started
     due = flow.batch_due(rule, first_at)
     if row is None:
@@ -256,6 +258,12 @@ def fire_pending(db: sqlite3.Connection, pending_id: str, now: int,
                         pending_id, events, json.loads(row["keys"]))
     if outcome.action == flow.SINGLETON_SKIPPED:
         _skip_batch(db, row["function_id"], pending_id, outcome.detail)
+    elif row["kind"] == flow.DEBOUNCE:
+        note_run(db, pending_id, STARTED_NOTE, "debounced: started with the last event once "
+                 "the period passed without a new one", now)
+    else:
+        note_run(db, pending_id, STARTED_NOTE, f"batched: {len(events)} event(s), at the "
+                 "batch's timeout", now)
     return outcome
 
 
