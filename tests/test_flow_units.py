@@ -156,3 +156,17 @@ def test_keys_and_sessions() -> None:
         "maxSize": 2, "timeout": "1s", "if": "event.data.n > 5"}}, "f") or flow.FlowConfig(),
         EVENT)
     assert request.batched is False  # `if` false: the event runs on its own
+
+
+def test_env_and_account_limits_are_shared_across_functions() -> None:
+    cfg = parse_sdk({"concurrency": [{"limit": 1, "key": '"openai"', "scope": "account"},
+                                     {"limit": 2, "key": "event.data.user", "scope": "env"}]},
+                    "f")
+    other = parse_sdk({"concurrency": [{"limit": 1, "key": "'openai'", "scope": "account"}]},
+                      "g")
+    assert cfg is not None
+    assert other is not None
+    mine = flow.concurrency_keys(cfg, "app-f", "dev", EVENT)
+    theirs = flow.concurrency_keys(other, "app-g", "dev", EVENT)
+    assert mine[0][0] == theirs[0][0] == "account:openai"
+    assert mine[1][0] == "env:dev:u1"

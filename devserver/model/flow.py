@@ -547,9 +547,11 @@ def concurrency_keys(config: FlowConfig, function_id: str, env: str,
     """The (key, limit) pairs a run of this function counts toward while it executes."""
     keys = []
     for rule in config.concurrency:
-        where = {"fn": f"fn:{function_id}", "env": f"env:{env}", "account": "account"}[
-            rule.scope]
-        keys.append((f"{where}:{rule.key.source or ''}:{rule.key.of(event)}", rule.limit))
+        if rule.scope == "fn":  # a function's own limits, one per rule
+            where = f"fn:{function_id}:{rule.key.source or ''}"
+        else:  # shared by every function whose key evaluates the same in the scope
+            where = f"env:{env}" if rule.scope == "env" else "account"
+        keys.append((f"{where}:{rule.key.of(event)}", rule.limit))
     return keys
 
 

@@ -151,7 +151,7 @@ class FlowRuntime:
                     self._noted.add(run.run_id)
                     await runner.store.note_run(run.run_id, QUEUED_NOTE, (
                         "waiting for concurrency: " + "; ".join(
-                            f"{limit} run(s) of key {key.split(':', 2)[-1]!r} executing"
+                            f"{limit} run(s) of key {key.rsplit(':', 1)[-1]!r} executing"
                             for key, limit in full)), now)
                 return False
             for key, _ in keys:
