@@ -4,6 +4,7 @@ with the events it held; nothing runs twice and nothing is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ import pytest
 import devserver
 from devserver.clock import VirtualClock
 
-from .helpers import MakeServer, eventually_sync, get, idle, run_doc, runs_of_function, send
+from .helpers import (
+    MakeServer,
+    eventually,
+    eventually_sync,
+    get,
+    idle,
+    run_doc,
+    runs_of_function,
+    send,
+)
 from .procs import FINAL_STATUSES, RUN_TIMEOUT, Devserver, Spawn
 
 T0 = 1_700_000_000_000
@@ -127,3 +137,60 @@ def test_kill_9_in_the_middle_of_a_batch_and_a_debounce(spawn: Spawn, tmp_path: 
     assert len(server.get("/api/runs", function_id="flow-ship")["runs"]) == 1
     session = server.get("/api/session", identifier="conversation_id", value="c9")
     assert session["stats"]["runs"] == 1
+
+
+def paced_app(gate: asyncio.Event | None, seen: list[tuple[int, int]],
+              clock: VirtualClock, executing: dict[str, int] | None = None) -> devserver.App:
+    """Throttled (one an hour, one burst) and concurrency-limited (one at a time) functions;
+    with a `gate`, the concurrency-limited one blocks until it is set."""
+    app = devserver.App("paced")
+
+    @app.function(trigger="api/call", throttle=devserver.Throttle(limit=1, period="1h"))
+    async def call(ctx: devserver.Context) -> Any:
+        seen.append((ctx.event.data["n"], clock.now_ms() - T0))
+        return ctx.event.data["n"]
+
+    @app.function(trigger="job/run", concurrency=devserver.Concurrency(limit=1))
+    async def job(ctx: devserver.Context) -> Any:
+        if gate is not None:
+            await gate.wait()
+        if executing is not None:
+            executing["now"] += 1
+            executing["most"] = max(executing["most"], executing["now"])
+            await asyncio.sleep(0)  # a yield: another job would start here if it could
+            executing["now"] -= 1
+        return ctx.event.data["n"]
+
+    return app
+
+
+@pytest.mark.asyncio
+async def test_throttled_and_concurrency_queued_runs_survive_a_restart(
+    make_server: MakeServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    db = tmp_path / "paced.sqlite3"
+    seen: list[tuple[int, int]] = []
+    clock = VirtualClock(T0)
+    first = await make_server(paced_app(asyncio.Event(), seen, clock), db=db, clock=clock)
+    for n in range(3):
+        await send(http, first, "api/call", {"n": n})
+        await send(http, first, "job/run", {"n": n})
+
+    async def queued() -> bool:
+        runs = await runs_of_function(http, first, "paced-job")
+        return sorted(r["status"] for r in runs) == ["Queued", "Queued", "Running"]
+
+    await eventually(queued, "one job running and two queued for concurrency")
+    assert sorted(seen) == [(0, 0), (1, 0)]  # the third call waits an hour for its turn
+    await first.stop()  # the running job is interrupted: it resumes after the restart
+
+    clock = VirtualClock(T0 + 60_000)
+    executing = {"now": 0, "most": 0}
+    second = await make_server(paced_app(None, seen, clock, executing), db=db, clock=clock)
+    await idle(second)
+    assert sorted(seen) == [(0, 0), (1, 0), (2, 3_600_000)]  # once, at its turn
+    jobs = [await run_doc(http, second, r["run_id"])
+            for r in await runs_of_function(http, second, "paced-job")]
+    assert sorted(j["output"] for j in jobs) == [0, 1, 2]
+    assert all(j["status"] == "Completed" for j in jobs)
+    assert executing["most"] == 1  # one at a time after the restart too
