@@ -469,3 +469,38 @@ def test_replay_app_runs_debounces_and_batches_on_virtual_time(
     assert time.monotonic() - began < 30  # an hour of debounce passed on virtual time
     (row,) = [line for line in out.splitlines() if "d1" in line]
     assert row.split()[:3] == ["doc", "d1", "2"], out  # one debounced run, one batched run
+
+
+@pytest.mark.asyncio
+async def test_a_singleton_cron_does_not_overlap_itself(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    app = devserver.App("jobs")
+
+    @app.function(trigger=devserver.TriggerCron("* * * * *"),
+                  singleton=devserver.Singleton(mode="skip"))
+    async def sweep(ctx: devserver.Context) -> str:
+        await ctx.step.sleep("long", "150s")  # longer than a minute: the next fires overlap
+        return "swept"
+
+    clock = VirtualClock(T0 - T0 % 60_000)
+    server = await make_server(app, clock=clock)
+    for _ in range(12):  # six minutes, 30 s at a time, letting what is due finish
+        clock.advance(30_000)
+        await asyncio.sleep(0)  # a turn of the loop: the timers due fire
+        await server.runner.wait_idle(skip_time=False)
+    runs = list(reversed(await runs_of_function(http, server, "jobs-sweep")))
+    # Fires at minutes 1..6: the run of 1 lasts until 3:30, so 2 and 3 are skipped; 4 starts
+    # one that lasts past 6, so 5 and 6 are skipped.
+    assert len(runs) == 2
+    assert runs[0]["status"] == "Completed"
+
+    async def sleeping() -> bool:  # its start is written just after it starts
+        doc = await run_doc(http, server, runs[1]["run_id"])
+        return doc["status"] == "Running" and doc["steps"][0]["status"] == "Waiting"
+
+    await eventually(sleeping, "the second run to be sleeping")
+    skipped = [o for e in await server.store.recent_events(20)
+               for o in await server.store.flow_outcomes(e.internal_id)
+               if o["action"] == "singleton_skipped"]
+    assert len(skipped) == 4

@@ -412,9 +412,14 @@ class Runner:
     async def _fire_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
         if not self._started or self.registry.get(fn.id) is not fn:
             return
+        runs: tuple[NewRun, ...] = (NewRun(new_ulid(), fn.id),)
+        requests: tuple[flow.FlowRequest, ...] = ()
+        if fn.flow is not None and fn.flow.at_intake:  # e.g. a singleton cron: no overlap
+            runs, requests = (), (flow.request(fn.id, new_ulid(), fn.flow, flow.event_doc(
+                CRON_EVENT, {"cron": cron.cron}, None, due, None, None)),)
         event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
                          data=dump_json({"cron": cron.cron}), v=None, user=None, meta=None,
-                         sessions={}, runs=(NewRun(new_ulid(), fn.id),), source="cron")
+                         sessions={}, runs=runs, source="cron", flow=requests)
         try:
             created = await self.store.ingest(DEFAULT_ENV, self.clock.now_ms(), [event])
         except StoreUnavailable as exc:
