@@ -24,7 +24,7 @@ async def batched(ctx: Context) -> int:
 
 
 @app.function(trigger="bench/debounced", retries=0,
-              debounce=Debounce(period="1s", key="event.data.n"))
+              debounce=Debounce(period="1s", key="event.data.message"))
 async def debounced(ctx: Context) -> int:
     """One run per key, a second after its last event."""
     return len(ctx.events)
