@@ -402,8 +402,9 @@ async def event_page_doc(request: web.Request) -> dict[str, Any]:
     ev = await store.event(internal_id)
     if ev is None:
         raise NotFound(f"no event with id {internal_id!r}")
-    return {**event_doc(ev), "runs": [run_summary_doc(r) for r in await store.event_runs(
-        internal_id)], "flow": await store.flow_outcomes(internal_id)}
+    return {"env": ev.env, "event": event_doc(ev),
+            "runs": [run_summary_doc(r) for r in await store.event_runs(internal_id)],
+            "flow": await store.flow_outcomes(internal_id)}
 
 
 @routes.get("/api/sessions")
