@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import pytest
 import pytest_asyncio
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from devserver.clock import WallClock
 from devserver.web.server import Server
 
-from .helpers import get, idle, run_doc, runs_of_function, sdk_server, send
+from .helpers import eventually, get, idle, run_doc, runs_of_function, sdk_server, send
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -96,11 +98,15 @@ def build(client: inngest.Inngest) -> list[inngest.Function[Any]]:
 class FlowApp:
     """The SDK app on Flask, served from a thread on 127.0.0.1."""
 
-    def __init__(self, base_url: str) -> None:
-        self.client = inngest.Inngest(app_id=APP, is_production=False, api_base_url=base_url,
-                                      event_api_base_url=base_url)
-        self.flask = flask.Flask(APP)
-        inngest.flask.serve(self.flask, self.client, build(self.client))
+    def __init__(
+        self, base_url: str, *,
+        functions: Callable[[inngest.Inngest], list[inngest.Function[Any]]] = build,
+        app_id: str = APP,
+    ) -> None:
+        self.client = inngest.Inngest(app_id=app_id, is_production=False,
+                                      api_base_url=base_url, event_api_base_url=base_url)
+        self.flask = flask.Flask(app_id)
+        inngest.flask.serve(self.flask, self.client, functions(self.client))
         self._server: BaseWSGIServer = make_server("127.0.0.1", 0, self.flask, threaded=True)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         daemon=True, name="flask-flow-app")
@@ -131,9 +137,10 @@ async def served(tmp_path: Path) -> AsyncIterator[Server]:
             await app.close()
 
 
-async def outputs(http: aiohttp.ClientSession, server: Server, fn: str) -> list[Any]:
+async def outputs(http: aiohttp.ClientSession, server: Server, fn: str, *,
+                  app_id: str = APP) -> list[Any]:
     docs = [await run_doc(http, server, r["run_id"])
-            for r in reversed(await runs_of_function(http, server, f"{APP}-{fn}"))]
+            for r in reversed(await runs_of_function(http, server, f"{app_id}-{fn}"))]
     return [(d["status"], d["output"]) for d in docs]
 
 
@@ -211,3 +218,47 @@ async def test_a_batch_of_eight_one_mib_events(served: Server, http: aiohttp.Cli
         app_client._http_client._http_client_sync.close()
     await idle(served)
     assert await outputs(http, served, "big") == [("Completed", [1024 * 1024] * 8)]
+
+
+def wall_functions(client: inngest.Inngest) -> list[inngest.Function[Any]]:
+    @client.create_function(fn_id="debounced", trigger=inngest.TriggerEvent(event="wall/d"),
+                            debounce=inngest.Debounce(period=dt.timedelta(seconds=1)))
+    def debounced(ctx: inngest.ContextSync) -> Any:
+        return ctx.event.data["n"]
+
+    @client.create_function(fn_id="batched", trigger=inngest.TriggerEvent(event="wall/b"),
+                            batch_events=inngest.Batch(max_size=2,
+                                                       timeout=dt.timedelta(minutes=1)))
+    def batched(ctx: inngest.ContextSync) -> Any:
+        return [e.data["n"] for e in ctx.events]
+
+    return [debounced, batched]
+
+
+async def test_on_the_wall_clock_as_the_sdks_own_suites_run(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The SDK suites run against a dev server in real time: a 1 s debounce fires about a
+    second after the last event, once; a full batch runs at once."""
+    async with sdk_server(tmp_path, clock=WallClock()) as server:
+        app = FlowApp(server.url, functions=wall_functions, app_id="wall")
+        try:
+            assert (await server.sdk.sync(app.url)).ok
+            began = time.monotonic()
+            for n in range(2):
+                await send(http, server, "wall/d", {"n": n})
+                await send(http, server, "wall/b", {"n": n})
+
+            async def done(fn: str) -> list[Any] | None:
+                found = await outputs(http, server, fn, app_id="wall")
+                return found if found and all(s == "Completed" for s, _ in found) else None
+
+            assert await eventually(lambda: done("batched"), "the full batch to run") == [
+                ("Completed", [0, 1])]
+            assert await eventually(lambda: done("debounced"), "the debounce to fire") == [
+                ("Completed", 1)]
+            assert time.monotonic() - began >= 1.0  # not before the period passed
+            await idle(server)
+            assert len(await outputs(http, server, "debounced", app_id="wall")) == 1
+        finally:
+            await app.close()
