@@ -247,6 +247,11 @@ async def test_singleton_cancel_replaces_the_live_run(
         "Cancelled", "Completed", 2)
     assert "singleton" in cancelled["flow"]["cancelled"]
     assert outcome["run_id"] in cancelled["flow"]["cancelled"]
+    async with http.get(f"{server.url}/runs/{first_run}") as resp:  # the run page says so
+        page = await resp.text()
+    assert resp.status == 200
+    assert "Flow control" in page
+    assert f"cancelled by singleton: run {outcome['run_id']} replaced it" in page
 
 
 @pytest.mark.asyncio
