@@ -147,7 +147,8 @@ class FlowRuntime:
                 order = run.queued_at - flow.priority_ms(cfg, doc)
                 for key, _ in full:
                     self._waiting.setdefault(key, {})[run.run_id] = order
-                if run.run_id not in self._noted and run.status == QUEUED:
+                if run.run_id not in self._noted:  # once a process: it also resets
+                    # the restarts the run was counted at (it was not executing)
                     self._noted.add(run.run_id)
                     await runner.store.note_run(run.run_id, QUEUED_NOTE, (
                         "waiting for concurrency: " + "; ".join(

@@ -47,9 +47,13 @@ def _record(db: sqlite3.Connection, internal_id: str, function_id: str, now: int
 
 
 def note_run(db: sqlite3.Connection, run_id: str, kind: str, text: str, at: int) -> None:
-    """Say why a run is queued (`queued`) or was cancelled (`cancelled`)."""
+    """Say why a run is queued (`queued`) or was cancelled (`cancelled`). A run found
+    waiting for its turn was not executing: the restarts it was counted at don't count
+    (it would otherwise be failed as one that ends the process, after a few restarts)."""
     db.execute("INSERT OR REPLACE INTO run_notes (run_id, kind, text, at) VALUES (?, ?, ?, ?)",
                (run_id, kind, text, at))
+    if kind == QUEUED_NOTE:
+        db.execute("UPDATE runs SET restarts = 0 WHERE run_id = ?", (run_id,))
 
 
 def apply_flow(db: sqlite3.Connection, env: str, now: int, ev: NewEvent,
