@@ -5,6 +5,7 @@ with the events it held; nothing runs twice and nothing is lost."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,56 @@ async def test_throttled_and_concurrency_queued_runs_survive_a_restart(
     assert sorted(j["output"] for j in jobs) == [0, 1, 2]
     assert all(j["status"] == "Completed" for j in jobs)
     assert executing["most"] == 1  # one at a time after the restart too
+
+
+QUEUE_APP = textwrap.dedent(
+    """
+    import time
+
+    import devserver
+
+    app = devserver.App("queue")
+
+
+    def work(n):
+        time.sleep(0.4)  # long enough for the test to kill the server in the middle
+        return n * 10
+
+
+    @app.function(trigger="job/run", concurrency=devserver.Concurrency(limit=1))
+    def job(ctx):
+        return ctx.step.run("work", work, ctx.event.data["n"])
+    """
+)
+
+
+@pytest.mark.slow  # real devserver children, killed
+def test_kill_9_with_runs_queued_for_concurrency(spawn: Spawn, tmp_path: Path) -> None:
+    app = tmp_path / "queue_app.py"
+    app.write_text(QUEUE_APP)
+    server = _start(spawn, tmp_path, app)
+    server.send(*({"name": "job/run", "data": {"n": n}} for n in range(3)))
+
+    def one_running_two_queued() -> bool:
+        runs = server.get("/api/runs", function_id="queue-job")["runs"]
+        return sorted(r["status"] for r in runs) == ["Queued", "Queued", "Running"]
+
+    eventually_sync(one_running_two_queued, "one job running, two queued", RUN_TIMEOUT)
+    server.kill()
+
+    server = _start(spawn, tmp_path, app)
+
+    def finished() -> list[dict[str, Any]] | None:
+        runs = server.get("/api/runs", function_id="queue-job")["runs"]
+        return runs if len(runs) == 3 and all(
+            r["status"] in FINAL_STATUSES for r in runs) else None
+
+    runs = eventually_sync(finished, "the three jobs to finish", RUN_TIMEOUT)
+    docs = [server.get(f"/api/runs/{r['run_id']}") for r in runs]
+    assert sorted(d["output"] for d in docs) == [0, 10, 20]
+    assert {d["status"] for d in docs} == {"Completed"}
+    # One at a time, also after the restart: the committed steps' spans never overlap.
+    spans = sorted((s["started_at"], s["ended_at"]) for d in docs for s in d["steps"]
+                   if s["status"] == "Completed")
+    assert len(spans) == 3
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
