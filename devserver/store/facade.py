@@ -36,6 +36,7 @@ started, finished), so reading them never scans runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -84,6 +85,8 @@ LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.005, 0.05
 """Seconds between tries for the lock: doubling from the first to the max."""
 FAULT_LOG_EVERY = 10.0
 """Seconds between log lines about the same database fault."""
+CHECKPOINT_EVERY = 0.25
+"""Seconds between background WAL checkpoints while there are commits to copy."""
 QUICK_CHECK_MAX_BYTES = 16 * 1024 * 1024
 """Files up to this size get `PRAGMA quick_check` at open (about 2 ms a MB); larger ones
 only the cheap checks, and damage found later fails the writes it touches (503)."""
@@ -165,6 +168,11 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # Copies committed pages from the WAL into the file off the loop's thread, so the
+        # writer's own (blocking) checkpoint is a rare backstop (schema.connect_pragmas).
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._committed = asyncio.Event()
         self._identity: tuple[int, int] | None = None  # the file's (device, inode) at open
         self._gone: str | None = None  # set once the file is found deleted or replaced
         self._faults = _FaultLog()
@@ -201,6 +209,9 @@ class Store:
                                                    timeout=timeout)
             await self._call(self._reader, connect_pragmas)
             await self._call(self._reader, lambda db: db.execute("PRAGMA query_only = ON"))
+            self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None,
+                                                         timeout=timeout)
+            await self._call(self._checkpointer, connect_pragmas)
         except ConfigError:
             await self.close()
             raise
@@ -208,6 +219,8 @@ class Store:
             await self.close()
             raise ConfigError(self._open_error(exc)) from exc
         self._writer_task = asyncio.create_task(self._write_loop(), name="devserver-writer")
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(),
+                                                    name="devserver-checkpoint")
 
     def _quick_check(self, db: sqlite3.Connection) -> None:
         if self.path.stat().st_size > QUICK_CHECK_MAX_BYTES:
@@ -275,6 +288,14 @@ class Store:
             await self._queue.put(None)
             await self._writer_task
             self._writer_task = None
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+            self._checkpoint_task = None
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
         if self._reader is not None:
             await self._reader.close()
         if self._writer is not None:
@@ -336,6 +357,7 @@ class Store:
                         break
                     batch.append(item)
             results, stop = await self._commit(batch)
+            self._committed.set()
             stopping = stopping or stop
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
@@ -344,6 +366,23 @@ class Store:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _checkpoint_loop(self) -> None:
+        """While commits come in, a PASSIVE checkpoint every `CHECKPOINT_EVERY` seconds on
+        a connection of its own, in its own thread: it copies the WAL's committed pages into
+        the database file and syncs it without holding up the writer, which keeps committing
+        meanwhile. A failure (disk full, say) is left to the writer's own checkpoint."""
+        assert self._checkpointer is not None
+        checkpointer = self._checkpointer
+        while True:
+            await self._committed.wait()
+            self._committed.clear()
+            try:
+                await self._call(checkpointer,
+                                 lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            except sqlite3.Error:
+                log.debug("background checkpoint failed", exc_info=True)
+            await asyncio.sleep(CHECKPOINT_EVERY)
 
     async def _commit(self, batch: list[_Write]) -> tuple[list[Any], bool]:
         """Apply a batch: its writes' results, or the one error every write of it gets
