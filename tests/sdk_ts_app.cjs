@@ -211,8 +211,17 @@ const added = inngest.createFunction(
   async () => "new in version 2",
 );
 
+// Flow control: one run for a batch of up to 3 events (or what arrived within 10 minutes).
+const batched = inngest.createFunction(
+  { id: "batched", triggers: [{ event: "shop/viewed" }], batchEvents: { maxSize: 3, timeout: "10m" } },
+  async ({ event, events, sessions, step }) => {
+    const pages = await step.run("pages", () => events.map((e) => e.data.page));
+    return { first: event.data.page, pages, sessions: sessions ?? null };
+  },
+);
+
 const functions = [
-  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
+  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
   coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
 ];
 if (version === "1") functions.push(strict);

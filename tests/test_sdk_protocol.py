@@ -334,7 +334,10 @@ def test_a_registration_becomes_remote_functions() -> None:
         {"cron": "TZ=Europe/Paris 0 9 * * *"}]
     assert isinstance(fn.triggers[1], CronTrigger)
     assert fn.cancel_on[0].event.event == "app/stop"
-    assert reg.ignored == {"app-fn": ["concurrency"]}
+    assert reg.ignored == {}  # flow control is emulated: nothing is ignored
+    assert fn.flow is not None
+    assert [(c.limit, c.scope) for c in fn.flow.concurrency] == [
+        (1, "fn")]
     assert handler.triggers[0].accepts({"name": "inngest/function.failed",
                                         "data": {"function_id": "app-fn"}})
     assert parse_registration(registration(config())).checksum == \
