@@ -206,6 +206,14 @@ const deferring = inngest.createFunction(
   },
 );
 
+const measured = inngest.createFunction(
+  { id: "measured", triggers: [{ event: "shop/measured" }] },
+  async ({ step }) => {
+    await step.metadata("note").set({ rows: 5 }, "stats");
+    return "measured";
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -213,7 +221,7 @@ const added = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
-  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
+  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);
