@@ -206,6 +206,14 @@ const deferring = inngest.createFunction(
   },
 );
 
+const measured = inngest.createFunction(
+  { id: "measured", triggers: [{ event: "shop/measured" }] },
+  async ({ step }) => {
+    await step.metadata("note").set({ rows: 5 }, "stats");
+    return "measured";
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -222,7 +230,7 @@ const batched = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
-  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
+  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

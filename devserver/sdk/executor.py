@@ -37,6 +37,7 @@ from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
 from devserver.model.lifecycle import DEFER_KIND
+from devserver.model.metadata import op_metadata
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
@@ -130,6 +131,7 @@ class SdkExecutor:
                     raise sdk_error(reply.error, no_retry=reply.no_retry,
                                     retry_at_ms=reply.retry_at_ms, reason=reply.reason)
                 return reply.output
+            await self._op_metadata(inv, reply.ops)
             planned: list[str] = []
             for op in reply.ops:
                 if op.op == OP_RUN_COMPLETE:
@@ -219,6 +221,13 @@ class SdkExecutor:
             raise SdkNonRetriableError(stored_error(
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
+
+    async def _op_metadata(self, inv: Invocation, ops: list[Op]) -> None:
+        """Store the metadata the SDK wrote inside steps, which rides along their opcodes."""
+        updates = [update for op in ops if op.metadata
+                   for update in op_metadata(op.metadata, step_uid(op), inv.attempt)]
+        if updates:
+            await inv.store.add_metadata(inv.run_id, updates, self.clock.now_ms())
 
     async def _defer(self, inv: Invocation, op: Op, started: int) -> None:
         """`defer()` (TypeScript): `DeferAdd` records a run to start when this one ends (an
