@@ -329,7 +329,7 @@ def fixture_row(rounds: int, tmp: Path) -> Row:
     finally:
         loop.close()
     median = statistics.median(timings)
-    return Row("pytest fixture start + stop", median, "ms median", "<= 50 ms", median <= 50)
+    return Row("pytest fixture start + stop", median, "ms median", "<= 20 ms", median <= 20)
 
 
 def startup_row(rounds: int, tmp: Path) -> Row:
@@ -348,8 +348,8 @@ def startup_row(rounds: int, tmp: Path) -> Row:
             proc.terminate()
             proc.wait()
     median = statistics.median(timings)
-    return Row("python -m devserver to first healthy /health", median, "s median", "<= 1 s",
-               median <= 1)
+    return Row("python -m devserver to first healthy /health", median, "s median", "<= 0.5 s",
+               median <= 0.5)
 
 
 def memory_rows(total: int, tmp: Path) -> list[Row]:
@@ -383,8 +383,8 @@ def memory_rows(total: int, tmp: Path) -> list[Row]:
         proc.wait()
     first = samples[min(samples)]
     last = samples[total]
-    return [Row(f"memory: RSS after {total:,} runs", last, "MB", "<= 200 MB, flat",
-                last <= 200 and last <= first * 1.5 + 20,
+    return [Row(f"memory: RSS after {total:,} runs", last, "MB", "<= 100 MB, flat",
+                last <= 100 and last <= first * 1.5 + 20,
                 f"{first:.0f} MB after {min(samples):,}")]
 
 

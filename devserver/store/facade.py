@@ -380,7 +380,7 @@ class Store:
                     self._checkpointer = await aiosqlite.connect(
                         self.path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
                         timeout=BUSY_TIMEOUT_MS / 1000)
-                    await self._call(self._checkpointer, connect_pragmas)
+                    await self._call(self._checkpointer, _checkpointer_pragmas)
                 await self._call(self._checkpointer,
                                  lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
             except sqlite3.Error:
@@ -754,6 +754,13 @@ def _apply_batch(db: sqlite3.Connection, *, batch: list[_Write]) -> list[Any]:
                 log.debug("rollback after a failed batch failed too", exc_info=True)
         raise
     return results
+
+
+def _checkpointer_pragmas(db: sqlite3.Connection) -> None:
+    """The background checkpointer's connection: the store's PRAGMAs, but a small page
+    cache, since it copies WAL frames and reads no pages."""
+    connect_pragmas(db)
+    db.execute("PRAGMA cache_size = -256")
 
 
 def _probe_write(db: sqlite3.Connection) -> None:
