@@ -3,10 +3,13 @@
 // Environment: DEVSERVER_URL (the devserver to register with and send to), PORT (to listen
 // on, 127.0.0.1), APP_VERSION ("1" or "2": version 2 drops `strict` and adds `added`, to test
 // re-syncing an app that restarted with new code). Besides the Inngest endpoint at
-// /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`.
+// /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`, and
+// GET /calls, what each call to /api/inngest carried (its `stepId`, `ctx` flags and memo keys).
+// Bodies over 8 MiB are refused with 413, as a framework's default body limit would.
 "use strict";
 
 const http = require("node:http");
+const { Readable } = require("node:stream");
 const { Inngest, NonRetriableError, RetryAfterError } = require("inngest");
 const { serve } = require("inngest/node");
 
@@ -103,17 +106,70 @@ const cancellable = inngest.createFunction(
   },
 );
 
+// Barriers that open once `n` steps have reached them: a step that waits at one can only pass
+// if its siblings run at the same time (one after another, the first times out and fails).
+const barriers = new Map();
+function barrier(name, n, timeoutMs = 20000) {
+  let b = barriers.get(name);
+  if (!b) {
+    let open;
+    b = { arrived: 0, opened: new Promise((resolve) => { open = resolve; }) };
+    b.open = open;
+    barriers.set(name, b);
+  }
+  b.arrived += 1;
+  if (b.arrived >= n) b.open();
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`barrier ${name}: ${b.arrived} of ${n} arrived`)),
+      timeoutMs);
+  });
+  return Promise.race([b.opened, timeout]).finally(() => clearTimeout(timer));
+}
+
+const fanOut = inngest.createFunction(
+  { id: "fan-out", retries: 0, triggers: [{ event: "shop/fan-out" }] },
+  async ({ event, step }) => {
+    const key = event.data.key;
+    const parts = await Promise.all(["a", "b", "c"].map((part) => step.run(`part-${part}`,
+      async () => { await barrier(`${key}-parts`, 3); return { part, at: Date.now() }; })));
+    const joined = await step.run("join", () => parts.map((p) => p.part).join(""));
+    return { joined, parts };
+  },
+);
+
+const racer = inngest.createFunction(
+  { id: "racer", retries: 0, triggers: [{ event: "shop/race" }] },
+  async ({ event, group, step }) => {
+    const key = event.data.key;
+    // "slow" can only finish once "after-race" has started: the function must go on as soon
+    // as "fast" is done, while "slow" still runs.
+    const winner = await group.parallel(async () => Promise.race([
+      step.run("fast", () => "fast"),
+      step.run("slow", async () => { await barrier(`${key}-after`, 2); return "slow"; }),
+    ]));
+    const after = await step.run("after-race", async () => {
+      await barrier(`${key}-after`, 2);
+      return `after ${winner}`;
+    });
+    return { winner, after };
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
 );
 
 const functions = [
-  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
+  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, fanOut,
+  racer,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);
 const handler = serve({ client: inngest, functions });
+const calls = [];
+const BODY_LIMIT = 8 * 1024 * 1024;
 
 const server = http.createServer(async (req, res) => {
   if (req.method === "POST" && req.url === "/send") {
@@ -128,6 +184,39 @@ const server = http.createServer(async (req, res) => {
       res.end(String((err && err.stack) || err));
     }
     return;
+  }
+  if (req.method === "GET" && req.url === "/calls") {
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end(JSON.stringify(calls));
+    return;
+  }
+  if (req.method === "POST" && req.url.startsWith("/api/inngest")) {
+    const chunks = [];
+    let size = 0;
+    for await (const chunk of req) {
+      size += chunk.length;
+      if (size > BODY_LIMIT) {
+        res.writeHead(413, { "content-type": "text/plain" });
+        res.end("request body over 8 MiB");
+        return;
+      }
+      chunks.push(chunk);
+    }
+    const raw = Buffer.concat(chunks);
+    try {
+      const body = JSON.parse(raw.toString("utf8"));
+      const query = new URL(req.url, "http://x").searchParams;
+      calls.push({
+        fnId: query.get("fnId"), stepId: query.get("stepId"), at: Date.now(),
+        disable: body.ctx && body.ctx.disable_immediate_execution,
+        useApi: body.use_api, ctxFnId: body.ctx && body.ctx.fn_id,
+        steps: Object.keys(body.steps || {}),
+      });
+    } catch (err) { /* not JSON: the SDK will say so */ }
+    const replay = Readable.from([raw]);
+    Object.assign(replay, { headers: req.headers, method: req.method, url: req.url,
+                            socket: req.socket });
+    return handler(replay, res);
   }
   return handler(req, res);
 });

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -138,6 +139,12 @@ class NodeApp:
             text = await resp.text()
             assert resp.status == 200, text
             return list(json.loads(text)["ids"])
+
+    async def calls(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        """What each call to the Inngest endpoint carried (see sdk_ts_app.cjs)."""
+        async with http.get(f"http://127.0.0.1:{self.port}/calls") as resp:
+            assert resp.status == 200
+            return list(await resp.json())
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -358,7 +365,7 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            assert len(await function_ids()) == 11  # 10 functions and ship's onFailure
+            assert len(await function_ids()) == 13  # 12 functions and ship's onFailure
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -394,3 +401,55 @@ async def test_a_run_waiting_in_an_sdk_function_survives_a_devserver_restart(
                 ("hold", "Completed")]
     finally:
         await app.stop()
+
+
+def _hash(step_id: str) -> str:
+    return hashlib.sha1(step_id.encode()).hexdigest()
+
+
+async def test_planned_steps_run_at_once_each_with_the_memo_of_their_planning(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    # Each of the three parts waits at a barrier that opens only once all three have begun:
+    # called one after another, the first would time out and the run would fail.
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/fan-out", "data": {"key": "k1"}})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert run["status"] == "Completed", run
+        assert run["output"]["joined"] == "abc"
+        steps = [(s["step_id"], s["status"]) for s in run["steps"]]
+        assert sorted(steps[:3]) == [("part-a", "Completed"), ("part-b", "Completed"),
+                                     ("part-c", "Completed")]
+        assert steps[3] == ("join", "Completed")
+
+        calls = [c for c in await app.calls(http) if c["fnId"] == "shop-fan-out"]
+        parts = {_hash(f"part-{p}") for p in "abc"}
+        discovery, *planned, after, last = calls
+        assert (discovery["stepId"], discovery["disable"], discovery["steps"]) == (
+            "step", False, [])
+        # One call per planned step, at once, none seeing the others' results.
+        assert {c["stepId"] for c in planned} == parts
+        assert len(planned) == 3
+        assert all(c["disable"] is True and c["steps"] == [] for c in planned)
+        # The discovery after the group: every part memoized, immediate execution allowed.
+        assert (after["stepId"], after["disable"], set(after["steps"])) == ("step", False, parts)
+        assert last["stepId"] == "step"
+        assert _hash("join") in last["steps"]
+
+
+async def test_race_mode_goes_on_as_soon_as_the_first_branch_is_done(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    # "slow" passes its barrier only once "after-race" (after the race) has begun: without
+    # race mode the function would wait for "slow" and "slow" would time out.
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/race", "data": {"key": "r1"}})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert run["status"] == "Completed", run
+        assert run["output"] == {"winner": "fast", "after": "after fast"}
+        done = {s["step_id"]: s for s in run["steps"]}
+        assert done["fast"]["status"] == done["after-race"]["status"] == "Completed"
+        # "slow" overlapped "after-race": it ended after "after-race" began.
+        assert done["slow"]["ended_at"] >= done["after-race"]["started_at"]

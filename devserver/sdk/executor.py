@@ -4,17 +4,17 @@ The SDK app holds the code; this server holds the state. Each call sends the run
 the memo of finished steps (keyed by hashed step ids) to the function's URL; the app runs the
 function from the top, replays the memo, and answers 200 with the function's output or 206
 with what it wants next: a step's result to commit (`StepRun`), a step error (`StepError`,
-`StepFailed`), steps to run one by one (`StepPlanned`), or something to wait for (`Sleep`,
-`WaitForEvent`, `InvokeFunction`). Every step kind is committed through `Invocation`, the same
-durable logic local functions use, so SDK runs are recorded, retried, woken and shown exactly
-like local ones. Errors leave as the exceptions the runner already understands: `Reschedule`
-to wait, `SdkError` (retried), `SdkNonRetriableError`, `SdkRetryAfterError`.
+`StepFailed`), steps to run (`StepPlanned`: a call each, all at once; which calls are made
+when is `sdk.calls`'s), or something to wait for (`Sleep`, `WaitForEvent`, `InvokeFunction`).
+Every step kind is committed through `Invocation`, the same durable logic local functions
+use, so SDK runs are recorded, retried, woken and shown exactly like local ones. Errors
+leave as the exceptions the runner already understands: `Reschedule` to wait, `SdkError`
+(retried), `SdkNonRetriableError`, `SdkRetryAfterError`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Any
 
 import aiohttp
@@ -26,16 +26,13 @@ from devserver.errors import Reschedule, UserError
 from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
 from devserver.runtime.invocation import Invocation
+from devserver.sdk.calls import CallPlan, earliest
 from devserver.sdk.protocol import (
-    OP_INVOKE,
-    OP_RUN_COMPLETE,
     OP_SLEEP,
     OP_STEP_ERROR,
     OP_STEP_FAILED,
-    OP_STEP_PLANNED,
     OP_STEP_RUN,
     OP_WAIT_FOR_EVENT,
-    ROOT_STEP,
     SERVER_KIND,
     SERVER_KIND_HEADER,
     Op,
@@ -55,8 +52,6 @@ from devserver.sdk.protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_CALLS = 1000
-"""Calls one invocation may make: a guard against an app that plans steps forever."""
 DEFAULT_CALL_TIMEOUT = 900.0
 """Seconds one call may take (the app runs a whole step within it)."""
 CONNECT_TIMEOUT = 10.0
@@ -91,56 +86,14 @@ class SdkExecutor:
 
     async def __call__(self, inv: Invocation) -> Any:
         """Drive one invocation: returns the function's output, or raises what the runner
-        handles (`Reschedule`, an `SdkError`)."""
+        handles (`Reschedule`, an `SdkError`). Which calls it makes is `sdk.calls`'s."""
         url = inv.function.remote
         assert url is not None
         await self._settle(inv)
-        targets: deque[str] = deque()  # planned steps to run, one call each
-        planned_at: dict[str, int] = {}  # the attempt each was planned in
-        retries: list[tuple[Op, Reply, int, int]] = []  # step errors to record once done
-        waits: list[int | None] = []
-        parallel = False
-        for _ in range(MAX_CALLS):
-            if not targets and retries:
-                waits.extend(await self._record_retries(inv, retries))
-            if not targets and waits:
-                raise Reschedule(_earliest(waits))
-            target = targets.popleft() if targets else ROOT_STEP
-            inv.attempt = planned_at.pop(target, inv.attempt)
-            started = self.clock.now_ms()
-            reply = await self._call(inv, url, target, parallel)
-            if reply.ops is None:
-                if reply.error is not None:
-                    raise sdk_error(reply.error, no_retry=reply.no_retry,
-                                    retry_at_ms=reply.retry_at_ms)
-                return reply.output
-            planned: list[str] = []
-            for op in reply.ops:
-                if op.op == OP_RUN_COMPLETE:
-                    return op.data
-                if op.op == OP_STEP_PLANNED:
-                    if op.id not in targets and op.id not in planned:
-                        planned.append(op.id)
-                        planned_at[op.id] = inv.attempt
-                elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
-                    try:
-                        await self._wait(inv, op, step_uid(op), started)
-                    except Reschedule as wait:  # waiting now; planned steps may still run
-                        waits.append(wait.at_ms)
-                elif self._will_retry(inv, op, reply):
-                    # Recorded after the other planned steps ran: a retry reschedules the
-                    # run, and a sibling's success must not reset this step's attempt count.
-                    retries.append((op, reply, started, inv.attempt))
-                else:
-                    await self._apply(inv, op, reply, started)
-            parallel = parallel or len(planned) > 1
-            targets.extend(planned)
-        raise SdkNonRetriableError(stored_error(
-            "StepLimitError", f"the app was called {MAX_CALLS} times in one go without "
-            "finishing: does it plan the same steps again and again?"))
+        return await CallPlan(self, inv, url).run()
 
     @staticmethod
-    def _will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
+    def will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
         """Whether a step error leaves the step attempts (so the run is rescheduled)."""
         if op.op not in (OP_STEP_ERROR, OP_STEP_FAILED) or step_uid(op) in inv.memo:
             return False
@@ -148,14 +101,14 @@ class SdkExecutor:
         return not final and inv.can_retry(sdk_error({}, no_retry=False,
                                                      retry_at_ms=reply.retry_at_ms))
 
-    async def _record_retries(self, inv: Invocation,
+    async def record_retries(self, inv: Invocation,
                               retries: list[tuple[Op, Reply, int, int]]) -> list[int | None]:
         """Record step errors that will be retried; returns when to retry them."""
         due: list[int | None] = []
         for op, reply, started, attempt in retries:
             inv.attempt = attempt
             try:
-                await self._apply(inv, op, reply, started)
+                await self.apply(inv, op, reply, started)
             except Reschedule as retry:
                 due.append(retry.at_ms)
         retries.clear()
@@ -172,11 +125,11 @@ class SdkExecutor:
             except StepError:
                 pass  # a failed invoke, now memoized: the app raises it in the function
         if waits and inv.attempt == 0:
-            raise Reschedule(_earliest(waits))
+            raise Reschedule(earliest(waits))
         # A step retry is pending beside the waits (parallel steps): call the app, which
         # runs the step again and reports the waits, still pending, once more.
 
-    async def _apply(self, inv: Invocation, op: Op, reply: Reply, started: int) -> None:
+    async def apply(self, inv: Invocation, op: Op, reply: Reply, started: int) -> None:
         """Commit what one opcode reports, through the durable logic of its step kind."""
         uid = step_uid(op)
         if op.op == OP_STEP_RUN:
@@ -197,7 +150,8 @@ class SdkExecutor:
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
 
-    async def _wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
+    async def wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
+        """Begin (or check) a step that waits: a sleep, an event, an invoked run."""
         now = self.clock.now_ms()
         kind = {OP_SLEEP: "sleep", OP_WAIT_FOR_EVENT: "wait_for_event"}.get(op.op, "invoke")
         try:
@@ -229,14 +183,17 @@ class SdkExecutor:
             except StepError:
                 pass
 
-    async def _call(self, inv: Invocation, url: str, target: str, parallel: bool) -> Reply:
+    async def call(self, inv: Invocation, url: str, target: str, *, attempt: int,
+                   force_plan: bool) -> Reply:
+        """One call to the app (`target`: `step`, or a planned step's hash), with the memo
+        as it stands now; its answer, or an `SdkError` when there is none to use."""
         if self._session is None:
             raise RuntimeError("the SDK executor is not open")
         body = call_body(events=inv.events, memo=inv.memo, run_id=inv.run_id,
-                         attempt=inv.attempt, max_attempts=inv.function.max_attempts,
-                         disable_immediate_execution=parallel)
+                         attempt=attempt, max_attempts=inv.function.max_attempts,
+                         disable_immediate_execution=force_plan)
         target_url = call_url(url, target)
-        log.debug("run %s: calling %s (attempt %d)", inv.run_id, target_url, inv.attempt)
+        log.debug("run %s: calling %s (attempt %d)", inv.run_id, target_url, attempt)
         try:
             async with self._session.post(
                 target_url, data=dump_json(body).encode("utf-8"),
@@ -285,9 +242,3 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
             raise ReplyTooLarge(f"the reply passed the {_size(cap)} cap on SDK replies "
                                 f"({size:,} bytes had arrived)")
         chunks.append(chunk)
-
-
-def _earliest(waits: list[int | None]) -> int | None:
-    """When to look again at a run waiting for several things (None: only when woken)."""
-    times = [at for at in waits if at is not None]
-    return min(times) if times else None

@@ -35,6 +35,9 @@ EXPECTED_SERVER_KIND_HEADER = "X-Inngest-Expected-Server-Kind"
 NO_RETRY_HEADER = "X-Inngest-No-Retry"
 RETRY_AFTER_HEADER = "Retry-After"
 EVENT_ID_SEED_HEADER = "X-Inngest-Event-Id-Seed"
+REQUEST_VERSION_HEADER = "X-Inngest-Req-Version"
+"""The execution version an SDK answers with: 2 and up coalesce parallel steps (the call after
+a group of planned steps waits until all of them are done)."""
 SERVER_KIND = "dev"
 """What this server is, in `X-Inngest-Server-Kind`: a dev server, not Inngest Cloud."""
 
@@ -51,6 +54,10 @@ OP_SLEEP = "Sleep"
 OP_WAIT_FOR_EVENT = "WaitForEvent"
 OP_INVOKE = "InvokeFunction"
 OP_RUN_COMPLETE = "RunComplete"
+PARALLEL_MODE_OPT = "parallelMode"
+PARALLEL_RACE = "race"
+"""`opts.parallelMode` of a planned step whose finishing continues the function at once (TS
+`group.parallel`/`Promise.race`, Python `ParallelMode.RACE`), not after its whole group."""
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
                  OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE)
 
@@ -175,6 +182,11 @@ class Op:
     userland_id: str = ""
     userland_index: int | None = None
 
+    @property
+    def races(self) -> bool:
+        """Whether the step runs in race mode (`opts.parallelMode: "race"`)."""
+        return self.opts.get(PARALLEL_MODE_OPT) == PARALLEL_RACE
+
 
 def parse_ops(body: Any) -> list[Op]:
     """The opcodes of a 206 answer: a JSON array of them (a lone object is taken as one)."""
@@ -291,6 +303,8 @@ class Reply:
     error: dict[str, Any] | None = None
     no_retry: bool = False
     retry_at_ms: int | None = None
+    version: int | None = None
+    """The execution version the SDK reported (`X-Inngest-Req-Version`), if any."""
 
 
 def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int) -> Reply:
@@ -308,11 +322,13 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
         raise ProtocolError(
             f"the app answered HTTP {status} without an {SDK_HEADER} header: is this URL an "
             "Inngest serve endpoint?", retriable=True)
+    version = _version(headers.get(REQUEST_VERSION_HEADER))
     if status == 200:
         return Reply(status, output=_json(text, "the function's return value") if text.strip()
-                     else None)
+                     else None, version=version)
     if status == 206:
-        return Reply(status, ops=parse_ops(_json(text, "the opcodes of a 206 answer")))
+        return Reply(status, ops=parse_ops(_json(text, "the opcodes of a 206 answer")),
+                     version=version)
     if 200 <= status < 300:
         raise ProtocolError(f"the SDK answered HTTP {status}; only 200 and 206 mean something")
     try:
@@ -324,6 +340,11 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
     return Reply(status, error=error_doc(parsed, fallback),
                  no_retry=str(headers.get(NO_RETRY_HEADER, "")).lower() == "true",
                  retry_at_ms=parse_retry_after(headers.get(RETRY_AFTER_HEADER), now_ms))
+
+
+def _version(value: Any) -> int | None:
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 6 else None
 
 
 def _unwrap_stream(text: str, headers: Mapping[str, str]
