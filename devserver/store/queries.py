@@ -799,9 +799,22 @@ def read_session_events(
         (env, identifier, value))]
 
 
-def read_recent_events(db: sqlite3.Connection, limit: int) -> list[StoredEvent]:
-    """The most recently received events of every environment, newest first (duplicates left
-    out); for the GraphQL `events` and `stream` lists."""
-    return [event_from_row(r) for r in db.execute(
-        "SELECT * FROM events WHERE duplicate = 0 ORDER BY internal_id DESC LIMIT ?",
-        (limit,))]
+def read_recent_events(db: sqlite3.Connection, limit: int, *, before: str | None = None,
+                       after: str | None = None) -> list[StoredEvent]:
+    """Received events of every environment, newest first (duplicates left out): the latest
+    `limit`, or the `limit` just older than `before` / just newer than `after` (internal ids,
+    which sort by receipt); for the GraphQL `events` and `stream` lists."""
+    if after is not None:
+        rows = db.execute(
+            "SELECT * FROM events WHERE duplicate = 0 AND internal_id > ?"
+            " ORDER BY internal_id ASC LIMIT ?", (after, limit)).fetchall()
+        rows.reverse()
+    elif before is not None:
+        rows = db.execute(
+            "SELECT * FROM events WHERE duplicate = 0 AND internal_id < ?"
+            " ORDER BY internal_id DESC LIMIT ?", (before, limit)).fetchall()
+    else:
+        rows = db.execute(
+            "SELECT * FROM events WHERE duplicate = 0 ORDER BY internal_id DESC LIMIT ?",
+            (limit,)).fetchall()
+    return [event_from_row(r) for r in rows]
