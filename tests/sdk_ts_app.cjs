@@ -127,16 +127,20 @@ function barrier(name, n, timeoutMs = 20000) {
   return Promise.race([b.opened, timeout]).finally(() => clearTimeout(timer));
 }
 
-const fanOut = inngest.createFunction(
-  { id: "fan-out", retries: 0, triggers: [{ event: "shop/fan-out" }] },
-  async ({ event, step }) => {
+// Checkpointing is on by default in inngest 4 (for a call carrying `ctx.fn_id`): fan-out
+// checkpoints the steps it runs within a call, fan-out-plain answers 206 for each.
+const fanOutHandler = async ({ event, step }) => {
     const key = event.data.key;
     const parts = await Promise.all(["a", "b", "c"].map((part) => step.run(`part-${part}`,
       async () => { await barrier(`${key}-parts`, 3); return { part, at: Date.now() }; })));
     const joined = await step.run("join", () => parts.map((p) => p.part).join(""));
     return { joined, parts };
-  },
-);
+};
+const fanOut = inngest.createFunction(
+  { id: "fan-out", retries: 0, triggers: [{ event: "shop/fan-out" }] }, fanOutHandler);
+const fanOutPlain = inngest.createFunction(
+  { id: "fan-out-plain", retries: 0, checkpointing: false,
+    triggers: [{ event: "shop/fan-out-plain" }] }, fanOutHandler);
 
 const racer = inngest.createFunction(
   { id: "racer", retries: 0, triggers: [{ event: "shop/race" }] },
@@ -156,6 +160,45 @@ const racer = inngest.createFunction(
   },
 );
 
+// Three steps in a row: with checkpointing, all run within one call, each checkpointed.
+const inARowHandler = async ({ step }) => {
+  const a = await step.run("a", () => "a");
+  const b = await step.run("b", () => `${a}b`);
+  return step.run("c", () => `${b}c`);
+};
+const inARow = inngest.createFunction(
+  { id: "in-a-row", retries: 0, triggers: [{ event: "shop/in-a-row" }] }, inARowHandler);
+const inARowPlain = inngest.createFunction(
+  { id: "in-a-row-plain", retries: 0, checkpointing: false,
+    triggers: [{ event: "shop/in-a-row-plain" }] }, inARowHandler);
+
+// "held" waits until POST /release: "first", checkpointed before, must never run again.
+let firstRuns = 0;
+let release;
+const released = new Promise((resolve) => { release = resolve; });
+const holder = inngest.createFunction(
+  { id: "holder", retries: 0, triggers: [{ event: "shop/hold-checkpoint" }] },
+  async ({ step }) => {
+    const first = await step.run("first", () => { firstRuns += 1; return "first"; });
+    const held = await step.run("held", async () => { await released; return "held"; });
+    return { first, held, firstRuns };
+  },
+);
+
+// A memo of over 10 MiB: three steps of 3.5 MiB each, to an app that refuses bodies over
+// 8 MiB (see BODY_LIMIT): the calls must say use_api and the SDK fetch the memo instead.
+// Not checkpointed: all its steps would run within the first call, with an empty memo.
+const big = inngest.createFunction(
+  { id: "big", retries: 0, checkpointing: false, triggers: [{ event: "shop/big" }] },
+  async ({ step }) => {
+    const chunks = [];
+    for (const name of ["one", "two", "three"]) {
+      chunks.push(await step.run(name, () => name[0].repeat(3.5 * 1024 * 1024)));
+    }
+    return step.run("sizes", () => chunks.map((c) => `${c[0]}:${c.length}`));
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -163,7 +206,7 @@ const added = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, fanOut,
-  racer,
+  fanOutPlain, racer, inARow, inARowPlain, holder, big,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);
@@ -183,6 +226,12 @@ const server = http.createServer(async (req, res) => {
       res.writeHead(500, { "content-type": "text/plain" });
       res.end(String((err && err.stack) || err));
     }
+    return;
+  }
+  if (req.method === "POST" && req.url === "/release") {
+    release();
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end("{}");
     return;
   }
   if (req.method === "GET" && req.url === "/calls") {

@@ -1,6 +1,7 @@
 """Parallel steps of a real Inngest Python SDK app (inngest 0.5.19 on Flask, 127.0.0.1) as
 Inngest runs them: planned steps called at once, each with the memo of its planning; the
-discovery after a group allowed to run steps immediately again; race mode.
+discovery after a group allowed to run steps immediately again; race mode. And a memo of over
+10 MiB reaching the app (Flask limited to 8 MiB bodies) through `use_api`.
 
 The steps synchronise on barriers with timeouts, never on sleeps: a step that waits for its
 siblings can only pass if they run at the same time.
@@ -31,6 +32,8 @@ with warnings.catch_warnings():
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 BARRIER_TIMEOUT = 20.0
+BIG_STEP = int(3.5 * 1024 * 1024)
+"""Three steps of this many bytes make a memo of over 10 MiB."""
 BODY_LIMIT = 8 * 1024 * 1024
 """What the app accepts (Flask's MAX_CONTENT_LENGTH), as a framework's body limit would."""
 
@@ -107,7 +110,14 @@ class ParallelApp:
                                      parallel_mode=inngest.ParallelMode.RACE)
             return list(out)
 
-        return [fan_out, racer]
+        @client.create_function(fn_id="big", retries=0,
+                                trigger=inngest.TriggerEvent(event="par/big"))
+        def big(ctx: inngest.ContextSync) -> list[str]:
+            chunks = [ctx.step.run(name, lambda name=name: name[0] * BIG_STEP)
+                      for name in ("one", "two", "three")]
+            return ctx.step.run("sizes", lambda: [f"{c[0]}:{len(c)}" for c in chunks])
+
+        return [fan_out, racer, big]
 
     async def close(self) -> None:
         self.parts.abort()
@@ -169,3 +179,18 @@ async def test_race_mode_lets_a_branch_go_on_while_its_sibling_runs(
     assert {k: v["status"] for k, v in done.items()} == {
         "a1": "Completed", "a2": "Completed", "b1": "Completed"}
     assert done["b1"]["ended_at"] >= done["a2"]["started_at"]
+
+
+async def test_a_memo_over_10_mib_reaches_an_app_with_an_8_mib_body_limit_through_the_api(
+    server_and_app: tuple[Server, ParallelApp], http: aiohttp.ClientSession,
+) -> None:
+    server, app = server_and_app
+    [event_id] = await app.client.send(inngest.Event(name="par/big"))
+    await idle(server)
+    run = await the_run(http, server, event_id)
+    assert run["status"] == "Completed", run["error"]
+    assert run["output"] == [f"o:{BIG_STEP}", f"t:{BIG_STEP}", f"t:{BIG_STEP}"]
+    # Once the memo passes 4 MiB the calls leave it out, say use_api, and the SDK fetches it
+    # from /v0/runs/{id}/actions (and the events from /batch).
+    assert [c["use_api"] for c in app.calls] == [False, False, True, True, True]
+    assert app.calls[-1]["steps"] == []

@@ -365,7 +365,7 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            assert len(await function_ids()) == 13  # 12 functions and ship's onFailure
+            assert len(await function_ids()) == 18  # 17 functions and ship's onFailure
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -407,13 +407,16 @@ def _hash(step_id: str) -> str:
     return hashlib.sha1(step_id.encode()).hexdigest()
 
 
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "plain"])
 async def test_planned_steps_run_at_once_each_with_the_memo_of_their_planning(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+    checkpointing: bool,
 ) -> None:
     # Each of the three parts waits at a barrier that opens only once all three have begun:
     # called one after another, the first would time out and the run would fail.
+    name = "fan-out" if checkpointing else "fan-out-plain"
     async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
-        [event_id] = await app.send(http, {"name": "shop/fan-out", "data": {"key": "k1"}})
+        [event_id] = await app.send(http, {"name": f"shop/{name}", "data": {"key": "k1"}})
         await idle(server)
         run = await the_run(http, server, event_id)
         assert run["status"] == "Completed", run
@@ -423,9 +426,9 @@ async def test_planned_steps_run_at_once_each_with_the_memo_of_their_planning(
                                      ("part-c", "Completed")]
         assert steps[3] == ("join", "Completed")
 
-        calls = [c for c in await app.calls(http) if c["fnId"] == "shop-fan-out"]
+        calls = [c for c in await app.calls(http) if c["fnId"] == f"shop-{name}"]
         parts = {_hash(f"part-{p}") for p in "abc"}
-        discovery, *planned, after, last = calls
+        discovery, *planned, after = calls[:5]
         assert (discovery["stepId"], discovery["disable"], discovery["steps"]) == (
             "step", False, [])
         # One call per planned step, at once, none seeing the others' results.
@@ -434,8 +437,12 @@ async def test_planned_steps_run_at_once_each_with_the_memo_of_their_planning(
         assert all(c["disable"] is True and c["steps"] == [] for c in planned)
         # The discovery after the group: every part memoized, immediate execution allowed.
         assert (after["stepId"], after["disable"], set(after["steps"])) == ("step", False, parts)
-        assert last["stepId"] == "step"
-        assert _hash("join") in last["steps"]
+        if checkpointing:  # "join" ran and was checkpointed within that call, which finished
+            assert len(calls) == 5
+        else:  # "join" ran in that call and was answered with 206; one more call finishes
+            [last] = calls[5:]
+            assert (last["stepId"], set(last["steps"])) == ("step", {*parts, _hash("join")})
+        assert all(c["ctxFnId"] and c["useApi"] is False for c in calls)
 
 
 async def test_race_mode_goes_on_as_soon_as_the_first_branch_is_done(
@@ -453,3 +460,85 @@ async def test_race_mode_goes_on_as_soon_as_the_first_branch_is_done(
         assert done["fast"]["status"] == done["after-race"]["status"] == "Completed"
         # "slow" overlapped "after-race": it ended after "after-race" began.
         assert done["slow"]["ended_at"] >= done["after-race"]["started_at"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "plain"])
+async def test_steps_in_a_row_checkpointed_within_one_call_or_answered_one_by_one(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+    checkpointing: bool,
+) -> None:
+    name = "in-a-row" if checkpointing else "in-a-row-plain"
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": f"shop/{name}"})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert (run["status"], run["output"]) == ("Completed", "abc"), run
+        assert [(s["step_id"], s["status"], s["output"]) for s in run["steps"]] == [
+            ("a", "Completed", "a"), ("b", "Completed", "ab"), ("c", "Completed", "abc")]
+        calls = [c for c in await app.calls(http) if c["fnId"] == f"shop-{name}"]
+        assert all(c["stepId"] == "step" and c["ctxFnId"] for c in calls)
+        # Checkpointing: one call ran all three (each step committed through
+        # /v1/checkpoint/{run}/async as it ended); else one call per step, and one to end.
+        assert len(calls) == (1 if checkpointing else 4)
+
+
+async def test_a_checkpointed_step_survives_a_devserver_restart_mid_call(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    port = free_port()  # the same URL for both servers: the app knows only that one
+    db = tmp_path / "kept"
+    db.mkdir()
+    app = None
+    try:
+        async with sdk_server(db, port=port) as server:
+            app = await NodeApp.start(node_modules, server, tmp_path / "node.log")
+            assert (await server.sdk.sync(app.url)).ok
+            [event_id] = await app.send(http, {"name": "shop/hold-checkpoint"})
+            run_id = (await runs_of_event(http, server, event_id))[0]["run_id"]
+
+            async def first_committed() -> bool:
+                steps = (await run_doc(http, server, run_id))["steps"]
+                return any(s["step_id"] == "first" and s["status"] == "Completed"
+                           for s in steps)
+            # Committed while the call is still in flight ("held" waits): by a checkpoint.
+            await eventually(first_committed, "the first step to be checkpointed")
+            calls = [c for c in await app.calls(http) if c["fnId"] == "shop-holder"]
+            assert len(calls) == 1
+        async with http.post(f"http://127.0.0.1:{app.port}/release") as resp:
+            assert resp.status == 200
+        async with sdk_server(db, port=port, sdk_urls=[app.url]) as server:
+            await server.sdk.wait_synced()
+
+            async def finished() -> dict[str, Any] | None:
+                run = await run_doc(http, server, run_id)
+                return run if run["status"] != "Running" else None
+            run = await eventually(finished, "the resumed run to finish")
+            assert run["status"] == "Completed", run
+            # "first" replayed from the memo: it ran once, before the restart.
+            assert run["output"] == {"first": "first", "held": "held", "firstRuns": 1}
+            assert [s["step_id"] for s in run["steps"] if s["status"] == "Completed"] == [
+                "first", "held"]
+    finally:
+        if app is not None:
+            await app.stop()
+
+
+async def test_a_memo_over_10_mib_reaches_an_app_with_an_8_mib_body_limit_through_the_api(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/big"})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        size = int(3.5 * 1024 * 1024)
+        assert run["status"] == "Completed", run["error"]
+        assert run["output"] == [f"o:{size}", f"t:{size}", f"t:{size}"]
+        calls = [c for c in await app.calls(http) if c["fnId"] == "shop-big"]
+        # Once the memo passes 4 MiB the calls leave it out and say use_api.
+        assert calls[0]["useApi"] is False
+        assert calls[-1]["useApi"] is True
+        assert calls[-1]["steps"] == []
+        async with http.get(f"{server.url}/v0/runs/{run['run_id']}/actions") as resp:
+            memo = await resp.json()
+        assert len(memo) == 4
+        assert memo[_hash("sizes")] == {"data": run["output"]}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from devserver.errors import Reschedule
+from devserver.ids import new_ulid
 from devserver.model.failures import stored_error
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.protocol import (
@@ -68,6 +69,8 @@ class Call:
     """`disable_immediate_execution`: the SDK plans new steps instead of running them."""
     races: bool = False
     started: int = 0
+    call_id: str = ""
+    """`ctx.qi_id`: names the call when the SDK checkpoints steps during it."""
 
 
 class _Finished(Exception):
@@ -95,6 +98,7 @@ class CallPlan:
         self.rediscover = False  # a discovery is wanted once the one in flight is done
         self.error: BaseException | None = None
         self.finished: _Finished | None = None
+        self.lock = asyncio.Lock()  # one commit at a time: answers and checkpoints
 
     async def run(self) -> Any:
         """Make calls until the function finishes, waits or fails; return its output."""
@@ -133,10 +137,10 @@ class CallPlan:
                 self.force = False  # the group is over: the SDK may run steps at once again
             self.rediscover = False
         started = self.executor.clock.now_ms()
-        call = Call(target, attempt, self.force, races, started)
+        call = Call(target, attempt, self.force, races, started, new_ulid())
         task = asyncio.create_task(
             self.executor.call(self.inv, self.url, target, attempt=attempt,
-                               force_plan=self.force),
+                               force_plan=self.force, call_id=call.call_id),
             name=f"run {self.inv.run_id}: call {target}")
         self.inflight[task] = call
 
@@ -179,15 +183,27 @@ class CallPlan:
             else:
                 self.finished = _Finished(reply.output)
             return
+        async with self.lock:
+            # After an error, still commit what this call did (a step's result must not be
+            # lost), but plan nothing new.
+            await self._commit(call, reply, plan=self.error is None)
         if self.error is not None:
-            # Commit what this call did (a step's result must not be lost), plan nothing new.
-            await self._commit(call, reply, plan=False)
             return
-        await self._commit(call, reply, plan=True)
         if self.rediscover and not any(c.target == ROOT_STEP for c in self.inflight.values()):
             self._launch(ROOT_STEP, self.inv.attempt)
 
-    async def _commit(self, call: Call, reply: Reply, *, plan: bool) -> None:
+    async def checkpoint(self, call_id: str, ops: list[Op]) -> bool:
+        """Commit what the SDK checkpointed during call `call_id` (while that call is still
+        in flight, running the next steps); False if no such call is in flight."""
+        call = next((c for c in self.inflight.values() if c.call_id == call_id), None)
+        if call is None or self.finished is not None:
+            return False
+        async with self.lock:
+            await self._commit(call, Reply(206, ops=ops), plan=False, checkpoint=True)
+        return True
+
+    async def _commit(self, call: Call, reply: Reply, *, plan: bool,
+                      checkpoint: bool = False) -> None:
         inv = self.inv
         ops = reply.ops or []
         if len(ops) > 1:
@@ -217,6 +233,8 @@ class CallPlan:
                 await self.executor.apply(inv, op, reply, call.started)
                 finished_step = finished_step or not known
                 self.group.discard(op.id)
+        if checkpoint:
+            return  # the call goes on; its answer says what comes next
         for op in planned:
             self.group.add(op.id)
             self._launch(op.id, call.attempt, races=op.races)

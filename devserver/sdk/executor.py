@@ -14,6 +14,7 @@ leave as the exceptions the runner already understands: `Reschedule` to wait, `S
 
 from __future__ import annotations
 
+import io
 import logging
 from typing import Any
 
@@ -23,7 +24,6 @@ from devserver import __version__
 from devserver.app import NonRetriableError, StepError
 from devserver.clock import Clock
 from devserver.errors import Reschedule, UserError
-from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.calls import CallPlan, earliest
@@ -40,9 +40,10 @@ from devserver.sdk.protocol import (
     Reply,
     SdkError,
     SdkNonRetriableError,
-    call_body,
     call_url,
+    encode_call,
     error_doc,
+    function_uuid,
     read_reply,
     sdk_error,
     sleep_until_ms,
@@ -60,6 +61,7 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 4 MiB per step output and 32 MiB per run); checked while reading, so a reply claiming or
 streaming gigabytes fails its attempt instead of filling memory."""
 READ_CHUNK = 256 * 1024
+LARGE_BODY = 1024 * 1024
 USER_AGENT = f"devserver/{__version__}"
 
 
@@ -72,6 +74,7 @@ class SdkExecutor:
         self.call_timeout = call_timeout
         self.max_reply_bytes = max_reply_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._plans: dict[str, CallPlan] = {}  # the invocations being driven, by run id
 
     async def open(self) -> None:
         """Open the HTTP client."""
@@ -90,7 +93,21 @@ class SdkExecutor:
         url = inv.function.remote
         assert url is not None
         await self._settle(inv)
-        return await CallPlan(self, inv, url).run()
+        plan = CallPlan(self, inv, url)
+        self._plans[inv.run_id] = plan
+        try:
+            return await plan.run()
+        finally:
+            if self._plans.get(inv.run_id) is plan:
+                del self._plans[inv.run_id]
+
+    async def checkpoint(self, run_id: str, call_id: str, ops: list[Op]) -> bool:
+        """Commit steps an SDK checkpointed during call `call_id` (`ctx.qi_id`) of a run
+        (TypeScript's checkpointing: it runs steps one after another within one call and
+        reports each as it is done). False when no such call is in flight: a stale
+        dispatch, which the SDK stops at (`409`)."""
+        plan = self._plans.get(run_id)
+        return plan is not None and await plan.checkpoint(call_id, ops)
 
     @staticmethod
     def will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
@@ -184,19 +201,22 @@ class SdkExecutor:
                 pass
 
     async def call(self, inv: Invocation, url: str, target: str, *, attempt: int,
-                   force_plan: bool) -> Reply:
+                   force_plan: bool, call_id: str) -> Reply:
         """One call to the app (`target`: `step`, or a planned step's hash), with the memo
         as it stands now; its answer, or an `SdkError` when there is none to use."""
         if self._session is None:
             raise RuntimeError("the SDK executor is not open")
-        body = call_body(events=inv.events, memo=inv.memo, run_id=inv.run_id,
-                         attempt=attempt, max_attempts=inv.function.max_attempts,
-                         disable_immediate_execution=force_plan)
+        body, use_api = encode_call(
+            events=inv.events, memo=inv.memo, run_id=inv.run_id, attempt=attempt,
+            max_attempts=inv.function.max_attempts, disable_immediate_execution=force_plan,
+            fn_id=function_uuid(inv.function.id), qi_id=call_id)
         target_url = call_url(url, target)
-        log.debug("run %s: calling %s (attempt %d)", inv.run_id, target_url, attempt)
+        log.debug("run %s: calling %s (attempt %d%s)", inv.run_id, target_url, attempt,
+                  ", state through the API" if use_api else "")
         try:
             async with self._session.post(
-                target_url, data=dump_json(body).encode("utf-8"),
+                # Over 1 MiB aiohttp wants a stream, so as not to write it in one go.
+                target_url, data=io.BytesIO(body) if len(body) > LARGE_BODY else body,
                 headers={"Content-Type": "application/json", SERVER_KIND_HEADER: SERVER_KIND,
                          "User-Agent": USER_AGENT},
             ) as resp:
