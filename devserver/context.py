@@ -134,8 +134,7 @@ class Step:
         """The sync step bodies running in worker threads now (for the executor to
         interrupt when the function times out)."""
         self._active = 0  # steps whose body is running or whose outcome is being committed
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Future[None] | None = None  # awaited by `settle` while active
         self._over = False
 
     async def run(self, step_id: str, handler: Callable[..., Any], *args: Any) -> Any:
@@ -158,13 +157,12 @@ class Step:
                    if asyncio.current_task() is not self._main or _in_branch.get() else None)
         started = self._inv.clock.now_ms()
         self._active += 1
-        self._idle.clear()
         try:
             return await self._execute(uid, handler, args, started, attempt)
         finally:
             self._active -= 1
-            if not self._active:
-                self._idle.set()
+            if not self._active and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
 
     async def _execute(self, uid: str, handler: Callable[..., Any], args: tuple[Any, ...],
                        started: int, attempt: int | None) -> Any:
@@ -241,7 +239,9 @@ class Step:
         """The function has returned or unwound: wait for steps still running in branches it
         left behind to commit, and let no new step begin."""
         self._over = True
-        await self._idle.wait()
+        if self._active:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
 
     async def sleep(self, step_id: str, duration: Duration) -> None:
         """Pause the run for `duration` (`"30s"`, `"1h30m"`, seconds or a timedelta).

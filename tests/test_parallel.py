@@ -20,7 +20,17 @@ import pytest
 
 import devserver
 
-from .helpers import MakeServer, attempts, eventually_sync, idle, send, the_run
+from .helpers import (
+    MakeServer,
+    attempts,
+    eventually,
+    eventually_sync,
+    idle,
+    run_doc,
+    runs_of_event,
+    send,
+    the_run,
+)
 from .procs import RUN_TIMEOUT, Devserver, Spawn
 
 BARRIER_TIMEOUT = 20.0
@@ -146,6 +156,49 @@ async def test_a_failing_branch_is_retried_alone_with_attempts_of_its_own(
     assert attempts(run, "good") == [(0, "Completed")]
     assert (calls["bad"], calls["good"]) == (3, 1)
     assert run["error"]["message"] == "bad 3"
+
+
+@pytest.mark.asyncio
+async def test_gather_unwinds_early_but_the_run_waits_for_the_steps_still_running(
+    make_server: MakeServer, http: aiohttp.ClientSession,
+) -> None:
+    app = devserver.App("par")
+    calls = {"a": 0, "b": 0}
+    release_b = threading.Event()
+
+    def a() -> str:
+        calls["a"] += 1
+        if calls["a"] == 1:
+            raise RuntimeError("a fails once")
+        return "a"
+
+    def b() -> str:  # a sync body, in a worker thread: held until the test lets it go
+        calls["b"] += 1
+        if not release_b.wait(BARRIER_TIMEOUT):
+            raise RuntimeError("never released")
+        return "b"
+
+    @app.function(trigger="par/gather", retries=1)
+    async def gathered(ctx: devserver.Context) -> Any:
+        return await asyncio.gather(ctx.step.run("a", a), ctx.step.run("b", b))
+
+    server = await make_server(app)  # retries at once: a retry beside a running b would show
+    event_id = await send(http, server, "par/gather")
+    [listed] = await runs_of_event(http, server, event_id)
+
+    async def a_failed() -> bool:
+        return attempts(await run_doc(http, server, listed["run_id"]), "a")[:1] == [
+            (0, "Failed")]
+    await eventually(a_failed, "a to fail while b runs")
+    release_b.set()
+    await idle(server)
+    run = await the_run(http, server, event_id)
+    assert (run["status"], run["output"]) == ("Completed", ["a", "b"]), run
+    assert calls == {"a": 2, "b": 1}  # b committed before the retry, which replayed it
+    assert attempts(run, "a") == [(0, "Failed"), (1, "Completed")]
+    assert attempts(run, "b") == [(0, "Completed")]
+    steps = {(s["step_id"], s["attempt"]): s for s in run["steps"]}
+    assert steps[("a", 1)]["started_at"] >= steps[("b", 0)]["ended_at"]
 
 
 @pytest.mark.asyncio
