@@ -10,8 +10,8 @@
 
 const http = require("node:http");
 const { Readable } = require("node:stream");
-const { Inngest, NonRetriableError, RetryAfterError } = require("inngest");
-const { serve } = require("inngest/node");
+const { Inngest, NonRetriableError, RetryAfterError, step } = require("inngest");
+const { endpointAdapter, serve, serveEndpoint } = require("inngest/node");
 
 const version = process.env.APP_VERSION || "1";
 const inngest = new Inngest({ id: "shop", isDev: true, baseUrl: process.env.DEVSERVER_URL });
@@ -199,6 +199,19 @@ const big = inngest.createFunction(
   },
 );
 
+// A durable endpoint: a plain GET /endpoint runs its steps in the request, and the SDK
+// records the run on the devserver through /v1/checkpoint as it goes.
+const endpoints = new Inngest({
+  id: "shop-endpoints", isDev: true, baseUrl: process.env.DEVSERVER_URL, endpointAdapter,
+});
+const durable = serveEndpoint(endpoints.endpoint(async () => {
+  const a = await step.run("look-up", () => 20);
+  const b = await step.run("add", () => a + 1);
+  return new Response(JSON.stringify({ answer: b * 2 }), {
+    status: 200, headers: { "content-type": "application/json" },
+  });
+}));
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -234,6 +247,7 @@ const server = http.createServer(async (req, res) => {
     res.end("{}");
     return;
   }
+  if (req.url.startsWith("/endpoint")) return durable(req, res);
   if (req.method === "GET" && req.url === "/calls") {
     res.writeHead(200, { "content-type": "application/json" });
     res.end(JSON.stringify(calls));

@@ -542,3 +542,27 @@ async def test_a_memo_over_10_mib_reaches_an_app_with_an_8_mib_body_limit_throug
             memo = await resp.json()
         assert len(memo) == 4
         assert memo[_hash("sizes")] == {"data": run["output"]}
+
+
+async def test_a_durable_endpoint_records_its_run_and_steps_through_checkpoints(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        async with http.get(f"http://127.0.0.1:{app.port}/endpoint?q=1") as resp:
+            text = await resp.text()
+            assert resp.status == 200, (text, app.output())
+            assert json.loads(text) == {"answer": 42}
+
+        async def recorded() -> list[dict[str, Any]]:
+            return [r for r in (await get(http, server, "/api/runs"))["runs"]
+                    if r["status"] == "Completed" and r["event_name"] == "inngest/http.request"]
+        # The run ends with a checkpoint the SDK sends once the response is on its way.
+        [listed] = await eventually(recorded, "the endpoint's run to complete")
+        run = await run_doc(http, server, listed["run_id"])
+        assert [(s["step_id"], s["status"], s["output"]) for s in run["steps"]] == [
+            ("look-up", "Completed", 20), ("add", "Completed", 21)]
+        assert run["output"]["status"] == 200
+        assert run["function_id"] == "endpoint /endpoint"
+        trigger = run["events"][0]["data"]  # the request, as the SDK described it
+        assert (trigger["method"], trigger["path"], trigger["query_params"]) == (
+            "GET", "/endpoint", "q=1")

@@ -7,6 +7,8 @@
   runs steps one after another and reports each here as it is done; each is committed at
   once, so it survives a crash of the app or of this server before the call answers. A call
   that is not in flight any more answers 409 (a stale dispatch: the SDK stops there).
+- `POST /v1/checkpoint` and `POST /v1/checkpoint/{run_id}/steps`: durable endpoints, runs
+  an app starts and runs itself (`devserver.sdk.endpoints`).
 
 Handlers only translate; the state comes from the store and the commits go through the SDK
 executor (`devserver.sdk.executor.SdkExecutor.checkpoint`).
@@ -21,11 +23,13 @@ from aiohttp import web
 from devserver.errors import NotFound, UserError
 from devserver.model.events import loads
 from devserver.model.records import event_dict
+from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import SdkExecutor
 from devserver.sdk.protocol import ProtocolError, memo_steps, parse_ops, sdk_event
 from devserver.web.api import STORE, error_response, json_ok
 
 SDK_EXECUTOR = web.AppKey("sdk_executor", SdkExecutor)
+ENDPOINTS = web.AppKey("durable_endpoints", DurableEndpoints)
 routes = web.RouteTableDef()
 
 
@@ -67,3 +71,19 @@ async def checkpoint_async(request: web.Request) -> web.Response:
         return error_response(409, f"run {run_id}: call {call_id} is not in flight (a stale "
                                    "dispatch: the run was called again, or has ended)")
     return json_ok({"status": 200, "run_id": run_id})
+
+
+@routes.post("/v1/checkpoint")
+async def checkpoint_new_run(request: web.Request) -> web.Response:
+    """A durable endpoint's run begins: create it, with the steps it has run so far."""
+    return json_ok(await request.app[ENDPOINTS].start(loads(await request.read())))
+
+
+@routes.post("/v1/checkpoint/{run_id}/steps")
+async def checkpoint_steps(request: web.Request) -> web.Response:
+    """A durable endpoint's run goes on: commit its next steps (RunComplete ends it)."""
+    body = loads(await request.read())
+    if not isinstance(body, dict):
+        raise UserError("a checkpoint must be a JSON object with 'steps'")
+    await request.app[ENDPOINTS].steps(request.match_info["run_id"], body.get("steps"))
+    return json_ok({"status": 200, "run_id": request.match_info["run_id"]})

@@ -27,6 +27,7 @@ from devserver.runtime.reload import AppReloader
 from devserver.runtime.runner import Runner
 from devserver.runtime.watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 from devserver.sdk import apps as sdk
+from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
 from devserver.store.facade import Store
 from devserver.web import api, dashboard, gql, guard, sdk_routes, sdk_state
@@ -113,6 +114,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     app[api.RUNNER] = runner
     app[sdk_routes.SDK_APPS] = apps
     app[sdk_state.SDK_EXECUTOR] = remote
+    app[sdk_state.ENDPOINTS] = DurableEndpoints(store, clock)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
