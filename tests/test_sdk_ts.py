@@ -566,3 +566,7 @@ async def test_a_durable_endpoint_records_its_run_and_steps_through_checkpoints(
         trigger = run["events"][0]["data"]  # the request, as the SDK described it
         assert (trigger["method"], trigger["path"], trigger["query_params"]) == (
             "GET", "/endpoint", "q=1")
+        async with http.get(f"{server.url}/runs/{run['run_id']}") as resp:
+            page = await resp.text()
+            assert resp.status == 200
+        assert "look-up" in page
