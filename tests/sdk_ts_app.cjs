@@ -4,7 +4,9 @@
 // on, 127.0.0.1), APP_VERSION ("1" or "2": version 2 drops `strict` and adds `added`, to test
 // re-syncing an app that restarted with new code). Besides the Inngest endpoint at
 // /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`, and
-// GET /calls, what each call to /api/inngest carried (its `stepId`, `ctx` flags and memo keys).
+// POST /metadata, which attaches {values, kind} to run {runId} (step {stepId}) with the SDK,
+// GET /calls, what each call to /api/inngest carried (its `stepId`, `ctx` flags and memo keys),
+// POST /release (see "holder") and GET /endpoint (a durable endpoint).
 // Bodies over 8 MiB are refused with 413, as a framework's default body limit would.
 "use strict";
 
@@ -12,9 +14,13 @@ const http = require("node:http");
 const { Readable } = require("node:stream");
 const { Inngest, NonRetriableError, RetryAfterError, step } = require("inngest");
 const { endpointAdapter, serve, serveEndpoint } = require("inngest/node");
+const { createDefer, metadataMiddleware } = require("inngest/experimental");
 
 const version = process.env.APP_VERSION || "1";
-const inngest = new Inngest({ id: "shop", isDev: true, baseUrl: process.env.DEVSERVER_URL });
+const inngest = new Inngest({
+  id: "shop", isDev: true, baseUrl: process.env.DEVSERVER_URL,
+  middleware: [metadataMiddleware()],
+});
 let charges = 0;
 
 const checkout = inngest.createFunction(
@@ -212,13 +218,122 @@ const durable = serveEndpoint(endpoints.endpoint(async () => {
   });
 }));
 
+class CodedError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "CodedError";
+    this.code = "E_CODED";
+  }
+}
+
+const coded = inngest.createFunction(
+  {
+    id: "coded", retries: 0, triggers: [{ event: "shop/coded" }],
+    onFailure: async ({ event }) => ({ failed: event.data }),
+  },
+  async () => { throw new CodedError("a coded failure"); },
+);
+
+const caused = inngest.createFunction(
+  { id: "caused", retries: 0, triggers: [{ event: "shop/caused" }] },
+  async ({ step }) => {
+    try {
+      await step.run("fragile", () => {
+        throw new Error("outer failure", { cause: new CodedError("inner failure") });
+      });
+    } catch (err) {
+      return { name: err.name, message: err.message, cause: err.cause && err.cause.message };
+    }
+    return "unreachable";
+  },
+);
+
+const stepNoRetry = inngest.createFunction(
+  { id: "step-no-retry", retries: 3, triggers: [{ event: "shop/step-no-retry" }] },
+  async ({ step }) => {
+    try {
+      await step.run("never", () => { throw new NonRetriableError("this step never works"); });
+    } catch (err) {
+      return { name: err.name, message: err.message };
+    }
+    return "unreachable";
+  },
+);
+
+// Not checkpointed: its step and its end must come in two calls, each with its own request id.
+const callData = inngest.createFunction(
+  { id: "call-data", checkpointing: false, triggers: [{ event: "shop/call-data" }] },
+  async ({ step, requestId, jobId }) => {
+    const first = await step.run("first", () => ({ requestId, jobId }));
+    return { step: first, fn: { requestId, jobId } };
+  },
+);
+
+const echo = inngest.createFunction(
+  { id: "echo", triggers: [{ event: "shop/never" }] },
+  async ({ event }) => event.data,
+);
+
+const slowChild = inngest.createFunction(
+  { id: "slow-child", retries: 0, triggers: [{ event: "shop/never" }] },
+  async ({ step }) => { await step.sleep("nap", "1m"); },
+);
+
+const invoker = inngest.createFunction(
+  { id: "invoker", retries: 0, triggers: [{ event: "shop/invoker" }] },
+  async ({ step }) => {
+    const seen = await step.invoke("child", { function: echo, data: { total: 7 } });
+    try {
+      await step.invoke("late", { function: slowChild, data: {}, timeout: "1s" });
+    } catch (err) {
+      return { seen, timeout: [err.name, err.message] };
+    }
+    return { seen, timeout: null };
+  },
+);
+
+const ask = inngest.createFunction(
+  { id: "ask", retries: 1, triggers: [{ event: "shop/ask" }] },
+  async ({ event, step }) => step.ai.infer("ask-model", {
+    model: step.ai.models.openai({
+      model: "gpt-test", apiKey: "sk-test", baseUrl: event.data.baseUrl,
+    }),
+    body: { messages: [{ role: "user", content: event.data.question }] },
+  }),
+);
+
+const scorer = createDefer(inngest, { id: "scorer" }, async ({ event, parents }) => ({
+  got: event.data, parents,
+}));
+
+const deferring = inngest.createFunction(
+  { id: "deferring", triggers: [{ event: "shop/deferring" }] },
+  async ({ step, defer }) => {
+    defer("score-it", { function: scorer, data: { points: 3 } });
+    const dropped = defer("drop-it", { function: scorer, data: { points: 0 } });
+    const worked = await step.run("work", () => 7);
+    dropped.abort();
+    return worked;
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
 );
 
+// Flow control: one run for a batch of up to 3 events (or what arrived within 10 minutes).
+const batched = inngest.createFunction(
+  { id: "batched", triggers: [{ event: "shop/viewed" }], batchEvents: { maxSize: 3, timeout: "10m" } },
+  async ({ event, events, sessions, step }) => {
+    const pages = await step.run("pages", () => events.map((e) => e.data.page));
+    return { first: event.data.page, pages, sessions: sessions ?? null };
+  },
+);
+
 const functions = [
-  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, fanOut,
+  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
+  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, fanOut,
   fanOutPlain, racer, inARow, inARowPlain, holder, big,
 ];
 if (version === "1") functions.push(strict);
@@ -228,6 +343,23 @@ const calls = [];
 const BODY_LIMIT = 8 * 1024 * 1024;
 
 const server = http.createServer(async (req, res) => {
+  if (req.method === "POST" && req.url === "/metadata") {
+    // Attach metadata to a run (or one of its steps) with the SDK's own API call.
+    let body = "";
+    for await (const chunk of req) body += chunk;
+    try {
+      const { runId, stepId, values, kind } = JSON.parse(body);
+      let builder = inngest.metadata.run(runId);
+      if (stepId) builder = builder.step(stepId);
+      await builder.set(values, kind);
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end("{}");
+    } catch (err) {
+      res.writeHead(500, { "content-type": "text/plain" });
+      res.end(String((err && err.stack) || err));
+    }
+    return;
+  }
   if (req.method === "POST" && req.url === "/send") {
     let body = "";
     for await (const chunk of req) body += chunk;

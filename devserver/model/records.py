@@ -6,7 +6,12 @@ No SQL and no I/O here; `store` fills these from rows and the rest of the projec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devserver.model.flow import FlowRequest
+
+from devserver.model.metadata import MetadataUpdate
 
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "Queued", "Running", "Completed", "Failed", "Cancelled"
@@ -42,6 +47,9 @@ class NewEvent:
     sessions: dict[str, str]
     runs: tuple[NewRun, ...]
     source: str | None = None
+    flow: tuple[FlowRequest, ...] = ()
+    """The functions it triggers that have flow control: decided by the store as it stores
+    the event (`devserver.model.flow`); `runs` are the others'."""
     """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 
@@ -128,6 +136,8 @@ class RunDetail:
     steps: list[StepAttempt]
     emitted: list[str] = field(default_factory=list)
     """Ids of the events the run produced (send_event steps, its end's lifecycle events)."""
+    metadata: list[MetadataUpdate] = field(default_factory=list)
+    """Metadata an SDK attached to the run or its steps, in arrival order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +196,22 @@ def event_dict(ev: StoredEvent) -> dict[str, Any]:
     return {"name": ev.name, "data": ev.data, "id": ev.event_id or "", "ts": ev.ts,
             "v": ev.v, "user": ev.user or {}, "sessions": ev.sessions,
             "internal_id": ev.internal_id}
+
+
+def inngest_event(doc: dict[str, Any]) -> dict[str, Any]:
+    """An event (as `event_dict` gives it) in Inngest's wire shape, which the SDKs validate:
+    `ts` an integer, `id` a string (the sender's id, else ours: never empty), sessions under
+    `meta.sessions`."""
+    out: dict[str, Any] = {
+        "name": doc["name"], "data": doc.get("data") or {},
+        "id": doc.get("id") or doc.get("internal_id") or "",
+        "ts": int(doc.get("ts") or 0), "user": doc.get("user") or {},
+    }
+    if doc.get("v") is not None:
+        out["v"] = doc["v"]
+    if doc.get("sessions"):
+        out["meta"] = {"sessions": dict(doc["sessions"])}
+    return out
 
 
 def format_percent(rate: float) -> str:

@@ -33,6 +33,9 @@ from devserver.ids import new_ulid
 from devserver.model.failures import stored_error
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.protocol import (
+    OP_AI_GATEWAY,
+    OP_DEFER_ABORT,
+    OP_DEFER_ADD,
     OP_INVOKE,
     OP_RUN_COMPLETE,
     OP_SLEEP,
@@ -179,7 +182,8 @@ class CallPlan:
         if reply.ops is None:
             if reply.error is not None:
                 self.error = self.error or sdk_error(
-                    reply.error, no_retry=reply.no_retry, retry_at_ms=reply.retry_at_ms)
+                    reply.error, no_retry=reply.no_retry, retry_at_ms=reply.retry_at_ms,
+                    reason=reply.reason)
             else:
                 self.finished = _Finished(reply.output)
             return
@@ -219,6 +223,15 @@ class CallPlan:
                 if plan and step_uid(op) not in inv.memo and op.id not in self.group \
                         and all(p.id != op.id for p in planned):
                     planned.append(op)
+            elif op.op in (OP_DEFER_ADD, OP_DEFER_ABORT):
+                await self.executor.defer(inv, op, call.started)
+            elif op.op == OP_AI_GATEWAY:
+                try:
+                    await self.executor.ai_gateway(inv, op, call.started)
+                except Reschedule as wait:  # the request failed; retried with backoff
+                    self.waits.append(wait.at_ms)
+                else:
+                    finished_step = True
             elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
                 try:
                     await self.executor.wait(inv, op, step_uid(op), call.started)

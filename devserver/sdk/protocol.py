@@ -26,8 +26,9 @@ from typing import Any
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.clock import parse_duration, to_ms
 from devserver.jsontext import dump_json
-from devserver.model.failures import ReportedError, stored_error
-from devserver.model.records import StepAttempt, StoredEvent, event_dict
+from devserver.model.failures import ReportedError, memo_error, reported_error
+from devserver.model.lifecycle import DEFER_KIND
+from devserver.model.records import StepAttempt, StoredEvent, event_dict, inngest_event
 
 # -- wire strings -----------------------------------------------------------------------------
 
@@ -37,6 +38,11 @@ EXPECTED_SERVER_KIND_HEADER = "X-Inngest-Expected-Server-Kind"
 NO_RETRY_HEADER = "X-Inngest-No-Retry"
 RETRY_AFTER_HEADER = "Retry-After"
 EVENT_ID_SEED_HEADER = "X-Inngest-Event-Id-Seed"
+REQUEST_ID_HEADER = "x-request-id"
+"""One id per call (the TypeScript SDK's `ctx.requestId`)."""
+JOB_ID_HEADER = "x-inngest-job-id"
+"""The id of the unit of work a call belongs to, the same for its retries (`ctx.jobId`)."""
+RUN_ID_HEADER = "x-run-id"
 REQUEST_VERSION_HEADER = "X-Inngest-Req-Version"
 """The execution version an SDK answers with: 2 and up coalesce parallel steps (the call after
 a group of planned steps waits until all of them are done)."""
@@ -56,12 +62,15 @@ OP_SLEEP = "Sleep"
 OP_WAIT_FOR_EVENT = "WaitForEvent"
 OP_INVOKE = "InvokeFunction"
 OP_RUN_COMPLETE = "RunComplete"
+OP_AI_GATEWAY = "AIGateway"
+OP_DEFER_ADD = "DeferAdd"
+OP_DEFER_ABORT = "DeferAbort"
 PARALLEL_MODE_OPT = "parallelMode"
 PARALLEL_RACE = "race"
 """`opts.parallelMode` of a planned step whose finishing continues the function at once (TS
 `group.parallel`/`Promise.race`, Python `ParallelMode.RACE`), not after its whole group."""
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
-                 OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE)
+                 OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE, OP_AI_GATEWAY)
 
 MAX_RETRY_AFTER_SECONDS = 10 * 365 * 86400
 """A `Retry-After` further off than this (or not a finite number) is ignored."""
@@ -101,27 +110,24 @@ class SdkRetryAfterError(SdkError, RetryAfterError):
 
 
 def error_doc(value: Any, fallback: str = "the SDK reported an error") -> dict[str, Any]:
-    """An SDK's error object as stored and memoized: `{name, message, stack}`."""
-    if isinstance(value, dict):
-        name = value.get("name")
-        message = value.get("message")
-        if not isinstance(message, str) or not message:
-            message = value.get("error") if isinstance(value.get("error"), str) else None
-        stack = value.get("stack")
-        return stored_error(name if isinstance(name, str) and name else "Error",
-                            message or fallback, stack if isinstance(stack, str) else None)
-    if isinstance(value, str) and value:
-        return stored_error("Error", value)
-    return stored_error("Error", fallback)
+    """An SDK's error as stored and memoized: the object it sent, verbatim (see
+    `reported_error`)."""
+    return reported_error(value, fallback)
 
 
-def sdk_error(error: dict[str, Any], *, no_retry: bool, retry_at_ms: int | None) -> SdkError:
-    """The exception that makes the runner treat an SDK error as the SDK asked."""
+def sdk_error(error: dict[str, Any], *, no_retry: bool, retry_at_ms: int | None,
+              reason: str | None = None) -> SdkError:
+    """The exception that makes the runner treat an SDK error as the SDK asked; `reason` is
+    why the attempt failed as the server saw it (`ReportedError.reason`)."""
+    exc: SdkError
     if no_retry:
-        return SdkNonRetriableError(error)
-    if retry_at_ms is not None:
-        return SdkRetryAfterError(error, retry_at_ms)
-    return SdkError(error)
+        exc = SdkNonRetriableError(error)
+    elif retry_at_ms is not None:
+        exc = SdkRetryAfterError(error, retry_at_ms)
+    else:
+        exc = SdkError(error)
+    exc.reason = reason
+    return exc
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> int | None:
@@ -241,27 +247,13 @@ def memo_value(record: StepAttempt) -> Any:
     if record.kind == "wait_for_event":
         return None if record.output is None else sdk_event(record.output)
     if record.error is not None:
-        error = record.error
-        stack = error.get("stack")
-        return {"error": stored_error(str(error.get("name") or "Error"),
-                                      str(error.get("message") or ""),
-                                      stack if isinstance(stack, str) else None)}
+        return {"error": memo_error(record.error)}
     return {"data": record.output}
 
 
 def sdk_event(doc: dict[str, Any]) -> dict[str, Any]:
-    """An event (as `event_dict` gives it) in the shape the SDKs validate: `ts` an integer,
-    `id` a string (the sender's id, else ours), sessions under `meta.sessions`."""
-    out: dict[str, Any] = {
-        "name": doc["name"], "data": doc.get("data") or {},
-        "id": doc.get("id") or doc.get("internal_id") or "",
-        "ts": int(doc.get("ts") or 0), "user": doc.get("user") or {},
-    }
-    if doc.get("v") is not None:
-        out["v"] = doc["v"]
-    if doc.get("sessions"):
-        out["meta"] = {"sessions": dict(doc["sessions"])}
-    return out
+    """An event (as `event_dict` gives it) in the shape the SDKs validate (`inngest_event`)."""
+    return inngest_event(doc)
 
 
 MAX_CALL_BYTES = 4 * 1024 * 1024
@@ -272,9 +264,18 @@ call says `use_api: true` and the SDK fetches them from `GET /v0/runs/{id}/actio
 
 def memo_steps(memo: Mapping[str, StepAttempt]) -> dict[str, Any]:
     """The memo as the SDKs read it (`steps`, `/v0/runs/{id}/actions`): hashed step id ->
-    outcome, in completion order."""
+    outcome, in completion order. Deferred runs are not steps (see `memo_defers`)."""
     done = sorted(memo.items(), key=lambda item: item[1].ended_at)
-    return {memo_key(uid): memo_value(record) for uid, record in done}
+    return {memo_key(uid): memo_value(record) for uid, record in done
+            if record.kind != DEFER_KIND}
+
+
+def memo_defers(memo: Mapping[str, StepAttempt]) -> dict[str, Any]:
+    """A call's `defers`: the deferred runs not aborted, so the SDK does not defer them again
+    on replay."""
+    return {memo_key(uid): {"abortable": True} for uid, record in memo.items()
+            if record.kind == DEFER_KIND and isinstance(record.output, dict)
+            and not record.output.get("aborted")}
 
 
 def function_uuid(function_id: str) -> str:
@@ -294,7 +295,7 @@ def call_body(
     steps = memo_steps(memo)
     body = _body(docs[0] if docs else {}, docs, list(steps), run_id=run_id, attempt=attempt,
                  max_attempts=max_attempts, force_plan=disable_immediate_execution,
-                 fn_id=fn_id, qi_id=qi_id, use_api=use_api)
+                 fn_id=fn_id, qi_id=qi_id, use_api=use_api, defers=memo_defers(memo))
     body["steps"] = {} if use_api else steps
     return body
 
@@ -314,7 +315,8 @@ def encode_call(
         len(steps_text.encode("utf-8")) > max_bytes - 1024
     fields: dict[str, Any] = {
         "run_id": run_id, "attempt": attempt, "max_attempts": max_attempts,
-        "force_plan": disable_immediate_execution, "fn_id": fn_id, "qi_id": qi_id}
+        "force_plan": disable_immediate_execution, "fn_id": fn_id, "qi_id": qi_id,
+        "defers": memo_defers(memo)}
     event = docs[0] if docs else {}
     head = dump_json(_body(event, docs, list(steps), use_api=use_api, **fields))
     text = f'{head[:-1]},"steps":{"{}" if use_api else steps_text}}}'
@@ -326,14 +328,23 @@ def encode_call(
 
 def _body(event: dict[str, Any], docs: list[dict[str, Any]], stack: list[str], *, run_id: str,
           attempt: int, max_attempts: int, force_plan: bool, fn_id: str, qi_id: str,
-          use_api: bool) -> dict[str, Any]:
+          use_api: bool, defers: dict[str, Any]) -> dict[str, Any]:
     ctx: dict[str, Any] = {
         "run_id": run_id, "attempt": attempt, "max_attempts": max_attempts, "env": "",
         "stack": {"stack": stack, "current": len(stack)},
         "disable_immediate_execution": force_plan, "use_api": use_api}
     if fn_id:
         ctx.update(fn_id=fn_id, step_id=ROOT_STEP, qi_id=qi_id)
-    return {"event": event, "events": docs, "ctx": ctx, "version": -1, "use_api": use_api}
+    return {**({"defers": defers} if defers else {}),
+            "event": event, "events": docs, "ctx": ctx, "version": -1, "use_api": use_api}
+
+
+def call_headers(*, run_id: str, step_id: str, request_id: str) -> dict[str, str]:
+    """The headers of a call besides the content type, as Inngest sends them: the request's
+    own id, the job's (the run and the step it runs: the same for that step's retries), the
+    run's."""
+    return {REQUEST_ID_HEADER: request_id, JOB_ID_HEADER: f"{run_id}:{step_id}",
+            RUN_ID_HEADER: run_id, SERVER_KIND_HEADER: SERVER_KIND}
 
 
 def call_url(runtime_url: str, step_id: str) -> str:
@@ -357,9 +368,15 @@ class Reply:
     ops: list[Op] | None = None
     error: dict[str, Any] | None = None
     no_retry: bool = False
+    """`X-Inngest-No-Retry: true`, on any status (a 206's `StepError` too)."""
     retry_at_ms: int | None = None
     version: int | None = None
     """The execution version the SDK reported (`X-Inngest-Req-Version`), if any."""
+
+    @property
+    def reason(self) -> str:
+        """Why an error answer failed the attempt, as Inngest words it."""
+        return f"invalid status code: {self.status}"
 
 
 def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int) -> Reply:
@@ -378,12 +395,14 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
             f"the app answered HTTP {status} without an {SDK_HEADER} header: is this URL an "
             "Inngest serve endpoint?", retriable=True)
     version = _version(headers.get(REQUEST_VERSION_HEADER))
+    no_retry = str(headers.get(NO_RETRY_HEADER, "")).strip().lower() == "true"
+    retry_at_ms = parse_retry_after(headers.get(RETRY_AFTER_HEADER), now_ms)
     if status == 200:
         return Reply(status, output=_json(text, "the function's return value") if text.strip()
                      else None, version=version)
     if status == 206:
         return Reply(status, ops=parse_ops(_json(text, "the opcodes of a 206 answer")),
-                     version=version)
+                     version=version, no_retry=no_retry, retry_at_ms=retry_at_ms)
     if 200 <= status < 300:
         raise ProtocolError(f"the SDK answered HTTP {status}; only 200 and 206 mean something")
     try:
@@ -392,9 +411,8 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
         parsed = None
     fallback = f"the app answered HTTP {status}" + (f": {text.strip()[:500]}"
                                                     if text.strip() else "")
-    return Reply(status, error=error_doc(parsed, fallback),
-                 no_retry=str(headers.get(NO_RETRY_HEADER, "")).lower() == "true",
-                 retry_at_ms=parse_retry_after(headers.get(RETRY_AFTER_HEADER), now_ms))
+    return Reply(status, error=error_doc(parsed, fallback), no_retry=no_retry,
+                 retry_at_ms=retry_at_ms)
 
 
 def _version(value: Any) -> int | None:

@@ -36,6 +36,7 @@ started, finished), so reading them never scans runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -51,7 +52,9 @@ import aiosqlite
 
 from devserver.errors import ConfigError, StoreFull, StoreUnavailable
 from devserver.jsontext import dump_json
+from devserver.model.flow import FlowConfig, FlowOutcome
 from devserver.model.limits import MAX_TREE_RUNS
+from devserver.model.metadata import MetadataUpdate
 from devserver.model.records import (
     COMPLETED,
     EnvironmentSummary,
@@ -66,7 +69,7 @@ from devserver.model.records import (
     StoredEvent,
     WaitSpec,
 )
-from devserver.store import queries
+from devserver.store import flow_queries, queries
 from devserver.store.schema import BUSY_TIMEOUT_MS, connect_pragmas, migrate
 from devserver.store.schema import SCHEMA as SCHEMA
 from devserver.store.schema import SCHEMA_VERSION as SCHEMA_VERSION
@@ -83,6 +86,8 @@ LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.005, 0.05
 """Seconds between tries for the lock: doubling from the first to the max."""
 FAULT_LOG_EVERY = 10.0
 """Seconds between log lines about the same database fault."""
+CHECKPOINT_EVERY = 0.25
+"""Seconds between background WAL checkpoints while there are commits to copy."""
 QUICK_CHECK_MAX_BYTES = 16 * 1024 * 1024
 """Files up to this size get `PRAGMA quick_check` at open (about 2 ms a MB); larger ones
 only the cheap checks, and damage found later fails the writes it touches (503)."""
@@ -164,6 +169,11 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # Copies committed pages from the WAL into the file off the loop's thread, so the
+        # writer's own (blocking) checkpoint is a rare backstop (schema.connect_pragmas).
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._committed = asyncio.Event()
         self._identity: tuple[int, int] | None = None  # the file's (device, inode) at open
         self._gone: str | None = None  # set once the file is found deleted or replaced
         self._faults = _FaultLog()
@@ -207,6 +217,8 @@ class Store:
             await self.close()
             raise ConfigError(self._open_error(exc)) from exc
         self._writer_task = asyncio.create_task(self._write_loop(), name="devserver-writer")
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(),
+                                                    name="devserver-checkpoint")
 
     def _quick_check(self, db: sqlite3.Connection) -> None:
         if self.path.stat().st_size > QUICK_CHECK_MAX_BYTES:
@@ -274,6 +286,14 @@ class Store:
             await self._queue.put(None)
             await self._writer_task
             self._writer_task = None
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+            self._checkpoint_task = None
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
         if self._reader is not None:
             await self._reader.close()
         if self._writer is not None:
@@ -335,6 +355,7 @@ class Store:
                         break
                     batch.append(item)
             results, stop = await self._commit(batch)
+            self._committed.set()
             stopping = stopping or stop
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
@@ -343,6 +364,28 @@ class Store:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _checkpoint_loop(self) -> None:
+        """While commits come in, a PASSIVE checkpoint every `CHECKPOINT_EVERY` seconds on
+        a connection of its own, in its own thread: it copies the WAL's committed pages into
+        the database file and syncs it without holding up the writer, which keeps committing
+        meanwhile. A failure (disk full, say) is left to the writer's own checkpoint."""
+        while True:
+            await self._committed.wait()
+            self._committed.clear()
+            try:
+                if self._checkpointer is None:  # opened at the first commit: a quick start
+                    if self._gone is not None or self._check_file() is not None:
+                        return  # never create or touch another file at the path
+                    self._checkpointer = await aiosqlite.connect(
+                        self.path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                        timeout=BUSY_TIMEOUT_MS / 1000)
+                    await self._call(self._checkpointer, connect_pragmas)
+                await self._call(self._checkpointer,
+                                 lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            except sqlite3.Error:
+                log.debug("background checkpoint failed", exc_info=True)
+            await asyncio.sleep(CHECKPOINT_EVERY)
 
     async def _commit(self, batch: list[_Write]) -> tuple[list[Any], bool]:
         """Apply a batch: its writes' results, or the one error every write of it gets
@@ -511,6 +554,10 @@ class Store:
             run_id, status, now, output_json, error_json, attempt, emitted or [], started_at,
             max_tree_runs))
 
+    async def add_metadata(self, run_id: str, updates: list[MetadataUpdate], now: int) -> bool:
+        """Attach metadata an SDK reported to a run; False when there is no such run."""
+        return await self._write(lambda db: queries.add_metadata(db, run_id, updates, now))
+
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""
         return await self._read(lambda db: queries.waiting_for_events(db, env, names))
@@ -536,6 +583,31 @@ class Store:
         """Unfinished runs of a function created before an event id, with their trigger."""
         return await self._read(lambda db: queries.read_unfinished_runs_of(
             db, env, function_id, before_internal_id))
+
+    # -- flow control (SPEC 3.3) -------------------------------------------------------------
+
+    async def fire_pending(self, pending_id: str, now: int,
+                           config: FlowConfig | None) -> FlowOutcome | None:
+        """A pending debounce or batch whose time came: its run created, in one commit
+        (None when it is gone; a later `pending_due` when it was pushed back)."""
+        return await self._write(
+            lambda db: flow_queries.fire_pending(db, pending_id, now, config))
+
+    async def note_run(self, run_id: str, kind: str, text: str, now: int) -> None:
+        """Say why a run is queued or was cancelled (`flow_queries.QUEUED_NOTE`, ...)."""
+        await self._write(lambda db: flow_queries.note_run(db, run_id, kind, text, now))
+
+    async def pending_flow(self) -> list[tuple[str, str, int]]:
+        """(id, function id, when due) of every pending debounce and batch."""
+        return await self._read(flow_queries.read_pending)
+
+    async def flow_outcomes(self, internal_id: str) -> list[dict[str, Any]]:
+        """What each function's flow control did with an event."""
+        return await self._read(lambda db: flow_queries.read_outcomes(db, internal_id))
+
+    async def run_notes(self, run_id: str) -> dict[str, str]:
+        """Why a run is (was) queued, and why it was cancelled."""
+        return await self._read(lambda db: flow_queries.read_notes(db, run_id))
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -175,6 +175,78 @@ CREATE TABLE run_trees (
 -- The events a run produced (send_event steps, its end's lifecycle events): only those have
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
+
+-- Metadata an SDK attached to a run (`POST /v1/runs/{id}/metadata`), in arrival order: its
+-- scope (`run`, or `step` with the user's step id and attempt), kind, op and values.
+CREATE TABLE run_metadata (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    step_id TEXT,
+    step_attempt INTEGER,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    "values" TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
+-- Flow control (version 8, SPEC 3.3): pending debounces and batches (one per function and
+-- key; the id is the run's it will start), the marks rate limits, idempotency keys and
+-- singletons count, throttle keys' theoretical arrival times, what flow control did with each
+-- event, a batched run's events, and why a run is queued or was cancelled.
+CREATE TABLE flow_pending (
+    pending_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    first_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    events TEXT NOT NULL,
+    keys TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX flow_pending_by_key ON flow_pending (env, function_id, kind, key);
+CREATE TABLE flow_marks (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    run_id TEXT NOT NULL
+);
+CREATE INDEX flow_marks_by_key ON flow_marks (env, function_id, kind, key, at);
+CREATE TABLE flow_throttle (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    tat INTEGER NOT NULL,
+    PRIMARY KEY (env, function_id, key)
+) WITHOUT ROWID;
+CREATE TABLE flow_outcomes (
+    internal_id TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    run_id TEXT,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (internal_id, function_id)
+) WITHOUT ROWID;
+CREATE INDEX flow_outcomes_by_run ON flow_outcomes (function_id, run_id)
+    WHERE run_id IS NOT NULL;
+CREATE TABLE run_events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    internal_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX run_events_by_event ON run_events (internal_id);
+CREATE TABLE run_notes (
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, kind)
+) WITHOUT ROWID;
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
 
@@ -208,6 +280,81 @@ CREATE TABLE run_trees (
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
 """,
+    7: """
+-- Metadata an SDK attached to a run (`POST /v1/runs/{id}/metadata`), in arrival order: its
+-- scope (`run`, or `step` with the user's step id and attempt), kind, op and values.
+CREATE TABLE run_metadata (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    step_id TEXT,
+    step_attempt INTEGER,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    "values" TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
+""",
+    8: """
+-- Flow control (version 8, SPEC 3.3): pending debounces and batches (one per function and
+-- key; the id is the run's it will start), the marks rate limits, idempotency keys and
+-- singletons count, throttle keys' theoretical arrival times, what flow control did with each
+-- event, a batched run's events, and why a run is queued or was cancelled.
+CREATE TABLE flow_pending (
+    pending_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    first_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    events TEXT NOT NULL,
+    keys TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX flow_pending_by_key ON flow_pending (env, function_id, kind, key);
+CREATE TABLE flow_marks (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    run_id TEXT NOT NULL
+);
+CREATE INDEX flow_marks_by_key ON flow_marks (env, function_id, kind, key, at);
+CREATE TABLE flow_throttle (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    tat INTEGER NOT NULL,
+    PRIMARY KEY (env, function_id, key)
+) WITHOUT ROWID;
+CREATE TABLE flow_outcomes (
+    internal_id TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    run_id TEXT,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (internal_id, function_id)
+) WITHOUT ROWID;
+CREATE INDEX flow_outcomes_by_run ON flow_outcomes (function_id, run_id)
+    WHERE run_id IS NOT NULL;
+CREATE TABLE run_events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    internal_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX run_events_by_event ON run_events (internal_id);
+CREATE TABLE run_notes (
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, kind)
+) WITHOUT ROWID;
+""",
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new
 database gets SCHEMA, which already is the result (tests/test_store.py proves the two equal)."""
@@ -229,10 +376,11 @@ def connect_pragmas(db: sqlite3.Connection) -> None:
     # NORMAL in WAL mode: a commit survives the process being killed (the OS has the WAL);
     # only an OS crash or power cut can lose the last commits. Right for a dev server.
     db.execute("PRAGMA synchronous = NORMAL")
-    # A checkpoint copies the WAL into the file and syncs both, on the writer's thread (the
-    # event loop): every 10,000 pages (40 MB) instead of SQLite's 1,000, a page rewritten by
-    # many commits (a busy session's row) is copied once, not ten times, and the loop stalls a
-    # tenth as often (45 us an event less under load). The WAL file is cut back to 64 MB after.
+    # A checkpoint copies the WAL into the database file and syncs both. The store runs one
+    # in the background, off the event loop (store.facade); a connection's own checkpoint,
+    # which blocks the writer, is the backstop for a WAL the background one could not keep
+    # short: every 10,000 pages (40 MB) instead of SQLite's 1,000. The WAL file is cut back
+    # to 64 MB after a checkpoint.
     db.execute("PRAGMA wal_autocheckpoint = 10000")
     db.execute("PRAGMA journal_size_limit = 67108864")
     db.execute("PRAGMA temp_store = MEMORY")

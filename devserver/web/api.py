@@ -215,6 +215,7 @@ def run_detail_doc(detail: RunDetail) -> dict[str, Any]:
         "events": [event_doc(ev) for ev in detail.events],
         "steps": [step_doc(step) for step in detail.steps],
         "emitted_events": detail.emitted,
+        "metadata": [update.doc() for update in detail.metadata],
     }
 
 
@@ -383,10 +384,28 @@ async def session_doc(request: web.Request) -> dict[str, Any]:
 async def run_doc(request: web.Request) -> dict[str, Any]:
     """`/runs/{run_id}`: a run with its events and every step attempt."""
     run_id = request.match_info["run_id"]
-    detail = await request.app[STORE].run_detail(run_id)
+    store = request.app[STORE]
+    detail = await store.run_detail(run_id)
     if detail is None:
         raise NotFound(f"no run with id {run_id!r}")
-    return run_detail_doc(detail)
+    doc = run_detail_doc(detail)
+    # Why flow control queued the run (concurrency, throttle) or cancelled it (singleton,
+    # timeouts): `{"queued": "...", "cancelled": "..."}`, empty when it did neither.
+    doc["flow"] = await store.run_notes(run_id)
+    return doc
+
+
+async def event_page_doc(request: web.Request) -> dict[str, Any]:
+    """`/api/events/{id}`: an event, the runs it started and what each function's flow
+    control did with it (`flow`: function_id, action, run_id, detail)."""
+    internal_id = request.match_info["event_id"]
+    store = request.app[STORE]
+    ev = await store.event(internal_id)
+    if ev is None:
+        raise NotFound(f"no event with id {internal_id!r}")
+    return {"env": ev.env, "event": event_doc(ev),
+            "runs": [run_summary_doc(r) for r in await store.event_runs(internal_id)],
+            "flow": await store.flow_outcomes(internal_id)}
 
 
 @routes.get("/api/sessions")
@@ -405,6 +424,12 @@ async def api_session(request: web.Request) -> web.Response:
 async def api_run(request: web.Request) -> web.Response:
     """JSON twin of `/runs/{run_id}`."""
     return json_ok(await run_doc(request))
+
+
+@routes.get("/api/events/{event_id}")
+async def api_event(request: web.Request) -> web.Response:
+    """An event with its runs and its flow-control outcomes."""
+    return json_ok(await event_page_doc(request))
 
 
 @routes.get("/api/runs")
@@ -449,7 +474,8 @@ async def api_functions(request: web.Request) -> web.Response:
     """The registered functions and their triggers."""
     return json_ok({"functions": [
         {"id": fn.id, "name": fn.name, "app_id": fn.app_id, "retries": fn.retries,
-         "triggers": [t.doc() for t in fn.triggers], "sdk_url": fn.remote}
+         "triggers": [t.doc() for t in fn.triggers], "sdk_url": fn.remote,
+         "flow": None if fn.flow is None else fn.flow.doc()}
         for fn in request.app[RUNNER].functions
     ]})
 
