@@ -26,6 +26,7 @@ from devserver.model.failures import (
 from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
+from devserver.sdk.callbody import call_body, encode_call, function_uuid
 from devserver.sdk.gateway import gateway_answer, gateway_request
 from devserver.sdk.protocol import (
     Op,
@@ -33,11 +34,8 @@ from devserver.sdk.protocol import (
     SdkError,
     SdkNonRetriableError,
     SdkRetryAfterError,
-    call_body,
     call_url,
-    encode_call,
     error_doc,
-    function_uuid,
     hash_step_id,
     memo_key,
     memo_value,

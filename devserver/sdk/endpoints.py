@@ -24,13 +24,13 @@ from devserver.ids import is_ulid, new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.records import COMPLETED, FAILED, NewEvent, NewRun, StepAttempt
 from devserver.runtime.runner import DEFAULT_ENV
+from devserver.sdk.callbody import function_uuid
 from devserver.sdk.protocol import (
     OP_RUN_COMPLETE,
     OP_STEP_RUN,
     Op,
     ProtocolError,
     error_doc,
-    function_uuid,
     kind_of,
     parse_ops,
     step_uid,

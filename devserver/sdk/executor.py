@@ -37,6 +37,7 @@ from devserver.ids import new_ulid
 from devserver.model.failures import stored_error
 from devserver.model.lifecycle import DEFER_KIND
 from devserver.runtime.invocation import Invocation
+from devserver.sdk.callbody import encode_call, function_uuid
 from devserver.sdk.calls import CallPlan, earliest
 from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
@@ -53,9 +54,7 @@ from devserver.sdk.protocol import (
     SdkNonRetriableError,
     call_headers,
     call_url,
-    encode_call,
     error_doc,
-    function_uuid,
     read_reply,
     sdk_error,
     sleep_until_ms,

@@ -2,9 +2,9 @@
 reads the answers.
 
 Pure logic, no I/O and no aiohttp, so every rule is testable with dicts: the wire strings, the
-call body (both SDKs validate it strictly), the memo of step outcomes keyed by hashed step ids,
-the opcodes of a 206 answer, errors and `Retry-After`, event ids from an SDK's id seed (reading
-a registration is `registration`'s). The facts come from the SDKs themselves (Python `inngest`
+memo of step outcomes keyed by hashed step ids, the call's headers and URL, the opcodes of a
+206 answer, errors and `Retry-After`, event ids from an SDK's id seed (the call body, which
+both SDKs validate strictly, is `callbody`'s; reading a registration is `registration`'s). The facts come from the SDKs themselves (Python `inngest`
 0.5.19, TypeScript `inngest` 4).
 """
 
@@ -18,17 +18,14 @@ import hashlib
 import json
 import re
 import urllib.parse
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.clock import parse_duration, to_ms
-from devserver.jsontext import dump_json
 from devserver.model.failures import ReportedError, memo_error, reported_error
-from devserver.model.lifecycle import DEFER_KIND
-from devserver.model.records import StepAttempt, StoredEvent, event_dict, inngest_event
+from devserver.model.records import StepAttempt, inngest_event
 
 # -- wire strings -----------------------------------------------------------------------------
 
@@ -254,89 +251,6 @@ def memo_value(record: StepAttempt) -> Any:
 def sdk_event(doc: dict[str, Any]) -> dict[str, Any]:
     """An event (as `event_dict` gives it) in the shape the SDKs validate (`inngest_event`)."""
     return inngest_event(doc)
-
-
-MAX_CALL_BYTES = 4 * 1024 * 1024
-"""The largest call body sent with its memo and events inline (Inngest's limit): past it the
-call says `use_api: true` and the SDK fetches them from `GET /v0/runs/{id}/actions` and
-`/batch`, so an app behind a body limit of a few MiB still gets a memo of tens."""
-
-
-def memo_steps(memo: Mapping[str, StepAttempt]) -> dict[str, Any]:
-    """The memo as the SDKs read it (`steps`, `/v0/runs/{id}/actions`): hashed step id ->
-    outcome, in completion order. Deferred runs are not steps (see `memo_defers`)."""
-    done = sorted(memo.items(), key=lambda item: item[1].ended_at)
-    return {memo_key(uid): memo_value(record) for uid, record in done
-            if record.kind != DEFER_KIND}
-
-
-def memo_defers(memo: Mapping[str, StepAttempt]) -> dict[str, Any]:
-    """A call's `defers`: the deferred runs not aborted, so the SDK does not defer them again
-    on replay."""
-    return {memo_key(uid): {"abortable": True} for uid, record in memo.items()
-            if record.kind == DEFER_KIND and isinstance(record.output, dict)
-            and not record.output.get("aborted")}
-
-
-def function_uuid(function_id: str) -> str:
-    """`ctx.fn_id`: Inngest's functions have UUIDs; this one is derived from the function's
-    id, so it is the same on every call and after every restart."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"devserver:function:{function_id}"))
-
-
-def call_body(
-    *, events: list[StoredEvent], memo: Mapping[str, StepAttempt], run_id: str, attempt: int,
-    max_attempts: int, disable_immediate_execution: bool, fn_id: str = "", qi_id: str = "",
-    use_api: bool = False,
-) -> dict[str, Any]:
-    """The body of a call to an SDK function, as Inngest sends it. `fn_id` and `qi_id` (the
-    call's id) let the TypeScript SDK checkpoint steps to `/v1/checkpoint/{run}/async`."""
-    docs = [sdk_event(event_dict(ev)) for ev in events]
-    steps = memo_steps(memo)
-    body = _body(docs[0] if docs else {}, docs, list(steps), run_id=run_id, attempt=attempt,
-                 max_attempts=max_attempts, force_plan=disable_immediate_execution,
-                 fn_id=fn_id, qi_id=qi_id, use_api=use_api, defers=memo_defers(memo))
-    body["steps"] = {} if use_api else steps
-    return body
-
-
-def encode_call(
-    *, events: list[StoredEvent], memo: Mapping[str, StepAttempt], run_id: str, attempt: int,
-    max_attempts: int, disable_immediate_execution: bool, fn_id: str, qi_id: str,
-    max_bytes: int = MAX_CALL_BYTES,
-) -> tuple[bytes, bool]:
-    """The call body as sent, and whether it says `use_api`. As Inngest decides: a memo over
-    `max_bytes` (less 1 KiB) is left out; a body still over `max_bytes` leaves out the events
-    too (`event`, the first, always stays)."""
-    docs = [sdk_event(event_dict(ev)) for ev in events]
-    steps = memo_steps(memo)
-    steps_text = dump_json(steps)
-    use_api = len(steps_text) > max_bytes - 1024 and \
-        len(steps_text.encode("utf-8")) > max_bytes - 1024
-    fields: dict[str, Any] = {
-        "run_id": run_id, "attempt": attempt, "max_attempts": max_attempts,
-        "force_plan": disable_immediate_execution, "fn_id": fn_id, "qi_id": qi_id,
-        "defers": memo_defers(memo)}
-    event = docs[0] if docs else {}
-    head = dump_json(_body(event, docs, list(steps), use_api=use_api, **fields))
-    text = f'{head[:-1]},"steps":{"{}" if use_api else steps_text}}}'
-    if len(text) > max_bytes and len(text.encode("utf-8")) > max_bytes:
-        use_api = True
-        text = dump_json({**_body(event, [], list(steps), use_api=True, **fields), "steps": {}})
-    return text.encode("utf-8"), use_api
-
-
-def _body(event: dict[str, Any], docs: list[dict[str, Any]], stack: list[str], *, run_id: str,
-          attempt: int, max_attempts: int, force_plan: bool, fn_id: str, qi_id: str,
-          use_api: bool, defers: dict[str, Any]) -> dict[str, Any]:
-    ctx: dict[str, Any] = {
-        "run_id": run_id, "attempt": attempt, "max_attempts": max_attempts, "env": "",
-        "stack": {"stack": stack, "current": len(stack)},
-        "disable_immediate_execution": force_plan, "use_api": use_api}
-    if fn_id:
-        ctx.update(fn_id=fn_id, step_id=ROOT_STEP, qi_id=qi_id)
-    return {**({"defers": defers} if defers else {}),
-            "event": event, "events": docs, "ctx": ctx, "version": -1, "use_api": use_api}
 
 
 def call_headers(*, run_id: str, step_id: str, request_id: str) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 - `GET /v0/runs/{run_id}/actions` and `GET /v0/runs/{run_id}/batch`: the memo (hashed step id
   -> outcome) and the events of a run, for a call that said `use_api: true` because they
-  would have made its body too large (see `devserver.sdk.protocol.encode_call`).
+  would have made its body too large (see `devserver.sdk.callbody.encode_call`).
 - `POST /v1/checkpoint/{run_id}/async`: the TypeScript SDK's checkpointing: during a call it
   runs steps one after another and reports each here as it is done; each is committed at
   once, so it survives a crash of the app or of this server before the call answers. A call
@@ -23,9 +23,10 @@ from aiohttp import web
 from devserver.errors import NotFound, UserError
 from devserver.model.events import loads
 from devserver.model.records import event_dict
+from devserver.sdk.callbody import memo_steps
 from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import SdkExecutor
-from devserver.sdk.protocol import ProtocolError, memo_steps, parse_ops, sdk_event
+from devserver.sdk.protocol import ProtocolError, parse_ops, sdk_event
 from devserver.web.api import STORE, error_response, json_ok
 
 SDK_EXECUTOR = web.AppKey("sdk_executor", SdkExecutor)
