@@ -23,7 +23,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from devserver.web.server import Server
 
-from .helpers import idle, sdk_server, the_run
+from .helpers import eventually, free_port, idle, run_doc, runs_of_event, sdk_server, the_run
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # pydantic v1-style models
@@ -49,6 +49,8 @@ class ParallelApp:
         self.calls: list[dict[str, Any]] = []
         self.parts = threading.Barrier(3, timeout=BARRIER_TIMEOUT)
         self.a2_started = threading.Event()
+        self.release = threading.Event()
+        self.ran = {"quick": 0, "held": 0}
         self.client = inngest.Inngest(app_id="par", is_production=False,
                                       api_base_url=base_url, event_api_base_url=base_url)
         self.flask = flask.Flask("par")
@@ -117,11 +119,28 @@ class ParallelApp:
                       for name in ("one", "two", "three")]
             return ctx.step.run("sizes", lambda: [f"{c[0]}:{len(c)}" for c in chunks])
 
-        return [fan_out, racer, big]
+        def quick() -> str:
+            self.ran["quick"] += 1
+            return "quick"
+
+        def held() -> str:
+            self.ran["held"] += 1
+            if not self.release.wait(BARRIER_TIMEOUT):
+                raise RuntimeError("never released")
+            return "held"
+
+        @client.create_function(fn_id="held-group", retries=0,
+                                trigger=inngest.TriggerEvent(event="par/held"))
+        def held_group(ctx: inngest.ContextSync) -> list[str]:
+            return list(ctx.group.parallel((lambda: ctx.step.run("quick", quick),
+                                            lambda: ctx.step.run("held", held))))
+
+        return [fan_out, racer, big, held_group]
 
     async def close(self) -> None:
         self.parts.abort()
         self.a2_started.set()
+        self.release.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
@@ -194,3 +213,34 @@ async def test_a_memo_over_10_mib_reaches_an_app_with_an_8_mib_body_limit_throug
     # from /v0/runs/{id}/actions (and the events from /batch).
     assert [c["use_api"] for c in app.calls] == [False, False, True, True, True]
     assert app.calls[-1]["steps"] == []
+
+
+async def test_a_finished_planned_step_survives_a_devserver_restart_mid_group(
+    tmp_path: Any, http: aiohttp.ClientSession,
+) -> None:
+    port = free_port()  # the same URL for both servers: the app knows only that one
+    app = ParallelApp(f"http://127.0.0.1:{port}")
+    try:
+        async with sdk_server(tmp_path, port=port) as server:
+            assert (await server.sdk.sync(app.url)).ok
+            [event_id] = await app.client.send(inngest.Event(name="par/held"))
+            [listed] = await runs_of_event(http, server, event_id)
+
+            async def quick_committed() -> bool:
+                steps = (await run_doc(http, server, listed["run_id"]))["steps"]
+                return any(s["step_id"] == "quick" and s["status"] == "Completed"
+                           for s in steps)
+            # Committed as its call answered, while "held", planned beside it, still runs.
+            await eventually(quick_committed, "quick to commit while held runs")
+        app.release.set()
+        async with sdk_server(tmp_path, port=port, sdk_urls=[app.url]) as server:
+            await server.sdk.wait_synced()
+
+            async def finished() -> dict[str, Any] | None:
+                run = await run_doc(http, server, listed["run_id"])
+                return run if run["status"] != "Running" else None
+            run = await eventually(finished, "the resumed run to finish")
+        assert (run["status"], run["output"]) == ("Completed", ["quick", "held"]), run
+        assert app.ran == {"quick": 1, "held": 2}  # only the unfinished step ran again
+    finally:
+        await app.close()
