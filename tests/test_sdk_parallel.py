@@ -1,7 +1,8 @@
 """Parallel steps of a real Inngest Python SDK app (inngest 0.5.19 on Flask, 127.0.0.1) as
 Inngest runs them: planned steps called at once, each with the memo of its planning; the
-discovery after a group allowed to run steps immediately again; race mode. And a memo of over
-10 MiB reaching the app (Flask limited to 8 MiB bodies) through `use_api`.
+discovery after a group allowed to run steps immediately again; race mode; a planned step
+committed mid-group surviving a devserver restart. And a memo of over 10 MiB reaching the app
+(Flask limited to 8 MiB bodies) through `use_api`.
 
 The steps synchronise on barriers with timeouts, never on sleeps: a step that waits for its
 siblings can only pass if they run at the same time.
