@@ -317,6 +317,14 @@ const deferring = inngest.createFunction(
   },
 );
 
+const measured = inngest.createFunction(
+  { id: "measured", triggers: [{ event: "shop/measured" }] },
+  async ({ step }) => {
+    await step.metadata("note").set({ rows: 5 }, "stats");
+    return "measured";
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
@@ -333,8 +341,8 @@ const batched = inngest.createFunction(
 
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
-  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, fanOut,
-  fanOutPlain, racer, inARow, inARowPlain, holder, big,
+  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
+  fanOut, fanOutPlain, racer, inARow, inARowPlain, holder, big,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

@@ -366,8 +366,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 28 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 30
+            # 29 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 31
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -481,6 +481,15 @@ async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_docum
              "kind": "userland.progress", "op": "set", "values": {"progress": 0.5}},
             {"scope": "step", "step_id": "first", "step_attempt": None,
              "kind": "userland.default", "op": "set", "values": {"rows": 3}}]
+
+        # step.metadata() inside a run ships with the step's opcode instead.
+        [measured_id] = await app.send(http, {"name": "shop/measured"})
+        await idle(server)
+        measured = await the_run(http, server, measured_id)
+        assert measured["output"] == "measured"
+        assert measured["metadata"] == [
+            {"scope": "run", "step_id": None, "step_attempt": None, "kind": "userland.stats",
+             "op": "set", "values": {"rows": 5}}]
 
         # An unknown run: the SDK's call fails, saying why.
         async with http.post(f"http://127.0.0.1:{app.port}/metadata", json={

@@ -210,6 +210,8 @@ class CallPlan:
                       checkpoint: bool = False) -> None:
         inv = self.inv
         ops = reply.ops or []
+        inv.attempt = call.attempt
+        await self.executor.record_metadata(inv, ops)
         if len(ops) > 1:
             self.force = True
         planned: list[Op] = []

@@ -36,6 +36,7 @@ from devserver.errors import Reschedule, UserError
 from devserver.ids import new_ulid
 from devserver.model.failures import stored_error
 from devserver.model.lifecycle import DEFER_KIND
+from devserver.model.metadata import op_metadata
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.callbody import encode_call, function_uuid
 from devserver.sdk.calls import CallPlan, earliest
@@ -177,6 +178,13 @@ class SdkExecutor:
             raise SdkNonRetriableError(stored_error(
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
+
+    async def record_metadata(self, inv: Invocation, ops: list[Op]) -> None:
+        """Store the metadata the SDK wrote inside steps, which rides along their opcodes."""
+        updates = [update for op in ops if op.metadata
+                   for update in op_metadata(op.metadata, step_uid(op), inv.attempt)]
+        if updates:
+            await inv.store.add_metadata(inv.run_id, updates, self.clock.now_ms())
 
     async def defer(self, inv: Invocation, op: Op, started: int) -> None:
         """`defer()` (TypeScript): `DeferAdd` records a run to start when this one ends (an

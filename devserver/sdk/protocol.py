@@ -4,8 +4,8 @@ reads the answers.
 Pure logic, no I/O and no aiohttp, so every rule is testable with dicts: the wire strings, the
 memo of step outcomes keyed by hashed step ids, the call's headers and URL, the opcodes of a
 206 answer, errors and `Retry-After`, event ids from an SDK's id seed (the call body, which
-both SDKs validate strictly, is `callbody`'s; reading a registration is `registration`'s). The facts come from the SDKs themselves (Python `inngest`
-0.5.19, TypeScript `inngest` 4).
+both SDKs validate strictly, is `callbody`'s; reading a registration is `registration`'s).
+The facts come from the SDKs themselves (Python `inngest` 0.5.19, TypeScript `inngest` 4).
 """
 
 from __future__ import annotations
@@ -186,6 +186,8 @@ class Op:
     error: Any = None
     userland_id: str = ""
     userland_index: int | None = None
+    metadata: Any = None
+    """Metadata written inside the step (TypeScript): `[{kind, scope, op, values}]`."""
 
     @property
     def races(self) -> bool:
@@ -216,7 +218,8 @@ def parse_ops(body: Any) -> list[Op]:
             display_name=text_of(item.get("displayName")),
             opts=opts if isinstance(opts, dict) else {}, data=item.get("data"),
             error=item.get("error"), userland_id=text_of(userland.get("id")),
-            userland_index=index_hint if type(index_hint) is int and index_hint >= 0 else None))
+            userland_index=index_hint if type(index_hint) is int and index_hint >= 0 else None,
+            metadata=item.get("metadata")))
     return ops
 
 
