@@ -1,7 +1,8 @@
 """What user code touches: the `Context` a function receives, `ctx.step`, and `Event`.
 
-`ctx.step` offers `run`, `sleep`, `sleep_until`, `wait_for_event`, `send_event` and `invoke`;
-their durable logic lives in `devserver.runtime.invocation`. Async functions get `Step`; sync
+`ctx.step` offers `run`, `sleep`, `sleep_until`, `wait_for_event`, `send_event`, `invoke` and
+`parallel` (branches of steps run at once); their durable logic lives in
+`devserver.runtime.invocation`. Async functions get `Step`; sync
 functions, which run in a worker thread, get `SyncStep`, whose methods block that thread while
 the event loop commits. Only `run` executes user code itself: a sync body from an async
 function goes to a worker thread so it never blocks the event loop.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import datetime as dt
 import inspect
 import logging
@@ -18,7 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from devserver.errors import Unwind
+from devserver.errors import InvocationOver, Reschedule, Unwind
 from devserver.model.records import StoredEvent
 
 if TYPE_CHECKING:
@@ -82,15 +84,58 @@ class ThreadAbandoned(BaseException):
     a BaseException, so that `except Exception` in user code doesn't swallow it."""
 
 
+Branch = Callable[[], Any]
+"""A branch of `ctx.step.parallel`: a callable taking no arguments whose steps run beside the
+other branches' (async: returns an awaitable, e.g. `lambda: ctx.step.run("a", fetch_a)`)."""
+
+_in_branch: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "devserver_in_branch", default=False)
+
+
+def _combine(outcomes: list[BaseException | None]) -> BaseException | None:
+    """What a parallel group raises when branches failed: an unwind first (the run can't go
+    on: the earliest `Reschedule`), else the first branch's error, in branch order."""
+    unwinds = [exc for exc in outcomes if isinstance(exc, Unwind)]
+    if unwinds:
+        waits = [exc for exc in unwinds if isinstance(exc, Reschedule)]
+        if len(waits) < len(unwinds):
+            return next(exc for exc in unwinds if not isinstance(exc, Reschedule))
+        times = [exc.at_ms for exc in waits if exc.at_ms is not None]
+        return Reschedule(min(times) if times else None)
+    return next((exc for exc in outcomes if exc is not None), None)
+
+
+def _check_branches(branches: tuple[Any, ...]) -> None:
+    for index, branch in enumerate(branches):
+        if not callable(branch):
+            raise TypeError(f"parallel branch {index} must be a callable taking no arguments "
+                            f"(e.g. lambda: ctx.step.run(...)), got {type(branch).__name__}")
+
+
+async def _run_branch(branch: Branch) -> Any:
+    result = branch()
+    return await result if inspect.isawaitable(result) else result
+
+
+def _outcome(job: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> BaseException | None:
+    if job.cancelled():
+        return asyncio.CancelledError()
+    return job.exception()
+
+
 class Step:
     """`ctx.step` in async functions."""
 
     def __init__(self, invocation: Invocation, executor: concurrent.futures.Executor) -> None:
         self._inv = invocation
         self._executor = executor
-        self.running: concurrent.futures.Future[Any] | None = None
-        """The sync step body running in a worker thread now, if any (for the executor to
+        self._main = asyncio.current_task()
+        self.running: set[concurrent.futures.Future[Any]] = set()
+        """The sync step bodies running in worker threads now (for the executor to
         interrupt when the function times out)."""
+        self._active = 0  # steps whose body is running or whose outcome is being committed
+        self._idle: asyncio.Future[None] | None = None  # awaited by `settle` while active
+        self._over = False
 
     async def run(self, step_id: str, handler: Callable[..., Any], *args: Any) -> Any:
         """Run `handler(*args)` once as step `step_id` and return its (JSON) result.
@@ -98,21 +143,41 @@ class Step:
         On a resumed run the stored result is returned without calling `handler`. A sync
         `handler` runs in a worker thread so it never blocks the event loop. An exception
         retries the step (the function resumes later); once attempts are spent it is raised
-        here as `StepError`.
+        here as `StepError`. Steps may run at once: see `parallel`.
         """
         uid = self._inv.unique_id(step_id)
         memo = self._inv.memo.get(uid)
         if memo is not None:
             return self._inv.replay(memo)
+        if self._over:
+            raise InvocationOver
+        # A step outside the function's own task (a `parallel` branch, `asyncio.gather`)
+        # counts its own attempts: its siblings' failures and successes aren't its own.
+        attempt = (self._inv.tries.get(uid, 0)
+                   if asyncio.current_task() is not self._main or _in_branch.get() else None)
         started = self._inv.clock.now_ms()
+        self._active += 1
+        try:
+            return await self._execute(uid, handler, args, started, attempt)
+        finally:
+            self._active -= 1
+            if not self._active and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+
+    async def _execute(self, uid: str, handler: Callable[..., Any], args: tuple[Any, ...],
+                       started: int, attempt: int | None) -> Any:
         try:
             if inspect.iscoroutinefunction(handler):
                 output = await handler(*args)
             else:
-                # Left set if the wait is cancelled: the executor may interrupt the body.
-                self.running = job = self._executor.submit(handler, *args)
-                output = await asyncio.wrap_future(job)
-                self.running = None
+                job = self._executor.submit(handler, *args)
+                self.running.add(job)
+                try:
+                    output = await asyncio.wrap_future(job)
+                finally:
+                    # Left set if the wait is cancelled: the executor may interrupt the body.
+                    if job.done():
+                        self.running.discard(job)
                 if inspect.isawaitable(output):
                     output = await output
         except Unwind:
@@ -121,10 +186,62 @@ class Step:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the run is cancelled, timed out or the server stops
-            return await self._inv.step_failed(uid, exc, started)  # raised by the step itself
+            return await self._inv.step_failed(uid, exc, started, attempt=attempt)
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the step too
-            return await self._inv.step_failed(uid, exc, started)
-        return await self._inv.step_succeeded(uid, output, started)
+            return await self._inv.step_failed(uid, exc, started, attempt=attempt)
+        return await self._inv.step_succeeded(uid, output, started, attempt=attempt)
+
+    async def parallel(self, *branches: Branch | Awaitable[Any]) -> tuple[Any, ...]:
+        """Run `branches` at once and return their results, in order, once all are done.
+
+        A branch is a callable with no arguments that returns an awaitable, typically
+        `lambda: ctx.step.run("a", fetch_a)` or an async function running several steps in
+        sequence, or an awaitable itself (`ctx.step.run("a", fetch_a)`, not awaited).
+
+        Every step commits its result as soon as it is done, whatever its siblings do, and
+        counts its own attempts: a step that fails is retried alone, the finished ones replay
+        from the memo (a crash mid-group re-runs only the unfinished ones). If branches fail,
+        this raises once all have ended: a retry or a wait first (the function resumes
+        later), else the first failed branch's error, in branch order. Give the steps of
+        different branches distinct ids: a repeated id is numbered (`id:1`) in the order the
+        branches reach it.
+
+        `asyncio.gather` over steps runs them at once too (each step then also counts its
+        own attempts), but raises as soon as one fails while its siblings still run; the
+        function's end waits for them to commit either way.
+        """
+        _check_branches(tuple(b for b in branches if not inspect.isawaitable(b)))
+        tasks = []
+        for branch in branches:
+            context = contextvars.copy_context()
+            context.run(_in_branch.set, True)
+            work = _await(branch) if inspect.isawaitable(branch) else _run_branch(branch)
+            tasks.append(asyncio.create_task(work, context=context))
+        if not tasks:
+            return ()
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        failed = _combine([_outcome(task) for task in tasks])
+        if failed is not None:
+            raise failed
+        return tuple(task.result() for task in tasks)
+
+    def close(self) -> None:
+        """Let no new step begin (the invocation is over)."""
+        self._over = True
+
+    async def settle(self) -> None:
+        """The function has returned or unwound: wait for steps still running in branches it
+        left behind to commit, and let no new step begin."""
+        self._over = True
+        if self._active:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
 
     async def sleep(self, step_id: str, duration: Duration) -> None:
         """Pause the run for `duration` (`"30s"`, `"1h30m"`, seconds or a timedelta).
@@ -170,9 +287,14 @@ class Step:
 class SyncStep:
     """`ctx.step` in sync functions; each method blocks the worker thread it is called from."""
 
-    def __init__(self, invocation: Invocation, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, invocation: Invocation, loop: asyncio.AbstractEventLoop,
+                 executor: concurrent.futures.Executor) -> None:
         self._inv = invocation
         self._loop = loop
+        self._executor = executor
+        self.running: set[concurrent.futures.Future[Any]] = set()
+        """The parallel branches running in worker threads now (for the executor to
+        interrupt when the function times out)."""
 
     def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -183,6 +305,7 @@ class SyncStep:
         memo = self._inv.memo.get(uid)
         if memo is not None:
             return self._inv.replay(memo)
+        attempt = self._inv.tries.get(uid, 0) if _in_branch.get() else None
         started = self._inv.clock.now_ms()
         try:
             output = handler(*args)
@@ -191,8 +314,28 @@ class SyncStep:
         except (Unwind, ThreadAbandoned):
             raise
         except BaseException as exc:  # noqa: BLE001 - user code: SystemExit fails the step too
-            return self._on_loop(self._inv.step_failed(uid, exc, started))
-        return self._on_loop(self._inv.step_succeeded(uid, output, started))
+            return self._on_loop(self._inv.step_failed(uid, exc, started, attempt=attempt))
+        return self._on_loop(self._inv.step_succeeded(uid, output, started, attempt=attempt))
+
+    def parallel(self, *branches: Callable[[], Any]) -> tuple[Any, ...]:
+        """Run `branches` at once, each in a worker thread of its own, and return their
+        results in order once all are done; see `Step.parallel` (a branch here is a plain
+        callable, e.g. `lambda: ctx.step.run("a", fetch_a)`)."""
+        _check_branches(branches)
+        jobs = []
+        for branch in branches:
+            context = contextvars.copy_context()
+            context.run(_in_branch.set, True)
+            jobs.append(self._executor.submit(context.run, branch))
+        self.running.update(jobs)
+        try:
+            concurrent.futures.wait(jobs)
+        finally:
+            self.running.difference_update(job for job in jobs if job.done())
+        failed = _combine([_outcome(job) for job in jobs])
+        if failed is not None:
+            raise failed
+        return tuple(job.result() for job in jobs)
 
     def sleep(self, step_id: str, duration: Duration) -> None:
         """See `Step.sleep`."""

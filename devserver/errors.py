@@ -77,6 +77,11 @@ class RunEnded(Unwind):
     """The run ended (was cancelled) while this invocation was executing."""
 
 
+class InvocationOver(Unwind):
+    """A step was started in a parallel branch still running after its function returned or
+    unwound: it does nothing (the run goes on from the steps already committed)."""
+
+
 class StoreInterrupted(Unwind):
     """A write a step needed was refused by the database (`error`): the invocation ends and
     the run is executed again later from its last commit. An Unwind, so that user code's

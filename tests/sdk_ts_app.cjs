@@ -4,12 +4,16 @@
 // on, 127.0.0.1), APP_VERSION ("1" or "2": version 2 drops `strict` and adds `added`, to test
 // re-syncing an app that restarted with new code). Besides the Inngest endpoint at
 // /api/inngest it serves POST /send, which sends the JSON body with `inngest.send()`, and
-// POST /metadata, which attaches {values, kind} to run {runId} (step {stepId}) with the SDK.
+// POST /metadata, which attaches {values, kind} to run {runId} (step {stepId}) with the SDK,
+// GET /calls, what each call to /api/inngest carried (its `stepId`, `ctx` flags and memo keys),
+// POST /release (see "holder") and GET /endpoint (a durable endpoint).
+// Bodies over 8 MiB are refused with 413, as a framework's default body limit would.
 "use strict";
 
 const http = require("node:http");
-const { Inngest, NonRetriableError, RetryAfterError } = require("inngest");
-const { serve } = require("inngest/node");
+const { Readable } = require("node:stream");
+const { Inngest, NonRetriableError, RetryAfterError, step } = require("inngest");
+const { endpointAdapter, serve, serveEndpoint } = require("inngest/node");
 const { createDefer, metadataMiddleware } = require("inngest/experimental");
 
 const version = process.env.APP_VERSION || "1";
@@ -108,6 +112,112 @@ const cancellable = inngest.createFunction(
   },
 );
 
+// Barriers that open once `n` steps have reached them: a step that waits at one can only pass
+// if its siblings run at the same time (one after another, the first times out and fails).
+const barriers = new Map();
+function barrier(name, n, timeoutMs = 20000) {
+  let b = barriers.get(name);
+  if (!b) {
+    let open;
+    b = { arrived: 0, opened: new Promise((resolve) => { open = resolve; }) };
+    b.open = open;
+    barriers.set(name, b);
+  }
+  b.arrived += 1;
+  if (b.arrived >= n) b.open();
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`barrier ${name}: ${b.arrived} of ${n} arrived`)),
+      timeoutMs);
+  });
+  return Promise.race([b.opened, timeout]).finally(() => clearTimeout(timer));
+}
+
+// Checkpointing is on by default in inngest 4 (for a call carrying `ctx.fn_id`): fan-out
+// checkpoints the steps it runs within a call, fan-out-plain answers 206 for each.
+const fanOutHandler = async ({ event, step }) => {
+    const key = event.data.key;
+    const parts = await Promise.all(["a", "b", "c"].map((part) => step.run(`part-${part}`,
+      async () => { await barrier(`${key}-parts`, 3); return { part, at: Date.now() }; })));
+    const joined = await step.run("join", () => parts.map((p) => p.part).join(""));
+    return { joined, parts };
+};
+const fanOut = inngest.createFunction(
+  { id: "fan-out", retries: 0, triggers: [{ event: "shop/fan-out" }] }, fanOutHandler);
+const fanOutPlain = inngest.createFunction(
+  { id: "fan-out-plain", retries: 0, checkpointing: false,
+    triggers: [{ event: "shop/fan-out-plain" }] }, fanOutHandler);
+
+const racer = inngest.createFunction(
+  { id: "racer", retries: 0, triggers: [{ event: "shop/race" }] },
+  async ({ event, group, step }) => {
+    const key = event.data.key;
+    // "slow" can only finish once "after-race" has started: the function must go on as soon
+    // as "fast" is done, while "slow" still runs.
+    const winner = await group.parallel(async () => Promise.race([
+      step.run("fast", () => "fast"),
+      step.run("slow", async () => { await barrier(`${key}-after`, 2); return "slow"; }),
+    ]));
+    const after = await step.run("after-race", async () => {
+      await barrier(`${key}-after`, 2);
+      return `after ${winner}`;
+    });
+    return { winner, after };
+  },
+);
+
+// Three steps in a row: with checkpointing, all run within one call, each checkpointed.
+const inARowHandler = async ({ step }) => {
+  const a = await step.run("a", () => "a");
+  const b = await step.run("b", () => `${a}b`);
+  return step.run("c", () => `${b}c`);
+};
+const inARow = inngest.createFunction(
+  { id: "in-a-row", retries: 0, triggers: [{ event: "shop/in-a-row" }] }, inARowHandler);
+const inARowPlain = inngest.createFunction(
+  { id: "in-a-row-plain", retries: 0, checkpointing: false,
+    triggers: [{ event: "shop/in-a-row-plain" }] }, inARowHandler);
+
+// "held" waits until POST /release: "first", checkpointed before, must never run again.
+let firstRuns = 0;
+let release;
+const released = new Promise((resolve) => { release = resolve; });
+const holder = inngest.createFunction(
+  { id: "holder", retries: 0, triggers: [{ event: "shop/hold-checkpoint" }] },
+  async ({ step }) => {
+    const first = await step.run("first", () => { firstRuns += 1; return "first"; });
+    const held = await step.run("held", async () => { await released; return "held"; });
+    return { first, held, firstRuns };
+  },
+);
+
+// A memo of over 10 MiB: three steps of 3.5 MiB each, to an app that refuses bodies over
+// 8 MiB (see BODY_LIMIT): the calls must say use_api and the SDK fetch the memo instead.
+// Not checkpointed: all its steps would run within the first call, with an empty memo.
+const big = inngest.createFunction(
+  { id: "big", retries: 0, checkpointing: false, triggers: [{ event: "shop/big" }] },
+  async ({ step }) => {
+    const chunks = [];
+    for (const name of ["one", "two", "three"]) {
+      chunks.push(await step.run(name, () => name[0].repeat(3.5 * 1024 * 1024)));
+    }
+    return step.run("sizes", () => chunks.map((c) => `${c[0]}:${c.length}`));
+  },
+);
+
+// A durable endpoint: a plain GET /endpoint runs its steps in the request, and the SDK
+// records the run on the devserver through /v1/checkpoint as it goes.
+const endpoints = new Inngest({
+  id: "shop-endpoints", isDev: true, baseUrl: process.env.DEVSERVER_URL, endpointAdapter,
+});
+const durable = serveEndpoint(endpoints.endpoint(async () => {
+  const a = await step.run("look-up", () => 20);
+  const b = await step.run("add", () => a + 1);
+  return new Response(JSON.stringify({ answer: b * 2 }), {
+    status: 200, headers: { "content-type": "application/json" },
+  });
+}));
+
 class CodedError extends Error {
   constructor(message) {
     super(message);
@@ -150,8 +260,9 @@ const stepNoRetry = inngest.createFunction(
   },
 );
 
+// Not checkpointed: its step and its end must come in two calls, each with its own request id.
 const callData = inngest.createFunction(
-  { id: "call-data", triggers: [{ event: "shop/call-data" }] },
+  { id: "call-data", checkpointing: false, triggers: [{ event: "shop/call-data" }] },
   async ({ step, requestId, jobId }) => {
     const first = await step.run("first", () => ({ requestId, jobId }));
     return { step: first, fn: { requestId, jobId } };
@@ -231,10 +342,13 @@ const batched = inngest.createFunction(
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
   coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
+  fanOut, fanOutPlain, racer, inARow, inARowPlain, holder, big,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);
 const handler = serve({ client: inngest, functions });
+const calls = [];
+const BODY_LIMIT = 8 * 1024 * 1024;
 
 const server = http.createServer(async (req, res) => {
   if (req.method === "POST" && req.url === "/metadata") {
@@ -266,6 +380,46 @@ const server = http.createServer(async (req, res) => {
       res.end(String((err && err.stack) || err));
     }
     return;
+  }
+  if (req.method === "POST" && req.url === "/release") {
+    release();
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end("{}");
+    return;
+  }
+  if (req.url.startsWith("/endpoint")) return durable(req, res);
+  if (req.method === "GET" && req.url === "/calls") {
+    res.writeHead(200, { "content-type": "application/json" });
+    res.end(JSON.stringify(calls));
+    return;
+  }
+  if (req.method === "POST" && req.url.startsWith("/api/inngest")) {
+    const chunks = [];
+    let size = 0;
+    for await (const chunk of req) {
+      size += chunk.length;
+      if (size > BODY_LIMIT) {
+        res.writeHead(413, { "content-type": "text/plain" });
+        res.end("request body over 8 MiB");
+        return;
+      }
+      chunks.push(chunk);
+    }
+    const raw = Buffer.concat(chunks);
+    try {
+      const body = JSON.parse(raw.toString("utf8"));
+      const query = new URL(req.url, "http://x").searchParams;
+      calls.push({
+        fnId: query.get("fnId"), stepId: query.get("stepId"), at: Date.now(),
+        disable: body.ctx && body.ctx.disable_immediate_execution,
+        useApi: body.use_api, ctxFnId: body.ctx && body.ctx.fn_id,
+        steps: Object.keys(body.steps || {}),
+      });
+    } catch (err) { /* not JSON: the SDK will say so */ }
+    const replay = Readable.from([raw]);
+    Object.assign(replay, { headers: req.headers, method: req.method, url: req.url,
+                            socket: req.socket });
+    return handler(replay, res);
   }
   return handler(req, res);
 });

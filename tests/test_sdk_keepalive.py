@@ -19,7 +19,7 @@ import pytest
 
 from devserver.clock import VirtualClock
 from devserver.sdk.executor import SdkExecutor
-from devserver.sdk.protocol import SdkError
+from devserver.sdk.protocol import Reply, SdkError
 
 pytestmark = pytest.mark.asyncio
 ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Inngest-SDK: py:v0.5.19\r\n"
@@ -105,7 +105,13 @@ async def executor() -> AsyncIterator[SdkExecutor]:
 def invocation() -> Any:
     """What a call reads of an invocation."""
     return SimpleNamespace(events=[], memo={}, run_id="01RUN", attempt=0,
-                           function=SimpleNamespace(max_attempts=1))
+                           function=SimpleNamespace(max_attempts=1, id="app-fn"))
+
+
+async def call(sdk: SdkExecutor, url: str) -> Reply:
+    """One discovery call of a fresh invocation."""
+    return await sdk.call(invocation(), url, "step", attempt=0,
+                          force_plan=False, call_id="C")
 
 
 async def test_a_reused_connection_closed_before_any_answer_is_called_again() -> None:
@@ -113,8 +119,8 @@ async def test_a_reused_connection_closed_before_any_answer_is_called_again() ->
         return None if (connection, n) == (0, 1) else ANSWER  # the 2nd call on the 1st one
 
     async with raw_app(behaviour) as app, executor() as sdk:
-        first = await sdk._call(invocation(), app.url, "step", False)
-        again = await sdk._call(invocation(), app.url, "step", False)
+        first = await call(sdk, app.url)
+        again = await call(sdk, app.url)
         assert (first.output, again.output) == (42, 42)
         assert [(c, n) for c, n, _ in app.requests] == [(0, 0), (0, 1), (1, 0)]
         # The same call again, as a new request (its own request id, the same job id).
@@ -126,7 +132,7 @@ async def test_a_reused_connection_closed_before_any_answer_is_called_again() ->
 async def test_a_fresh_connection_closed_before_an_answer_fails_the_attempt() -> None:
     async with raw_app(lambda connection, n: None) as app, executor() as sdk:
         with pytest.raises(SdkError) as failed:
-            await sdk._call(invocation(), app.url, "step", False)
+            await call(sdk, app.url)
         assert failed.value.error["name"] == "SdkUnreachableError"
         assert len(app.requests) == 1  # not sent again
 
@@ -136,8 +142,8 @@ async def test_a_reused_connection_closed_mid_answer_is_not_called_again() -> No
         return ANSWER if n == 0 else PARTIAL  # the app began answering: it got the request
 
     async with raw_app(behaviour) as app, executor() as sdk:
-        await sdk._call(invocation(), app.url, "step", False)
+        await call(sdk, app.url)
         with pytest.raises(SdkError) as failed:
-            await sdk._call(invocation(), app.url, "step", False)
+            await call(sdk, app.url)
         assert failed.value.error["name"] == "SdkUnreachableError"
         assert [(c, n) for c, n, _ in app.requests] == [(0, 0), (0, 1)]  # not sent again

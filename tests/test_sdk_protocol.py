@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 import re
 import warnings
 from typing import Any
@@ -26,6 +27,7 @@ from devserver.model.metadata import op_metadata
 from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
+from devserver.sdk.callbody import call_body, encode_call, function_uuid
 from devserver.sdk.gateway import gateway_answer, gateway_request
 from devserver.sdk.protocol import (
     Op,
@@ -33,7 +35,6 @@ from devserver.sdk.protocol import (
     SdkError,
     SdkNonRetriableError,
     SdkRetryAfterError,
-    call_body,
     call_url,
     error_doc,
     hash_step_id,
@@ -133,7 +134,8 @@ def test_call_body_is_exactly_what_the_sdks_expect() -> None:
     memo = {"second": record("second", output=2, ended=9),
             "first": record("first", output=1, ended=5)}
     body = call_body(events=[event(conversation_id="c1")], memo=memo, run_id="RUN",
-                     attempt=2, max_attempts=5, disable_immediate_execution=True)
+                     attempt=2, max_attempts=5, disable_immediate_execution=True,
+                     fn_id=function_uuid("app-fn"), qi_id="CALL")
     assert set(body) == {"event", "events", "steps", "ctx", "version", "use_api"}
     assert body["version"] == -1
     assert body["use_api"] is False
@@ -146,7 +148,38 @@ def test_call_body_is_exactly_what_the_sdks_expect() -> None:
     assert body["ctx"] == {
         "run_id": "RUN", "attempt": 2, "max_attempts": 5, "env": "",
         "stack": {"stack": order, "current": 2}, "disable_immediate_execution": True,
-        "use_api": False}  # no fn_id: with it the TypeScript SDK checkpoints instead
+        "use_api": False, "fn_id": function_uuid("app-fn"), "step_id": "step",
+        "qi_id": "CALL"}  # fn_id and qi_id: the TypeScript SDK checkpoints with them
+    assert function_uuid("app-fn") == function_uuid("app-fn") != function_uuid("app-gn")
+
+
+def test_a_call_says_use_api_once_its_memo_or_its_body_passes_the_limit() -> None:
+    def encode(memo: dict[str, StepAttempt], events: int = 1) -> tuple[dict[str, Any], bool]:
+        raw, use_api = encode_call(
+            events=[event(conversation_id="c1")] * events, memo=memo, run_id="RUN",
+            attempt=0, max_attempts=1, disable_immediate_execution=False, fn_id="F",
+            qi_id="Q", max_bytes=10_000)
+        doc = json.loads(raw)
+        assert doc["use_api"] is doc["ctx"]["use_api"] is use_api
+        return doc, use_api
+
+    small = {"a": record("a", output="x" * 100)}
+    doc, use_api = encode(small)
+    assert not use_api
+    assert doc == call_body(events=[event(conversation_id="c1")], memo=small, run_id="RUN",
+                            attempt=0, max_attempts=1, disable_immediate_execution=False,
+                            fn_id="F", qi_id="Q")
+    # A memo over the limit (less 1 KiB) stays out; the stack and the events stay in.
+    doc, use_api = encode({"a": record("a", output="x" * 9_500)})
+    assert use_api
+    assert doc["steps"] == {}
+    assert doc["ctx"]["stack"]["stack"] == [hash_step_id("a")]
+    assert len(doc["events"]) == 1
+    # A body still too large (many events) leaves the events out too, but not `event`.
+    doc, use_api = encode(small, events=100)
+    assert use_api
+    assert (doc["steps"], doc["events"]) == ({}, [])
+    assert doc["event"]["name"] == "app/x"
 
 
 def test_the_call_body_passes_the_python_sdks_own_validation() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -139,6 +140,12 @@ class NodeApp:
             text = await resp.text()
             assert resp.status == 200, text
             return list(json.loads(text)["ids"])
+
+    async def calls(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        """What each call to the Inngest endpoint carried (see sdk_ts_app.cjs)."""
+        async with http.get(f"http://127.0.0.1:{self.port}/calls") as resp:
+            assert resp.status == 200
+            return list(await resp.json())
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
@@ -359,8 +366,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 22 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 24
+            # 29 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 31
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -598,3 +605,172 @@ async def test_batch_events_reach_the_sdk_with_the_sessions_they_share(
         assert figures == {"c1": 2, "u1": 2, "u2": 1}
         outcome = (await get(http, server, f"/api/events/{ids[1]}"))["flow"]
         assert [(o["action"], o["run_id"]) for o in outcome] == [("batched", runs[0]["run_id"])]
+
+
+def _hash(step_id: str) -> str:
+    return hashlib.sha1(step_id.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "plain"])
+async def test_planned_steps_run_at_once_each_with_the_memo_of_their_planning(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+    checkpointing: bool,
+) -> None:
+    # Each of the three parts waits at a barrier that opens only once all three have begun:
+    # called one after another, the first would time out and the run would fail.
+    name = "fan-out" if checkpointing else "fan-out-plain"
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": f"shop/{name}", "data": {"key": "k1"}})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert run["status"] == "Completed", run
+        assert run["output"]["joined"] == "abc"
+        steps = [(s["step_id"], s["status"]) for s in run["steps"]]
+        assert sorted(steps[:3]) == [("part-a", "Completed"), ("part-b", "Completed"),
+                                     ("part-c", "Completed")]
+        assert steps[3] == ("join", "Completed")
+
+        calls = [c for c in await app.calls(http) if c["fnId"] == f"shop-{name}"]
+        parts = {_hash(f"part-{p}") for p in "abc"}
+        discovery, *planned, after = calls[:5]
+        assert (discovery["stepId"], discovery["disable"], discovery["steps"]) == (
+            "step", False, [])
+        # One call per planned step, at once, none seeing the others' results.
+        assert {c["stepId"] for c in planned} == parts
+        assert len(planned) == 3
+        assert all(c["disable"] is True and c["steps"] == [] for c in planned)
+        # The discovery after the group: every part memoized, immediate execution allowed.
+        assert (after["stepId"], after["disable"], set(after["steps"])) == ("step", False, parts)
+        if checkpointing:  # "join" ran and was checkpointed within that call, which finished
+            assert len(calls) == 5
+        else:  # "join" ran in that call and was answered with 206; one more call finishes
+            [last] = calls[5:]
+            assert (last["stepId"], set(last["steps"])) == ("step", {*parts, _hash("join")})
+        assert all(c["ctxFnId"] and c["useApi"] is False for c in calls)
+
+
+async def test_race_mode_goes_on_as_soon_as_the_first_branch_is_done(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    # "slow" passes its barrier only once "after-race" (after the race) has begun: without
+    # race mode the function would wait for "slow" and "slow" would time out.
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/race", "data": {"key": "r1"}})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert run["status"] == "Completed", run
+        assert run["output"] == {"winner": "fast", "after": "after fast"}
+        done = {s["step_id"]: s for s in run["steps"]}
+        assert done["fast"]["status"] == done["after-race"]["status"] == "Completed"
+        # "slow" overlapped "after-race": it ended after "after-race" began.
+        assert done["slow"]["ended_at"] >= done["after-race"]["started_at"]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "plain"])
+async def test_steps_in_a_row_checkpointed_within_one_call_or_answered_one_by_one(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+    checkpointing: bool,
+) -> None:
+    name = "in-a-row" if checkpointing else "in-a-row-plain"
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": f"shop/{name}"})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert (run["status"], run["output"]) == ("Completed", "abc"), run
+        assert [(s["step_id"], s["status"], s["output"]) for s in run["steps"]] == [
+            ("a", "Completed", "a"), ("b", "Completed", "ab"), ("c", "Completed", "abc")]
+        calls = [c for c in await app.calls(http) if c["fnId"] == f"shop-{name}"]
+        assert all(c["stepId"] == "step" and c["ctxFnId"] for c in calls)
+        # Checkpointing: one call ran all three (each step committed through
+        # /v1/checkpoint/{run}/async as it ended); else one call per step, and one to end.
+        assert len(calls) == (1 if checkpointing else 4)
+
+
+async def test_a_checkpointed_step_survives_a_devserver_restart_mid_call(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    port = free_port()  # the same URL for both servers: the app knows only that one
+    db = tmp_path / "kept"
+    db.mkdir()
+    app = None
+    try:
+        async with sdk_server(db, port=port) as server:
+            app = await NodeApp.start(node_modules, server, tmp_path / "node.log")
+            assert (await server.sdk.sync(app.url)).ok
+            [event_id] = await app.send(http, {"name": "shop/hold-checkpoint"})
+            run_id = (await runs_of_event(http, server, event_id))[0]["run_id"]
+
+            async def first_committed() -> bool:
+                steps = (await run_doc(http, server, run_id))["steps"]
+                return any(s["step_id"] == "first" and s["status"] == "Completed"
+                           for s in steps)
+            # Committed while the call is still in flight ("held" waits): by a checkpoint.
+            await eventually(first_committed, "the first step to be checkpointed")
+            calls = [c for c in await app.calls(http) if c["fnId"] == "shop-holder"]
+            assert len(calls) == 1
+        async with http.post(f"http://127.0.0.1:{app.port}/release") as resp:
+            assert resp.status == 200
+        async with sdk_server(db, port=port, sdk_urls=[app.url]) as server:
+            await server.sdk.wait_synced()
+
+            async def finished() -> dict[str, Any] | None:
+                run = await run_doc(http, server, run_id)
+                return run if run["status"] != "Running" else None
+            run = await eventually(finished, "the resumed run to finish")
+            assert run["status"] == "Completed", run
+            # "first" replayed from the memo: it ran once, before the restart.
+            assert run["output"] == {"first": "first", "held": "held", "firstRuns": 1}
+            assert [s["step_id"] for s in run["steps"] if s["status"] == "Completed"] == [
+                "first", "held"]
+    finally:
+        if app is not None:
+            await app.stop()
+
+
+async def test_a_memo_over_10_mib_reaches_an_app_with_an_8_mib_body_limit_through_the_api(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/big"})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        size = int(3.5 * 1024 * 1024)
+        assert run["status"] == "Completed", run["error"]
+        assert run["output"] == [f"o:{size}", f"t:{size}", f"t:{size}"]
+        calls = [c for c in await app.calls(http) if c["fnId"] == "shop-big"]
+        # Once the memo passes 4 MiB the calls leave it out and say use_api.
+        assert calls[0]["useApi"] is False
+        assert calls[-1]["useApi"] is True
+        assert calls[-1]["steps"] == []
+        async with http.get(f"{server.url}/v0/runs/{run['run_id']}/actions") as resp:
+            memo = await resp.json()
+        assert len(memo) == 4
+        assert memo[_hash("sizes")] == {"data": run["output"]}
+
+
+async def test_a_durable_endpoint_records_its_run_and_steps_through_checkpoints(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        async with http.get(f"http://127.0.0.1:{app.port}/endpoint?q=1") as resp:
+            text = await resp.text()
+            assert resp.status == 200, (text, app.output())
+            assert json.loads(text) == {"answer": 42}
+
+        async def recorded() -> list[dict[str, Any]]:
+            return [r for r in (await get(http, server, "/api/runs"))["runs"]
+                    if r["status"] == "Completed" and r["event_name"] == "inngest/http.request"]
+        # The run ends with a checkpoint the SDK sends once the response is on its way.
+        [listed] = await eventually(recorded, "the endpoint's run to complete")
+        run = await run_doc(http, server, listed["run_id"])
+        assert [(s["step_id"], s["status"], s["output"]) for s in run["steps"]] == [
+            ("look-up", "Completed", 20), ("add", "Completed", 21)]
+        assert run["output"]["status"] == 200
+        assert run["function_id"] == "endpoint /endpoint"
+        trigger = run["events"][0]["data"]  # the request, as the SDK described it
+        assert (trigger["method"], trigger["path"], trigger["query_params"]) == (
+            "GET", "/endpoint", "q=1")
+        async with http.get(f"{server.url}/runs/{run['run_id']}") as resp:
+            page = await resp.text()
+            assert resp.status == 200
+        assert "look-up" in page

@@ -123,6 +123,8 @@ class RunState:
     """Final outcome of each finished step, by step id."""
     pending: dict[str, StepAttempt] = field(default_factory=dict)
     """Steps waiting (sleep, event, invoke), by step id."""
+    tries: dict[str, int] = field(default_factory=dict)
+    """Failed attempts of each step that has not finished, by step id."""
 
 
 @dataclass(frozen=True, slots=True)

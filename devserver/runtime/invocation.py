@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import re
+import threading
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from devserver.app import (
@@ -157,6 +158,7 @@ class Invocation:
         self, *, run_id: str, env: str, function: FunctionDef, events: list[StoredEvent],
         sessions: dict[str, str], memo: dict[str, StepAttempt], pending: dict[str, StepAttempt],
         attempt: int, store: Store, clock: Clock, backoff: Backoff, runtime: Runtime,
+        tries: dict[str, int] | None = None,
     ) -> None:
         self.run_id = run_id
         self.env = env
@@ -170,7 +172,11 @@ class Invocation:
         self.clock = clock
         self.backoff = backoff
         self.runtime = runtime
+        self.tries = tries or {}
+        """Failed attempts so far of each unfinished step: the attempt a step in a parallel
+        branch runs as (branches have their own attempts; see `Step.parallel`)."""
         self._seen: dict[str, int] = {}
+        self._seen_lock = threading.Lock()  # sync parallel branches name steps from threads
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -178,8 +184,9 @@ class Invocation:
         """`step_id` for its first use in this invocation, then `step_id:1`, `step_id:2`..."""
         if not isinstance(step_id, str) or not step_id:
             raise TypeError(f"step id must be a non-empty string, got {step_id!r}")
-        count = self._seen.get(step_id, 0)
-        self._seen[step_id] = count + 1
+        with self._seen_lock:
+            count = self._seen.get(step_id, 0)
+            self._seen[step_id] = count + 1
         return step_id if count == 0 else f"{step_id}:{count}"
 
     def replay(self, memo: StepAttempt) -> Any:
@@ -188,17 +195,17 @@ class Invocation:
             raise step_error(memo)
         return memo.output
 
-    def next_attempt_at(self, exc: BaseException, now: int) -> int:
-        """When to try again after `exc` ended the current attempt."""
+    def next_attempt_at(self, exc: BaseException, now: int, attempt: int | None = None) -> int:
+        """When to try again after `exc` ended the current attempt (or attempt `attempt`)."""
         if isinstance(exc, RetryAfterError):
             return exc.retry_at_ms(now)
-        return now + self.backoff.delay_ms(self.attempt)
+        return now + self.backoff.delay_ms(self.attempt if attempt is None else attempt)
 
-    def can_retry(self, exc: BaseException) -> bool:
-        """Whether `exc` leaves attempts for the current unit of work."""
+    def can_retry(self, exc: BaseException, attempt: int | None = None) -> bool:
+        """Whether `exc` leaves attempts for the current unit of work (or after `attempt`)."""
         if isinstance(exc, NonRetriableError | StepError):
             return False
-        return self.attempt + 1 < self.function.max_attempts
+        return (self.attempt if attempt is None else attempt) + 1 < self.function.max_attempts
 
     @staticmethod
     def _check_live(live: bool | None) -> None:
@@ -214,33 +221,40 @@ class Invocation:
     # -- step.run ----------------------------------------------------------------------------
 
     async def step_failed(self, uid: str, exc: BaseException, started: int,
-                          kind: str = "run") -> Any:
-        """Record a failed step attempt; raise `Reschedule` to retry, else `StepError`."""
+                          kind: str = "run", *, attempt: int | None = None) -> Any:
+        """Record a failed step attempt; raise `Reschedule` to retry, else `StepError`.
+
+        `attempt`: the step's own attempt (a step in a parallel branch), else the current one.
+        """
         now = self.clock.now_ms()
         error = error_info(exc)
-        if self.can_retry(exc):
-            next_at = self.next_attempt_at(exc, now)
-            record = StepAttempt(0, uid, kind, self.attempt, FAILED, started, now, None, error,
+        tried = self.attempt if attempt is None else attempt
+        if self.can_retry(exc, tried):
+            next_at = self.next_attempt_at(exc, now, tried)
+            record = StepAttempt(0, uid, kind, tried, FAILED, started, now, None, error,
                                  final=False)
             self._check_live(await self.store.record_attempt(
-                self.run_id, record, self.attempt + 1, next_at))
+                self.run_id, record, tried + 1, next_at))
             runlog.will_retry(run_id=self.run_id, function_id=self.function.id, step_id=uid,
-                              attempt=self.attempt, error=error, at_ms=next_at)
+                              attempt=tried, error=error, at_ms=next_at)
             raise Reschedule(next_at)
-        record = StepAttempt(0, uid, kind, self.attempt, FAILED, started, now, None, error,
+        record = StepAttempt(0, uid, kind, tried, FAILED, started, now, None, error,
                              final=True)
         self._check_live(await self.store.record_attempt(self.run_id, record, 0))
         self._done(record)
         raise step_error(record) from exc
 
-    async def step_succeeded(self, uid: str, output: Any, started: int) -> Any:
+    async def step_succeeded(self, uid: str, output: Any, started: int, *,
+                             attempt: int | None = None) -> Any:
         """Commit a step's result before the function may continue; return it as stored."""
         try:
             value = to_json_value(output, f"the value returned by step {uid!r}")
         except TypeError as exc:
             # A programming error that another attempt can't fix: fail the step for good.
-            return await self.step_failed(uid, NonRetriableError(str(exc)), started)
-        record = StepAttempt(0, uid, "run", self.attempt, COMPLETED, started,
+            return await self.step_failed(uid, NonRetriableError(str(exc)), started,
+                                          attempt=attempt)
+        record = StepAttempt(0, uid, "run", self.attempt if attempt is None else attempt,
+                             COMPLETED, started,
                              self.clock.now_ms(), value, None, final=True)
         self._check_live(await self.store.record_attempt(self.run_id, record, 0))
         self._done(record)

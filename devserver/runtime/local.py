@@ -249,12 +249,22 @@ class LocalExecutor:
             deadline.reschedule(loop.time() + limit)
             step = Step(inv, self._threads)
             try:
-                return await handler(Context(step=step, **fields))
+                result = await handler(Context(step=step, **fields))
             except asyncio.CancelledError:
-                if deadline.expired() and step.running is not None:
-                    self._threads.abandon(step.running)  # a sync step body past the timeout
+                step.close()
+                if deadline.expired():
+                    for job in list(step.running):  # sync step bodies past the timeout
+                        self._threads.abandon(job)
                 raise
-        ctx = SyncContext(step=SyncStep(inv, loop), **fields)
+            except BaseException:
+                await step.settle()
+                raise
+            # Steps of parallel branches still running commit before the run goes on,
+            # whatever ended the function (its return, a retry, an error).
+            await step.settle()
+            return result
+        sync_step = SyncStep(inv, loop, self._threads)
+        ctx = SyncContext(step=sync_step, **fields)
         if self._turns is None:
             self._turns = asyncio.Semaphore(self.sync_bodies)
         async with self._turns:
@@ -269,4 +279,6 @@ class LocalExecutor:
                     # run is cancelled or the server stops, the body goes on as before: its
                     # next step call finds the run ended, or it is left behind at exit.)
                     self._bodies.abandon(job)
+                    for branch in list(sync_step.running):  # its parallel branches too
+                        self._threads.abandon(branch)
                 raise

@@ -533,7 +533,8 @@ class Runner:
         inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
                          sessions=dict(run.sessions), memo=dict(state.memo),
                          pending=dict(state.pending), attempt=run.attempt, store=self.store,
-                         clock=self.clock, backoff=self.backoff, runtime=self)
+                         clock=self.clock, backoff=self.backoff, runtime=self,
+                         tries=dict(state.tries))
         started = self.clock.now_ms()
         try:
             result = await self._executor_for(fn)(inv)

@@ -4,12 +4,13 @@ The SDK app holds the code; this server holds the state. Each call sends the run
 the memo of finished steps (keyed by hashed step ids) to the function's URL; the app runs the
 function from the top, replays the memo, and answers 200 with the function's output or 206
 with what it wants next: a step's result to commit (`StepRun`), a step error (`StepError`,
-`StepFailed`), steps to run one by one (`StepPlanned`), or something to wait for (`Sleep`,
-`WaitForEvent`, `InvokeFunction`). Every step kind is committed through `Invocation`, the same
-durable logic local functions use, so SDK runs are recorded, retried, woken and shown exactly
-like local ones. Errors leave as the exceptions the runner already understands: `Reschedule`
-to wait, `SdkError` (retried), `SdkNonRetriableError`, `SdkRetryAfterError`; the error body
-the app sent is kept verbatim.
+`StepFailed`), steps to run (`StepPlanned`: a call each, all at once; which calls are made
+when is `sdk.calls`'s), or something to wait for (`Sleep`, `WaitForEvent`, `InvokeFunction`).
+Every step kind is committed through `Invocation`, the same durable logic local functions
+use, so SDK runs are recorded, retried, woken and shown exactly like local ones. Errors
+leave as the exceptions the runner already understands: `Reschedule` to wait, `SdkError`
+(retried), `SdkNonRetriableError`, `SdkRetryAfterError`; the error body the app sent is kept
+verbatim.
 
 Each call carries Inngest's call headers (`x-request-id`, `x-inngest-job-id`, `x-run-id`). A
 call that went out on a pooled connection the app had just closed while idle (uvicorn does
@@ -23,7 +24,6 @@ import asyncio
 import errno
 import io
 import logging
-from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,31 +34,25 @@ from devserver.app import NonRetriableError, StepError
 from devserver.clock import Clock
 from devserver.errors import Reschedule, UserError
 from devserver.ids import new_ulid
-from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
 from devserver.model.lifecycle import DEFER_KIND
 from devserver.model.metadata import op_metadata
 from devserver.runtime.invocation import Invocation
+from devserver.sdk.callbody import encode_call, function_uuid
+from devserver.sdk.calls import CallPlan, earliest
 from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
-    OP_AI_GATEWAY,
-    OP_DEFER_ABORT,
     OP_DEFER_ADD,
-    OP_INVOKE,
-    OP_RUN_COMPLETE,
     OP_SLEEP,
     OP_STEP_ERROR,
     OP_STEP_FAILED,
-    OP_STEP_PLANNED,
     OP_STEP_RUN,
     OP_WAIT_FOR_EVENT,
-    ROOT_STEP,
     Op,
     ProtocolError,
     Reply,
     SdkError,
     SdkNonRetriableError,
-    call_body,
     call_headers,
     call_url,
     error_doc,
@@ -71,8 +65,6 @@ from devserver.sdk.protocol import (
 
 log = logging.getLogger(__name__)
 
-MAX_CALLS = 1000
-"""Calls one invocation may make: a guard against an app that plans steps forever."""
 DEFAULT_CALL_TIMEOUT = 900.0
 """Seconds one call may take (the app runs a whole step within it)."""
 CONNECT_TIMEOUT = 10.0
@@ -93,6 +85,7 @@ class SdkExecutor:
         self.call_timeout = call_timeout
         self.max_reply_bytes = max_reply_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._plans: dict[str, CallPlan] = {}  # the invocations being driven, by run id
 
     async def open(self) -> None:
         """Open the HTTP client."""
@@ -112,60 +105,24 @@ class SdkExecutor:
         url = inv.function.remote
         assert url is not None
         await self._settle(inv)
-        targets: deque[str] = deque()  # planned steps to run, one call each
-        planned_at: dict[str, int] = {}  # the attempt each was planned in
-        retries: list[tuple[Op, Reply, int, int]] = []  # step errors to record once done
-        waits: list[int | None] = []
-        parallel = False
-        for _ in range(MAX_CALLS):
-            if not targets and retries:
-                waits.extend(await self._record_retries(inv, retries))
-            if not targets and waits:
-                raise Reschedule(_earliest(waits))
-            target = targets.popleft() if targets else ROOT_STEP
-            inv.attempt = planned_at.pop(target, inv.attempt)
-            started = self.clock.now_ms()
-            reply = await self._call(inv, url, target, parallel)
-            if reply.ops is None:
-                if reply.error is not None:
-                    raise sdk_error(reply.error, no_retry=reply.no_retry,
-                                    retry_at_ms=reply.retry_at_ms, reason=reply.reason)
-                return reply.output
-            await self._op_metadata(inv, reply.ops)
-            planned: list[str] = []
-            for op in reply.ops:
-                if op.op == OP_RUN_COMPLETE:
-                    return op.data
-                if op.op == OP_STEP_PLANNED:
-                    if op.id not in targets and op.id not in planned:
-                        planned.append(op.id)
-                        planned_at[op.id] = inv.attempt
-                elif op.op in (OP_DEFER_ADD, OP_DEFER_ABORT):
-                    await self._defer(inv, op, started)
-                elif op.op == OP_AI_GATEWAY:
-                    try:
-                        await self._ai_gateway(inv, op, started)
-                    except Reschedule as wait:  # the request failed; retried with backoff
-                        waits.append(wait.at_ms)
-                elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
-                    try:
-                        await self._wait(inv, op, step_uid(op), started)
-                    except Reschedule as wait:  # waiting now; planned steps may still run
-                        waits.append(wait.at_ms)
-                elif self._will_retry(inv, op, reply):
-                    # Recorded after the other planned steps ran: a retry reschedules the
-                    # run, and a sibling's success must not reset this step's attempt count.
-                    retries.append((op, reply, started, inv.attempt))
-                else:
-                    await self._apply(inv, op, reply, started)
-            parallel = parallel or len(planned) > 1
-            targets.extend(planned)
-        raise SdkNonRetriableError(stored_error(
-            "StepLimitError", f"the app was called {MAX_CALLS} times in one go without "
-            "finishing: does it plan the same steps again and again?"))
+        plan = CallPlan(self, inv, url)
+        self._plans[inv.run_id] = plan
+        try:
+            return await plan.run()
+        finally:
+            if self._plans.get(inv.run_id) is plan:
+                del self._plans[inv.run_id]
+
+    async def checkpoint(self, run_id: str, call_id: str, ops: list[Op]) -> bool:
+        """Commit steps an SDK checkpointed during call `call_id` (`ctx.qi_id`) of a run
+        (TypeScript's checkpointing: it runs steps one after another within one call and
+        reports each as it is done). False when no such call is in flight: a stale
+        dispatch, which the SDK stops at (`409`)."""
+        plan = self._plans.get(run_id)
+        return plan is not None and await plan.checkpoint(call_id, ops)
 
     @staticmethod
-    def _will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
+    def will_retry(inv: Invocation, op: Op, reply: Reply) -> bool:
         """Whether a step error leaves the step attempts (so the run is rescheduled)."""
         if op.op not in (OP_STEP_ERROR, OP_STEP_FAILED) or step_uid(op) in inv.memo:
             return False
@@ -173,14 +130,14 @@ class SdkExecutor:
         return not final and inv.can_retry(sdk_error({}, no_retry=False,
                                                      retry_at_ms=reply.retry_at_ms))
 
-    async def _record_retries(self, inv: Invocation,
+    async def record_retries(self, inv: Invocation,
                               retries: list[tuple[Op, Reply, int, int]]) -> list[int | None]:
         """Record step errors that will be retried; returns when to retry them."""
         due: list[int | None] = []
         for op, reply, started, attempt in retries:
             inv.attempt = attempt
             try:
-                await self._apply(inv, op, reply, started)
+                await self.apply(inv, op, reply, started)
             except Reschedule as retry:
                 due.append(retry.at_ms)
         retries.clear()
@@ -197,11 +154,11 @@ class SdkExecutor:
             except StepError:
                 pass  # a failed invoke, now memoized: the app raises it in the function
         if waits and inv.attempt == 0:
-            raise Reschedule(_earliest(waits))
+            raise Reschedule(earliest(waits))
         # A step retry is pending beside the waits (parallel steps): call the app, which
         # runs the step again and reports the waits, still pending, once more.
 
-    async def _apply(self, inv: Invocation, op: Op, reply: Reply, started: int) -> None:
+    async def apply(self, inv: Invocation, op: Op, reply: Reply, started: int) -> None:
         """Commit what one opcode reports, through the durable logic of its step kind."""
         uid = step_uid(op)
         if op.op == OP_STEP_RUN:
@@ -222,14 +179,14 @@ class SdkExecutor:
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
 
-    async def _op_metadata(self, inv: Invocation, ops: list[Op]) -> None:
+    async def record_metadata(self, inv: Invocation, ops: list[Op]) -> None:
         """Store the metadata the SDK wrote inside steps, which rides along their opcodes."""
         updates = [update for op in ops if op.metadata
                    for update in op_metadata(op.metadata, step_uid(op), inv.attempt)]
         if updates:
             await inv.store.add_metadata(inv.run_id, updates, self.clock.now_ms())
 
-    async def _defer(self, inv: Invocation, op: Op, started: int) -> None:
+    async def defer(self, inv: Invocation, op: Op, started: int) -> None:
         """`defer()` (TypeScript): `DeferAdd` records a run to start when this one ends (an
         `inngest/deferred.schedule` event for the deferred function `opts.fn_slug`, its data
         `opts.input`); `DeferAbort` takes back the one `opts.target_hashed_id` names. Both
@@ -255,7 +212,7 @@ class SdkExecutor:
                     and doc.get("hashed_id") == target and not doc.get("aborted")):
                 await inv.record_step(uid, DEFER_KIND, {**doc, "aborted": True}, started)
 
-    async def _ai_gateway(self, inv: Invocation, op: Op, started: int) -> None:
+    async def ai_gateway(self, inv: Invocation, op: Op, started: int) -> None:
         """`step.ai.infer`: make the model request the opcode describes (`sdk.gateway`) and
         commit its answer as the step's result, or its failure as a step error."""
         uid = step_uid(op)
@@ -282,7 +239,8 @@ class SdkExecutor:
         except StepError:
             pass  # spent: memoized as an error, which the app raises in the function
 
-    async def _wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
+    async def wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
+        """Begin (or check) a step that waits: a sleep, an event, an invoked run."""
         now = self.clock.now_ms()
         kind = {OP_SLEEP: "sleep", OP_WAIT_FOR_EVENT: "wait_for_event"}.get(op.op, "invoke")
         try:
@@ -314,15 +272,19 @@ class SdkExecutor:
             except StepError:
                 pass
 
-    async def _call(self, inv: Invocation, url: str, target: str, parallel: bool) -> Reply:
+    async def call(self, inv: Invocation, url: str, target: str, *, attempt: int,
+                   force_plan: bool, call_id: str) -> Reply:
+        """One call to the app (`target`: `step`, or a planned step's hash), with the memo
+        as it stands now; its answer, or an `SdkError` when there is none to use."""
         if self._session is None:
             raise RuntimeError("the SDK executor is not open")
-        body = call_body(events=inv.events, memo=inv.memo, run_id=inv.run_id,
-                         attempt=inv.attempt, max_attempts=inv.function.max_attempts,
-                         disable_immediate_execution=parallel)
+        data, use_api = encode_call(
+            events=inv.events, memo=inv.memo, run_id=inv.run_id, attempt=attempt,
+            max_attempts=inv.function.max_attempts, disable_immediate_execution=force_plan,
+            fn_id=function_uuid(inv.function.id), qi_id=call_id)
         target_url = call_url(url, target)
-        log.debug("run %s: calling %s (attempt %d)", inv.run_id, target_url, inv.attempt)
-        data = dump_json(body).encode("utf-8")
+        log.debug("run %s: calling %s (attempt %d%s)", inv.run_id, target_url, attempt,
+                  ", state through the API" if use_api else "")
         try:
             for retry in (False, True):
                 headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
@@ -426,12 +388,6 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
             raise ReplyTooLarge(f"the reply passed the {_size(cap)} cap on SDK replies "
                                 f"({size:,} bytes had arrived)")
         chunks.append(chunk)
-
-
-def _earliest(waits: list[int | None]) -> int | None:
-    """When to look again at a run waiting for several things (None: only when woken)."""
-    times = [at for at in waits if at is not None]
-    return min(times) if times else None
 
 
 def _body(raw: bytes) -> bytes | io.BytesIO:

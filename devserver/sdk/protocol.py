@@ -2,10 +2,10 @@
 reads the answers.
 
 Pure logic, no I/O and no aiohttp, so every rule is testable with dicts: the wire strings, the
-call body (both SDKs validate it strictly), the memo of step outcomes keyed by hashed step ids,
-the opcodes of a 206 answer, errors and `Retry-After`, event ids from an SDK's id seed (reading
-a registration is `registration`'s). The facts come from the SDKs themselves (Python `inngest`
-0.5.19, TypeScript `inngest` 4).
+memo of step outcomes keyed by hashed step ids, the call's headers and URL, the opcodes of a
+206 answer, errors and `Retry-After`, event ids from an SDK's id seed (the call body, which
+both SDKs validate strictly, is `callbody`'s; reading a registration is `registration`'s).
+The facts come from the SDKs themselves (Python `inngest` 0.5.19, TypeScript `inngest` 4).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from typing import Any
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.clock import parse_duration, to_ms
 from devserver.model.failures import ReportedError, memo_error, reported_error
-from devserver.model.lifecycle import DEFER_KIND
-from devserver.model.records import StepAttempt, StoredEvent, event_dict, inngest_event
+from devserver.model.records import StepAttempt, inngest_event
 
 # -- wire strings -----------------------------------------------------------------------------
 
@@ -41,6 +40,9 @@ REQUEST_ID_HEADER = "x-request-id"
 JOB_ID_HEADER = "x-inngest-job-id"
 """The id of the unit of work a call belongs to, the same for its retries (`ctx.jobId`)."""
 RUN_ID_HEADER = "x-run-id"
+REQUEST_VERSION_HEADER = "X-Inngest-Req-Version"
+"""The execution version an SDK answers with: 2 and up coalesce parallel steps (the call after
+a group of planned steps waits until all of them are done)."""
 SERVER_KIND = "dev"
 """What this server is, in `X-Inngest-Server-Kind`: a dev server, not Inngest Cloud."""
 
@@ -60,6 +62,10 @@ OP_RUN_COMPLETE = "RunComplete"
 OP_AI_GATEWAY = "AIGateway"
 OP_DEFER_ADD = "DeferAdd"
 OP_DEFER_ABORT = "DeferAbort"
+PARALLEL_MODE_OPT = "parallelMode"
+PARALLEL_RACE = "race"
+"""`opts.parallelMode` of a planned step whose finishing continues the function at once (TS
+`group.parallel`/`Promise.race`, Python `ParallelMode.RACE`), not after its whole group."""
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
                  OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE, OP_AI_GATEWAY)
 
@@ -183,6 +189,11 @@ class Op:
     metadata: Any = None
     """Metadata written inside the step (TypeScript): `[{kind, scope, op, values}]`."""
 
+    @property
+    def races(self) -> bool:
+        """Whether the step runs in race mode (`opts.parallelMode: "race"`)."""
+        return self.opts.get(PARALLEL_MODE_OPT) == PARALLEL_RACE
+
 
 def parse_ops(body: Any) -> list[Op]:
     """The opcodes of a 206 answer: a JSON array of them (a lone object is taken as one)."""
@@ -245,32 +256,6 @@ def sdk_event(doc: dict[str, Any]) -> dict[str, Any]:
     return inngest_event(doc)
 
 
-def call_body(
-    *, events: list[StoredEvent], memo: Mapping[str, StepAttempt], run_id: str, attempt: int,
-    max_attempts: int, disable_immediate_execution: bool,
-) -> dict[str, Any]:
-    """The body of a call to an SDK function. `ctx.fn_id` stays out on purpose: with it the
-    TypeScript SDK switches to checkpointing instead of answering 206."""
-    docs = [sdk_event(event_dict(ev)) for ev in events]
-    done = sorted(memo.items(), key=lambda item: item[1].ended_at)  # completion order
-    steps = {memo_key(uid): memo_value(record) for uid, record in done
-             if record.kind != DEFER_KIND}
-    # Deferred runs are not steps: the SDK learns of them from `defers` (and so does not
-    # defer them again on replay).
-    defers = {memo_key(uid): {"abortable": True} for uid, record in done
-              if record.kind == DEFER_KIND and isinstance(record.output, dict)
-              and not record.output.get("aborted")}
-    stack = list(steps)
-    return {
-        **({"defers": defers} if defers else {}),
-        "event": docs[0] if docs else {}, "events": docs, "steps": steps,
-        "ctx": {"run_id": run_id, "attempt": attempt, "max_attempts": max_attempts, "env": "",
-                "stack": {"stack": stack, "current": len(stack)},
-                "disable_immediate_execution": disable_immediate_execution, "use_api": False},
-        "version": -1, "use_api": False,
-    }
-
-
 def call_headers(*, run_id: str, step_id: str, request_id: str) -> dict[str, str]:
     """The headers of a call besides the content type, as Inngest sends them: the request's
     own id, the job's (the run and the step it runs: the same for that step's retries), the
@@ -302,6 +287,8 @@ class Reply:
     no_retry: bool = False
     """`X-Inngest-No-Retry: true`, on any status (a 206's `StepError` too)."""
     retry_at_ms: int | None = None
+    version: int | None = None
+    """The execution version the SDK reported (`X-Inngest-Req-Version`), if any."""
 
     @property
     def reason(self) -> str:
@@ -324,14 +311,15 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
         raise ProtocolError(
             f"the app answered HTTP {status} without an {SDK_HEADER} header: is this URL an "
             "Inngest serve endpoint?", retriable=True)
+    version = _version(headers.get(REQUEST_VERSION_HEADER))
     no_retry = str(headers.get(NO_RETRY_HEADER, "")).strip().lower() == "true"
     retry_at_ms = parse_retry_after(headers.get(RETRY_AFTER_HEADER), now_ms)
     if status == 200:
         return Reply(status, output=_json(text, "the function's return value") if text.strip()
-                     else None)
+                     else None, version=version)
     if status == 206:
         return Reply(status, ops=parse_ops(_json(text, "the opcodes of a 206 answer")),
-                     no_retry=no_retry, retry_at_ms=retry_at_ms)
+                     version=version, no_retry=no_retry, retry_at_ms=retry_at_ms)
     if 200 <= status < 300:
         raise ProtocolError(f"the SDK answered HTTP {status}; only 200 and 206 mean something")
     try:
@@ -342,6 +330,11 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
                                                     if text.strip() else "")
     return Reply(status, error=error_doc(parsed, fallback), no_retry=no_retry,
                  retry_at_ms=retry_at_ms)
+
+
+def _version(value: Any) -> int | None:
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 6 else None
 
 
 def _unwrap_stream(text: str, headers: Mapping[str, str]

@@ -558,12 +558,20 @@ def read_run_state(db: sqlite3.Connection, run_id: str) -> RunState | None:
     events = run_events(db, run)
     memo: dict[str, StepAttempt] = {}
     pending: dict[str, StepAttempt] = {}
+    tries: dict[str, int] = {}
     for step in map(step_from_row, db.execute(
             "SELECT * FROM steps WHERE run_id = ? AND step_id IS NOT NULL "
-            "AND (final = 1 OR status = ?) ORDER BY seq", (run_id, WAITING))):
+            "AND (final = 1 OR status IN (?, ?)) ORDER BY seq", (run_id, WAITING, FAILED))):
         assert step.step_id is not None
-        (memo if step.final else pending)[step.step_id] = step
-    return RunState(run=run, events=events, memo=memo, pending=pending)
+        if step.final:
+            memo[step.step_id] = step
+        elif step.status == WAITING:
+            pending[step.step_id] = step
+        else:
+            tries[step.step_id] = tries.get(step.step_id, 0) + 1
+    for uid in memo:
+        tries.pop(uid, None)
+    return RunState(run=run, events=events, memo=memo, pending=pending, tries=tries)
 
 
 def read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:

@@ -27,9 +27,10 @@ from devserver.runtime.reload import AppReloader
 from devserver.runtime.runner import Runner
 from devserver.runtime.watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 from devserver.sdk import apps as sdk
+from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
 from devserver.store.facade import Store
-from devserver.web import api, dashboard, gql_routes, guard, sdk_routes
+from devserver.web import api, dashboard, gql_routes, guard, sdk_routes, sdk_state
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8288
@@ -112,6 +113,8 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     app[api.STORE] = store
     app[api.RUNNER] = runner
     app[sdk_routes.SDK_APPS] = apps
+    app[sdk_state.SDK_EXECUTOR] = remote
+    app[sdk_state.ENDPOINTS] = DurableEndpoints(store, clock)
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -154,6 +157,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
 
         app.cleanup_ctx.append(reload_ctx)
     app.add_routes(api.routes)
+    app.add_routes(sdk_state.routes)
     app.add_routes(sdk_routes.routes)
     app.add_routes(gql_routes.routes)
     dashboard.setup(app)
