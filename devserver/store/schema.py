@@ -72,7 +72,7 @@ CREATE TABLE runs (
     output TEXT,
     error TEXT,
     sessions TEXT NOT NULL
-, restarts INTEGER NOT NULL DEFAULT 0, tree TEXT);
+, restarts INTEGER NOT NULL DEFAULT 0, tree TEXT, rerun_of TEXT);
 CREATE INDEX runs_by_event ON runs (event_id);
 CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
 CREATE INDEX runs_unfinished_by_function ON runs (env, function_id)
@@ -175,6 +175,21 @@ CREATE TABLE run_trees (
 -- The events a run produced (send_event steps, its end's lifecycle events): only those have
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
+
+-- The dashboard (version 7). `runs.rerun_of`: the run a rerun repeats (its reruns are found
+-- by the index); runs by function for /functions and /runs?function=; sessions by failed
+-- runs for that sort; `run_logs`: the lines a run wrote with `ctx.logger`, bounded per run.
+CREATE INDEX runs_by_rerun_of ON runs (rerun_of) WHERE rerun_of IS NOT NULL;
+CREATE INDEX runs_by_function ON runs (env, function_id, run_id);
+CREATE INDEX sessions_by_failed_runs ON sessions (env, identifier, failed_runs, value);
+CREATE TABLE run_logs (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
 
@@ -207,6 +222,20 @@ CREATE TABLE run_trees (
 -- The events a run produced (send_event steps, its end's lifecycle events): only those have
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
+""",
+    7: """
+ALTER TABLE runs ADD COLUMN rerun_of TEXT;
+CREATE INDEX runs_by_rerun_of ON runs (rerun_of) WHERE rerun_of IS NOT NULL;
+CREATE INDEX runs_by_function ON runs (env, function_id, run_id);
+CREATE INDEX sessions_by_failed_runs ON sessions (env, identifier, failed_runs, value);
+CREATE TABLE run_logs (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
 """,
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new

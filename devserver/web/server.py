@@ -29,7 +29,7 @@ from devserver.runtime.watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 from devserver.sdk import apps as sdk
 from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
 from devserver.store.facade import Store
-from devserver.web import api, dashboard, gql, guard, sdk_routes
+from devserver.web import actions, api, dashboard, gql, guard, lists, sdk_routes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8288
@@ -154,6 +154,8 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
 
         app.cleanup_ctx.append(reload_ctx)
     app.add_routes(api.routes)
+    app.add_routes(lists.routes)
+    app.add_routes(actions.routes)
     app.add_routes(sdk_routes.routes)
     app.add_routes(gql.routes)
     dashboard.setup(app)
