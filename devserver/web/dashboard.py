@@ -36,12 +36,14 @@ from devserver.model.records import FINISHED, UNFINISHED, WAITING
 from devserver.model.records import format_percent as format_percent  # the CLI's too
 from devserver.model.triggers import EventTrigger
 from devserver.web import api
+from devserver.web.filters import LAST_CHOICES, STATUSES
+from devserver.web.sdk_routes import SDK_APPS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STRICT_ENV_VAR = "DEVSERVER_STRICT_TEMPLATES"
 """Set to 1 to render templates with `jinja2.StrictUndefined` (the tests do)."""
-CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 LIVE_FAST_MS, LIVE_SLOW_MS = 1000, 2000
 """Page refresh intervals: while runs are in flight or the page waits for a first event (empty
 state, unknown session), and otherwise (new events may still arrive)."""
@@ -49,8 +51,8 @@ STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
                 ".svg": "image/svg+xml"}
 STATIC_MAX_AGE = 365 * 24 * 3600
 EXAMPLE_EVENT = "app/message.created"
-SORTS = (("value", "Value"), ("runs", "Runs"), ("failure_rate", "Failure rate"),
-         ("last_active", "Last active"))
+SORTS = (("value", "Value"), ("runs", "Runs"), ("failed_runs", "Failed"),
+         ("failure_rate", "Failure rate"), ("last_active", "Last active"))
 DEFAULT_SORT = "last_active"
 STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (*UNFINISHED, *FINISHED, WAITING)}
 API_PREFIXES = ("/api/", "/e/", "/v1/", "/static/")
@@ -229,6 +231,7 @@ def make_environment(directory: Path, *, strict: bool = False) -> jinja2.Environ
     env.filters.update(
         absolute=format_absolute, ago=_ago_filter, clock=_clock_filter,
         duration=format_duration, iso=iso_stamp, percent=format_percent, pretty=pretty_json,
+        pathpart=lambda text: quote(str(text), safe=""),
         status_class=status_class,
     )
     return env
@@ -309,6 +312,7 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         return f"/static/{quote(name)}?v={dash.assets[name].version}"
 
     return {
+        "banners": banners(request), "nav": _nav_section(request.path), "nav_items": NAV,
         "env": env, "default_env": api.DEFAULT_ENV,
         "environments": environments if len(environments) > 1 else [],  # the selector
         "env_link": lambda name: make_link(name)("/sessions"),
@@ -317,6 +321,38 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         "now_ms": request.app[api.RUNNER].clock.now_ms(), "live_ms": live_ms, "status": 200,
         "version": dash.version, "base_url": f"{request.scheme}://{_host(request)}",
     }
+
+
+NAV = (("sessions", "Sessions", "/sessions"), ("runs", "Runs", "/runs"),
+       ("events", "Events", "/events"), ("functions", "Functions", "/functions"),
+       ("apps", "Apps", "/apps"))
+"""The top navigation: (section, label, path)."""
+
+
+def _nav_section(path: str) -> str:
+    """The navigation section a page belongs to (a session page is under Sessions)."""
+    first = path.strip("/").partition("/")[0]
+    return {"session": "sessions", "": "sessions"}.get(first, first)
+
+
+def banners(request: web.Request) -> list[dict[str, str]]:
+    """What every page warns about: a hot reload that failed (the last good code still
+    runs), SDK apps whose last sync failed, and a database that refuses writes."""
+    found = []
+    reloader = request.app.get(api.RELOADER)
+    if reloader is not None and not reloader.status.ok:
+        found.append({"kind": "reload", "title": "Hot reload failed",
+                      "message": (reloader.status.error or "the app could not be imported")
+                      + " (the last good code is still running; save a fix to reload)"})
+    apps = request.app.get(SDK_APPS)
+    for result in apps.sync_results if apps is not None else []:
+        if not result.ok:
+            found.append({"kind": "sync", "title": f"Sync of {result.url} failed",
+                          "message": result.error or "no answer"})
+    fault = request.app[api.STORE].fault
+    if fault is not None:
+        found.append({"kind": "database", "title": "Database problem", "message": fault})
+    return found
 
 
 def _host(request: web.Request) -> str:
@@ -403,6 +439,28 @@ async def html_not_found(request: web.Request) -> web.StreamResponse | None:
                             f"There is no dashboard page at {request.path}.", twin=False)
 
 
+def list_filters(request: web.Request, path: str, doc: dict[str, Any], *,
+                 keys: tuple[str, ...], **fixed: str) -> dict[str, Any]:
+    """The filter form, pager and "clear" links of a list page."""
+    link = make_link(api.env_of(request))
+    limit = request.query.get("limit") or None
+    filters = doc["filters"]
+    kept = {k: filters.get(k) for k in keys}
+    if kept.get("last"):
+        kept.pop("start", None)
+        kept.pop("end", None)
+    here = functools.partial(link, path, **fixed, limit=limit, **kept)
+    filtered = any(filters.get(k) for k in keys)
+    return {
+        "filter_action": path, "filters": filters,
+        "hidden": [*fixed.items(), *([("limit", limit)] if limit else [])],
+        "statuses": STATUSES, "last_choices": LAST_CHOICES, "filtered": filtered,
+        "clear_url": link(path, **fixed, limit=limit) if filtered else None,
+        "first_url": here() if request.query.get("cursor") else None,
+        "next_url": here(cursor=doc["next_cursor"]) if doc["next_cursor"] else None,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Pages
 
@@ -438,16 +496,24 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
             "next_url": here(cursor=doc["next_cursor"]) if doc["next_cursor"] else None,
         })
     q, limit = request.query.get("q") or "", request.query.get("limit") or None
+    filters = doc["filters"]
+    kept = {"status": filters["status"], "last": filters["last"],
+            "start": None if filters["last"] else filters["start"],
+            "end": None if filters["last"] else filters["end"]}
+    filtered = any(kept.values())
     here = functools.partial(link, "/sessions", identifier=identifier, limit=limit)
     sort, next_cursor = doc["sort"], doc["next_cursor"]
     sort_param = None if sort == DEFAULT_SORT else sort
     return render(request, "sessions.html", {
         **ctx, "doc": doc, "q": q, "limit": limit, "sort_param": sort_param,
-        "sorts": [(key, label, key == sort, here(q=q, sort=None if key == DEFAULT_SORT else key))
+        "filters": filters, "filtered": filtered, "last_choices": LAST_CHOICES,
+        "sorts": [(key, label, key == sort,
+                   here(q=q, sort=None if key == DEFAULT_SORT else key, **kept))
                   for key, label in SORTS],
         "clear_url": here(sort=sort_param),
-        "first_url": here(q=q, sort=sort_param) if request.query.get("cursor") else None,
-        "next_url": here(q=q, sort=sort_param, cursor=next_cursor) if next_cursor else None,
+        "first_url": here(q=q, sort=sort_param, **kept) if request.query.get("cursor") else None,
+        "next_url": here(q=q, sort=sort_param, cursor=next_cursor, **kept)
+        if next_cursor else None,
     })
 
 
@@ -463,16 +529,17 @@ async def session_page(request: web.Request) -> web.StreamResponse:
     except NotFound as exc:
         return await error_page(request, 404, "Unknown session", exc.message, env=env,
                                 identifier=identifier, value=value)
-    in_flight = _busy(request) or any(r["status"] in UNFINISHED for r in doc["runs"])
+    in_flight = (_busy(request) or doc["timeline"]["live"]
+                 or any(r["status"] in UNFINISHED for r in doc["runs"]))
     ctx = await _context(request, env, live_ms=LIVE_FAST_MS if in_flight else LIVE_SLOW_MS)
-    here = functools.partial(link, "/session", identifier=identifier, value=value,
-                             limit=request.query.get("limit"))
-    next_cursor = doc["next_cursor"]
     return render(request, "session.html", {
         **ctx, "doc": doc,
         "fixture_url": link("/session/fixture", identifier=identifier, value=value),
-        "first_url": here() if request.query.get("cursor") else None,
-        "next_url": here(cursor=next_cursor) if next_cursor else None,
+        "rerun_failed_url": link("/api/session/rerun-failed", identifier=identifier,
+                                 value=value),
+        "offer_q": False, "offer_status": True, "functions": [],
+        **list_filters(request, "/session", doc, keys=("status", "last", "start", "end"),
+                       identifier=identifier, value=value),
     })
 
 
