@@ -470,7 +470,11 @@ async def test_run_page_shows_events_steps_errors_and_traceback(
             "ConnectionError: upstream hiccup")
         assert json.loads(steps.nth(1).locator("pre").text_content() or "") == {"items": 3}
         assert heads[2:] == ["(function)", "(function)"]  # one retry of the function
-        expect(steps.nth(2)).to_contain_text("will retry")
+        # One numbering, from 1: the function's first attempt failed and was retried.
+        expect(steps.nth(0).locator(".step-meta")).to_contain_text("attempt 1 · retried")
+        expect(steps.nth(2).locator(".step-meta")).to_contain_text("attempt 1 · retried")
+        expect(steps.nth(3).locator(".step-meta")).to_contain_text("attempt 2")
+        expect(page.locator("#run-attempt")).to_have_text("2")
 
         result = page.locator("section.result")
         expect(result.locator(".error-message")).to_have_text(
