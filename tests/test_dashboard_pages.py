@@ -25,7 +25,7 @@ from .helpers import Browser, MakeServer, get, get_json, idle, send
 
 START = 1_736_935_200_000  # 2025-01-15T10:00:00Z
 HOUR = 3_600_000
-PHONE = {"viewport": {"width": 390, "height": 844}}
+PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +117,8 @@ async def test_runs_twin_filters_by_status_function_search_time_and_pages(
     assert [(r["event_id"], r["status"], r["error"]) for r in failed] == [
         (ids["failed"], "Failed", "NonRetriableError: job 2 failed")]
     status, body = await get_json(http, server, "/api/runs", status="Broken")
-    assert status == 400 and "status must be one of" in body["error"], body
+    assert status == 400, body
+    assert "status must be one of" in body["error"], body
 
     child = (await get(http, server, "/api/runs", function="ops-child"))["runs"]
     assert [r["event_name"] for r in child] == ["ops/child"]
@@ -131,14 +132,17 @@ async def test_runs_twin_filters_by_status_function_search_time_and_pages(
 
     recent = (await get(http, server, "/api/runs", last="1h"))["runs"]
     assert [r["event_id"] for r in recent] == [ids["late"]]
-    early = (await get(http, server, "/api/runs", start=iso(START), end=iso(START + HOUR)))
-    assert len(early["runs"]) == 4 and ids["late"] not in {r["event_id"] for r in early["runs"]}
+    early = (await get(http, server, "/api/runs", start=str(iso(START)),
+                       end=str(iso(START + HOUR))))
+    assert len(early["runs"]) == 4
+    assert ids["late"] not in {r["event_id"] for r in early["runs"]}
     assert early["filters"]["start"] == iso(START)
     for bad, message in (({"last": "soon"}, "last must be"), ({"start": "yesterday"}, "start must"),
                          ({"last": "1h", "start": iso(START)}, "not both"),
                          ({"start": iso(START + HOUR), "end": iso(START)}, "after end")):
         status, body = await get_json(http, server, "/api/runs", **bad)
-        assert status == 400 and message in body["error"], (bad, body)
+        assert status == 400, (bad, body)
+        assert message in body["error"], (bad, body)
 
     seen, cursor = [], None
     while True:
@@ -173,7 +177,8 @@ async def test_sessions_twins_have_failure_figures_latest_errors_and_filters(
         "sessions"] == []
     status, body = await get_json(http, server, "/api/sessions", identifier="conv",
                                   status="nope")
-    assert status == 400 and "failing" in body["error"]
+    assert status == 400
+    assert "failing" in body["error"]
 
     session = await get(http, server, "/api/session", identifier="conv", value="c-ok")
     assert [r["function_id"] for r in session["runs"]] == ["ops-child", "ops-job"]
@@ -339,6 +344,7 @@ async def test_every_page_fits_a_390_px_screen(
             for cell in page.locator("table.data td.num").all():
                 assert cell.is_visible(), (path, cell.text_content())
                 box = cell.bounding_box()
-                assert box is not None and box["x"] + box["width"] <= 390, (path, box)
+                assert box is not None, (path, box)
+                assert box["x"] + box["width"] <= 390, (path, box)
 
-    await browser.check(check, **PHONE)
+    await browser.check(check, viewport=PHONE)
