@@ -61,6 +61,7 @@ def timeline_doc(timeline: Timeline, now: int) -> dict[str, Any]:
             "attempt": step.attempt + 1, "started_at": iso(step.started_at),
             "ended_at": iso(step.ended_at), "wait_until": iso(step.wait_until),
             **bar(step.started_at, max(end, step.started_at))})
+    function_of = {r.run_id: r.function_id for r in runs}
     run_docs = []
     for run in runs:
         source = event_source.get(run.event_id)
@@ -73,7 +74,9 @@ def timeline_doc(timeline: Timeline, now: int) -> dict[str, Any]:
             "queued_at": iso(run.queued_at), "started_at": iso(run.started_at),
             "ended_at": iso(run.ended_at),
             "parent_run_id": source if source in in_timeline else None,
+            "parent_function_id": function_of.get(source) if source else None,
             "sent_events": sent.get(run.run_id, []), "child_runs": children,
+            "child_functions": [function_of[c] for c in children],
             "steps": steps.get(run.run_id, []), **bar(run.queued_at, max(end, run.queued_at)),
         })
     return {
