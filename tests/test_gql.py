@@ -16,8 +16,9 @@ from devserver.web.server import Server
 
 from .helpers import MakeServer, idle, sdk_server, send
 from .test_sdk_python import FlaskApp, apps, inngest, synced_app
+from .test_sdk_ts import node_app, node_modules
 
-__all__ = ["apps"]  # a fixture, used by name
+__all__ = ["apps", "node_modules"]  # fixtures, used by name
 
 pytestmark = pytest.mark.asyncio
 
@@ -68,6 +69,49 @@ GET_OUTPUT = """
             }
         }
         """
+
+
+# The TypeScript SDK's harness (inngest-js `src/test/helpers.ts`, `fetchRunResult`): it finds
+# the span whose stepType is FINALIZATION and reads the run's result from its output.
+TS_FIND_FINALIZATION = """query ($runId: String!) {
+          run(runID: $runId) {
+            trace(preview: true) {
+              stepType outputID status
+              childrenSpans {
+                stepType outputID status
+                childrenSpans { stepType outputID status }
+              }
+            }
+          }
+        }"""
+
+TS_READ_OUTPUT = """query ($outputId: String!) {
+        runTraceSpanOutputByID(outputID: $outputId) {
+          data
+          error { name message stack cause }
+        }
+      }"""
+
+
+def finalization_output_id(span: dict[str, Any]) -> str | None:
+    """The harness's search: depth first, the first FINALIZATION span with an output."""
+    if span.get("stepType") == "FINALIZATION" and span.get("outputID"):
+        return str(span["outputID"])
+    for child in span.get("childrenSpans") or []:
+        found = finalization_output_id(child)
+        if found:
+            return found
+    return None
+
+
+async def ts_run_result(http: aiohttp.ClientSession, server: Server,
+                        run_id: str) -> dict[str, Any]:
+    """A run's result the way the TypeScript harness reads it: `data` or `error`."""
+    trace = (await data(http, server, TS_FIND_FINALIZATION, {"runId": run_id}))["run"]["trace"]
+    output_id = finalization_output_id(trace)
+    assert output_id, trace
+    got = await data(http, server, TS_READ_OUTPUT, {"outputId": output_id})
+    return dict(got["runTraceSpanOutputByID"])
 
 
 async def gql(http: aiohttp.ClientSession, server: Server, query: str,
@@ -137,11 +181,13 @@ async def test_harness_queries_read_runs_steps_outputs_and_triggers(
 
     spans = (await data(http, server, GET_STEPS, {"run_id": run_id}))["run"]["trace"][
         "childrenSpans"]
-    assert [s["name"] for s in spans] == ["first", "flaky"]
+    # The steps in order, then the run's finalization (its result).
+    assert [s["name"] for s in spans] == ["first", "flaky", "Finalization"]
     outputs = [(await data(http, server, GET_OUTPUT, {"output_id": s["outputID"]}))[
         "runTraceSpanOutputByID"] for s in spans]
-    assert [json.loads(o["data"]) for o in outputs] == [{"n": 7}, "ok"]
-    assert [o["error"] for o in outputs] == [None, None]
+    assert [json.loads(o["data"]) for o in outputs] == [
+        {"n": 7}, "ok", {"first": {"n": 7}, "second": "ok"}]
+    assert [o["error"] for o in outputs] == [None, None, None]
     assert calls["flaky"] == 3
 
 
@@ -187,7 +233,8 @@ async def test_trace_has_attempts_under_steps_and_failures_carry_their_error(
     assert root["status"] == "COMPLETED"
     assert [(s["name"], s["stepID"], s["stepType"], s["status"], s["attempts"])
             for s in root["childrenSpans"]] == [
-        ("first", "first", "RUN", "COMPLETED", 1), ("flaky", "flaky", "RUN", "COMPLETED", 3)]
+        ("first", "first", "RUN", "COMPLETED", 1), ("flaky", "flaky", "RUN", "COMPLETED", 3),
+        ("Finalization", None, "FINALIZATION", "COMPLETED", None)]
     flaky = root["childrenSpans"][1]
     assert [a["status"] for a in flaky["childrenSpans"]] == ["FAILED", "FAILED", "COMPLETED"]
     assert len({a["spanID"] for a in flaky["childrenSpans"]}) == 3
@@ -202,7 +249,11 @@ async def test_trace_has_attempts_under_steps_and_failures_carry_their_error(
 
     failed = (await data(http, server, trace_query, {"runID": bad["id"]}))["run"]
     assert failed["status"] == "FAILED"
-    (broken,) = failed["trace"]["childrenSpans"]
+    broken, final = failed["trace"]["childrenSpans"]
+    assert (final["stepType"], final["status"]) == ("FINALIZATION", "FAILED")
+    final_out = (await data(http, server, GET_OUTPUT, {"output_id": final["outputID"]}))[
+        "runTraceSpanOutputByID"]
+    assert (final_out["data"], final_out["error"]["name"]) == (None, "KeyError")
     assert (broken["name"], broken["status"], broken["attempts"]) == ("broken", "FAILED", 2)
     out = (await data(http, server, GET_OUTPUT, {"output_id": broken["outputID"]}))[
         "runTraceSpanOutputByID"]
@@ -316,7 +367,8 @@ async def test_a_real_python_sdk_run_read_the_way_its_harness_reads_it(
             "trace"]["childrenSpans"]
         # A repeated step id is one span per repeat, each named by the id (the harness's
         # `get_step_output(step_id="price", index=1)` counts them by name).
-        assert [s["name"] for s in spans] == ["price", "price", "cool-off", "receipt"]
+        assert [s["name"] for s in spans] == ["price", "price", "cool-off", "receipt",
+                                              "Finalization"]
         outputs = [(await data(http, server, GET_OUTPUT, {"output_id": s["outputID"]}))[
             "runTraceSpanOutputByID"]["data"] for s in spans[:2]]
         assert [json.loads(o) for o in outputs] == [12, 24]
@@ -331,3 +383,123 @@ async def test_a_post_from_another_origin_is_refused_by_the_guard(
         assert resp.status == 403
     status, body = await gql(http, server, "{ events(query: {}) { id } }")
     assert (status, body) == (200, {"data": {"events": []}})
+
+
+async def test_the_typescript_harness_reads_a_result_or_an_error_from_the_finalization_span(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    app, _ = retrying_app()
+    server = await make_server(app)
+    ok_event = await send(http, server, "app/go", {"n": 3})
+    bad_event = await send(http, server, "app/fail")
+    await idle(server)
+    (ok_run,) = (await data(http, server, GET_RUN_IDS, {"event_id": ok_event}))["event"][
+        "functionRuns"]
+    (bad_run,) = (await data(http, server, GET_RUN_IDS, {"event_id": bad_event}))["event"][
+        "functionRuns"]
+
+    result = await ts_run_result(http, server, ok_run["id"])
+    assert result["error"] is None
+    assert json.loads(result["data"]) == {"first": {"n": 3}, "second": "ok"}
+
+    result = await ts_run_result(http, server, bad_run["id"])
+    assert result["data"] is None
+    assert (result["error"]["name"], result["error"]["message"]) == ("KeyError", "'missing'")
+    assert "broken" in result["error"]["stack"]
+
+    # A run still going has no finalization span yet (the harness polls until it has).
+    gate = devserver.App("gate")
+
+    @gate.function(trigger="app/wait")
+    async def waits(ctx: devserver.Context) -> None:
+        await ctx.step.wait_for_event("hold", event="app/never", timeout="1h")
+
+    waiting = await make_server(gate)
+    event_id = await send(http, waiting, "app/wait")
+    (run,) = (await data(http, waiting, GET_RUN_IDS, {"event_id": event_id}))["event"][
+        "functionRuns"]
+    trace = (await data(http, waiting, TS_FIND_FINALIZATION, {"runId": run["id"]}))["run"][
+        "trace"]
+    assert finalization_output_id(trace) is None
+    assert trace["status"] == "RUNNING"
+
+
+async def test_run_trace_functions_and_function_by_slug(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    app, _ = retrying_app()
+    server = await make_server(app)
+    event_id = await send(http, server, "app/go", {"n": 1})
+    await idle(server)
+    (run,) = (await data(http, server, GET_RUN_IDS, {"event_id": event_id}))["event"][
+        "functionRuns"]
+    fns = (await data(http, server, "{ functions { id name slug url triggers { type value } } }"))[
+        "functions"]
+    by_id = {f["id"]: f for f in fns}
+    assert set(by_id) == {"gql-fn", "gql-failing"}
+    assert by_id["gql-fn"]["triggers"] == [{"type": "EVENT", "value": "app/go"}]
+    assert by_id["gql-fn"]["url"] == ""  # a local function has no SDK URL
+    got = await data(http, server, """query($slug: String!, $run: String!) {
+      functionBySlug(query: {functionSlug: $slug}) { id name }
+      none: functionBySlug(query: {functionSlug: "nope"}) { id }
+      runTrace(runID: $run) { isRoot name childrenSpans { name stepOp } }
+      run(runID: $run) { function { id name slug } }
+    }""", {"slug": "gql-fn", "run": run["id"]})
+    assert got["functionBySlug"] == {"id": "gql-fn", "name": by_id["gql-fn"]["name"]}
+    assert got["none"] is None
+    assert got["runTrace"]["isRoot"] is True
+    assert [(c["name"], c["stepOp"]) for c in got["runTrace"]["childrenSpans"]] == [
+        ("first", "RUN"), ("flaky", "RUN"), ("Finalization", None)]
+    assert got["run"]["function"] == {"id": "gql-fn", "name": by_id["gql-fn"]["name"],
+                                      "slug": "gql-fn"}
+
+    status, body = await gql(http, server, '{ runTrace(runID: "01NOPE") { name } }')
+    assert (status, body["data"]) == (200, None)
+    assert "01NOPE" in body["errors"][0]["message"]
+
+
+async def test_stream_pages_before_and_after_an_event_and_unknown_event_v2(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    server = await make_server()
+    ids = [await send(http, server, "app/tick", {"i": i}) for i in range(5)]
+    query = """query($before: ID, $after: ID) {
+      stream(query: {limit: 2, before: $before, after: $after}) { id }
+    }"""
+    page = [i["id"] for i in (await data(http, server, query))["stream"]]
+    assert page == [ids[4], ids[3]]
+    page = [i["id"] for i in (await data(http, server, query, {"before": ids[3]}))["stream"]]
+    assert page == [ids[2], ids[1]]
+    page = [i["id"] for i in (await data(http, server, query, {"after": ids[1]}))["stream"]]
+    assert page == [ids[3], ids[2]]  # the two just newer, newest first
+    got = await data(http, server, "query($last: ID) { events(query: {lastEventId: $last}) "
+                                   "{ id } }", {"last": ids[2]})
+    assert [e["id"] for e in got["events"]] == [ids[1], ids[0]]
+
+    status, body = await gql(http, server, '{ eventV2(id: "01NOPE") { name } }')
+    assert (status, body["data"]) == (200, None)  # EventV2! is non-null, as in Inngest's
+    assert "01NOPE" in body["errors"][0]["message"]
+
+
+@pytest.mark.slow  # a real Inngest TypeScript SDK app (inngest@4 on Node)
+@pytest.mark.timeout(300)  # the first npm install
+async def test_a_real_typescript_sdk_run_read_the_way_its_harness_reads_it(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    async with sdk_server(tmp_path, clock=VirtualClock()) as server, \
+            node_app(node_modules, server, tmp_path) as app:
+        ok_id, bad_id = await app.send(http, [
+            {"name": "shop/order.placed", "data": {"items": [1, 2]}}, {"name": "shop/strict"}])
+        await idle(server)
+        (ok_run,) = (await data(http, server, GET_RUN_IDS, {"event_id": ok_id}))["event"][
+            "functionRuns"]
+        (bad_run,) = (await data(http, server, GET_RUN_IDS, {"event_id": bad_id}))["event"][
+            "functionRuns"]
+        result = await ts_run_result(http, server, ok_run["id"])
+        assert result["error"] is None
+        assert json.loads(result["data"]) == {"total": 3, "doubled": 6, "tax": 0.3,
+                                              "shipping": 5}
+        result = await ts_run_result(http, server, bad_run["id"])
+        assert result["data"] is None
+        assert result["error"]["name"] == "NonRetriableError"
+        assert result["error"]["message"] == "this order can never be processed"

@@ -171,16 +171,14 @@ def too_deep(doc: object, limit: int) -> bool:
         depth += 1
         if depth > limit:
             return True
-        below: list[Any] = []
-        for item in level:
-            for child in item.values() if isinstance(item, dict) else item:
-                if isinstance(child, _NESTED):
-                    below.append(child)
-        level = below
+        level = [child for item in level
+                 for child in (item.values() if type(item) is dict else item)
+                 if type(child) in _NESTED_TYPES or isinstance(child, _NESTED)]
     return False
 
 
 _NESTED = (dict, list, tuple)
+_NESTED_TYPES = frozenset(_NESTED)
 
 
 def _check_size(obj: object, index: int) -> None:
@@ -213,7 +211,8 @@ def _validate(obj: object, index: int, *, check_text: bool) -> IncomingEvent:
         raise _wrong_type(f"{where}.name", "a string", name)
     if not name:
         raise InvalidEvent(f"{where}.name: must not be empty")
-    _check_utf8(name, f"{where}.name")
+    if check_text:
+        _check_utf8(name, f"{where}.name")
     if name[: len(RESERVED_PREFIX)].lower() == RESERVED_PREFIX:
         raise InvalidEvent(
             f"{where}.name: {_show(name)} is reserved: names starting with "
@@ -228,22 +227,41 @@ def _validate(obj: object, index: int, *, check_text: bool) -> IncomingEvent:
     if event_id is not None:
         if not isinstance(event_id, str):
             raise _wrong_type(f"{where}.id", "a string", event_id)
-        _check_utf8(event_id, f"{where}.id")
+        if check_text:
+            _check_utf8(event_id, f"{where}.id")
     ts = _validate_ts(obj.get("ts"), f"{where}.ts")
     meta = obj.get("meta")
     if meta is None:
         meta = {}
     elif not isinstance(meta, dict):
         raise _wrong_type(f"{where}.meta", "an object", meta)
-    sessions = normalize_sessions(
-        obj.get("sessions"), meta.get("sessions"), meta.get("propagated_sessions"), where
-    )
-    rest = {k: v for k, v in meta.items() if k not in ("sessions", "propagated_sessions")}
+    raw_sessions = obj.get("sessions")
+    sessions = None
+    if not meta and not check_text and type(raw_sessions) is dict:
+        sessions = _plain_sessions(raw_sessions)
+    if sessions is None:  # not the common shape (or a rule is broken): the full rules
+        sessions = normalize_sessions(
+            raw_sessions, meta.get("sessions"), meta.get("propagated_sessions"), where)
+    rest = {k: v for k, v in meta.items() if k not in ("sessions", "propagated_sessions")} \
+        if meta else None
     v, user = obj.get("v"), obj.get("user")
     if check_text:
         for field, value in (("data", data), ("v", v), ("user", user), ("meta", rest)):
             _check_json_value(value, f"{where}.{field}")
     return IncomingEvent(name, data, event_id or None, ts, v, user, rest or None, sessions)
+
+
+def _plain_sessions(sessions: dict[Any, Any]) -> dict[str, str] | None:
+    """The common case of `normalize_sessions`, fast: only top-level sessions, every value a
+    string within the limits, out of text known to encode (no surrogate escapes). None when
+    anything else is there: the full rules then apply, and explain any problem."""
+    if len(sessions) > MAX_SESSIONS:
+        return None
+    for key, value in sessions.items():
+        if (type(value) is not str or not 0 < len(value) <= MAX_VALUE_CHARS
+                or not 0 < len(key) <= MAX_IDENTIFIER_CHARS):
+            return None
+    return sessions
 
 
 def _validate_ts(ts: object, where: str) -> int | None:

@@ -576,9 +576,12 @@ class Store:
         """One event by its internal id."""
         return await self._read(lambda db: queries.read_event(db, internal_id))
 
-    async def recent_events(self, limit: int) -> list[StoredEvent]:
-        """The most recently received events (all environments), newest first."""
-        return await self._read(lambda db: queries.read_recent_events(db, limit))
+    async def recent_events(self, limit: int, *, before: str | None = None,
+                            after: str | None = None) -> list[StoredEvent]:
+        """Received events (all environments), newest first: the latest `limit`, or those
+        received before/after the event with internal id `before`/`after`."""
+        return await self._read(
+            lambda db: queries.read_recent_events(db, limit, before=before, after=after))
 
     async def event_runs(self, internal_id: str) -> list[RunRecord]:
         """The runs an event started, oldest first."""

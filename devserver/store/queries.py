@@ -168,19 +168,20 @@ def ingest(
 def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]:
     """Apply ingests in order; returns, for each, the ids of the runs it created.
 
-    One `executemany` per table for all of them; a session's run count is added once per
-    batch, the schema's triggers keep the other counters. An event whose `id` was seen in the
+    One `executemany` per table for all of them; a session's activity and run count are
+    written once per batch (a run counts toward each of its sessions), the schema's triggers
+    keep the other counters. An event whose `id` was seen in the
     last 24 hours (in the database or earlier in `writes`) is stored as a duplicate and starts
     no runs.
     """
     results: list[list[str]] = []
     envs: dict[str, tuple[str, int, int]] = {}
     event_rows: list[tuple[Any, ...]] = []
-    session_rows: dict[tuple[str, str, str], tuple[str, str, str, int, int]] = {}
+    # (env, identifier, value) -> [env, identifier, value, first seen, last active, new runs]
+    session_rows: dict[tuple[str, str, str], list[Any]] = {}
     event_session_rows: list[tuple[Any, ...]] = []
     run_rows: list[tuple[Any, ...]] = []
     run_session_rows: list[tuple[Any, ...]] = []
-    session_runs: dict[tuple[str, str, str], int] = {}
     session_functions: set[tuple[str, str, str, str]] = set()
     keys_seen: set[tuple[str, str]] = set()
     for write in writes:
@@ -206,10 +207,12 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
                                ev.source))
             for ident, value in ev.sessions.items():
                 key = (env, ident, value)
-                first, last = session_rows[key][3:] if key in session_rows else (
-                    received_at, received_at)
-                session_rows[key] = (env, ident, value, min(first, received_at),
-                                     max(last, received_at))
+                row = session_rows.get(key)
+                if row is None:
+                    session_rows[key] = [env, ident, value, received_at, received_at, 0]
+                else:
+                    row[3] = min(row[3], received_at)
+                    row[4] = max(row[4], received_at)
                 event_session_rows.append((env, ident, value, ev.internal_id))
             if duplicate:
                 continue
@@ -218,8 +221,7 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
                                  QUEUED, received_at, received_at, sessions_json))
                 for ident, value in ev.sessions.items():
                     run_session_rows.append((env, ident, value, run.run_id))
-                    key = (env, ident, value)
-                    session_runs[key] = session_runs.get(key, 0) + 1
+                    session_rows[env, ident, value][5] += 1
                     session_functions.add((env, ident, value, run.function_id))
                 created.append(run.run_id)
     db.executemany(
@@ -233,11 +235,19 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         "user, meta, sessions, duplicate, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         event_rows)
     if session_rows:
+        # One upsert a session for its activity and its new runs together; a session with
+        # no new run leaves `runs` out of the SET, so its run-count indexes are not touched.
         db.executemany(
             "INSERT INTO sessions (env, identifier, value, first_seen, last_active) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
             "last_active = max(last_active, excluded.last_active)",
-            session_rows.values())
+            (row[:5] for row in session_rows.values() if not row[5]))
+        db.executemany(
+            "INSERT INTO sessions (env, identifier, value, first_seen, last_active, runs) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "last_active = max(last_active, excluded.last_active), "
+            "runs = runs + excluded.runs",
+            (row for row in session_rows.values() if row[5]))
         db.executemany(
             "INSERT INTO event_sessions (env, identifier, value, internal_id) "
             "VALUES (?, ?, ?, ?)", event_session_rows)
@@ -248,11 +258,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         db.executemany(
             "INSERT INTO run_sessions (env, identifier, value, run_id) VALUES (?, ?, ?, ?)",
             run_session_rows)
-        # A run counts toward each of its sessions, summed over the batch: one UPDATE a
-        # session, not one a run (schema version 3 dropped the trigger that did it per row).
-        db.executemany(
-            "UPDATE sessions SET runs = runs + ? WHERE env = ? AND identifier = ? AND value = ?",
-            ((count, *key) for key, count in session_runs.items()))
         db.executemany(
             "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
             "VALUES (?, ?, ?, ?)", session_functions)
@@ -791,9 +796,22 @@ def read_session_events(
         (env, identifier, value))]
 
 
-def read_recent_events(db: sqlite3.Connection, limit: int) -> list[StoredEvent]:
-    """The most recently received events of every environment, newest first (duplicates left
-    out); for the GraphQL `events` and `stream` lists."""
-    return [event_from_row(r) for r in db.execute(
-        "SELECT * FROM events WHERE duplicate = 0 ORDER BY internal_id DESC LIMIT ?",
-        (limit,))]
+def read_recent_events(db: sqlite3.Connection, limit: int, *, before: str | None = None,
+                       after: str | None = None) -> list[StoredEvent]:
+    """Received events of every environment, newest first (duplicates left out): the latest
+    `limit`, or the `limit` just older than `before` / just newer than `after` (internal ids,
+    which sort by receipt); for the GraphQL `events` and `stream` lists."""
+    if after is not None:
+        rows = db.execute(
+            "SELECT * FROM events WHERE duplicate = 0 AND internal_id > ?"
+            " ORDER BY internal_id ASC LIMIT ?", (after, limit)).fetchall()
+        rows.reverse()
+    elif before is not None:
+        rows = db.execute(
+            "SELECT * FROM events WHERE duplicate = 0 AND internal_id < ?"
+            " ORDER BY internal_id DESC LIMIT ?", (before, limit)).fetchall()
+    else:
+        rows = db.execute(
+            "SELECT * FROM events WHERE duplicate = 0 ORDER BY internal_id DESC LIMIT ?",
+            (limit,)).fetchall()
+    return [event_from_row(r) for r in rows]

@@ -40,6 +40,7 @@ from graphql import (
 )
 from graphql import execute as execute_query
 
+from devserver.app import FunctionDef
 from devserver.clock import iso
 from devserver.jsontext import dump_json
 from devserver.model.records import (
@@ -55,9 +56,10 @@ from devserver.model.records import (
     StoredEvent,
     event_dict,
 )
+from devserver.model.triggers import CronTrigger
 from devserver.sdk.protocol import sdk_event
 from devserver.store.facade import Store
-from devserver.web.api import STORE
+from devserver.web.api import RUNNER, STORE
 from devserver.web.gql_schema import SDL
 
 routes = web.RouteTableDef()
@@ -122,8 +124,29 @@ def _json(value: Any) -> str:
     return dump_json(value)
 
 
-def _function(function_id: str) -> dict[str, Any]:
-    return {"id": function_id, "name": function_id, "slug": function_id}
+def _function_doc(fn: FunctionDef) -> dict[str, Any]:
+    return {
+        "id": fn.id, "name": fn.name, "slug": fn.id, "url": fn.remote or "", "appID": fn.app_id,
+        "triggers": [{"type": "CRON", "value": t.cron} if isinstance(t, CronTrigger)
+                     else {"type": "EVENT", "value": t.event} for t in fn.triggers],
+    }
+
+
+def _function(function_id: str) -> Any:
+    """A run's function, looked up when asked for: its registered name, URL and triggers; a
+    function no longer registered is named by its id (its runs are kept)."""
+    def resolve(info: Info, **_: Any) -> dict[str, Any]:
+        fn = _functions(info).get(function_id)
+        if fn is not None:
+            return _function_doc(fn)
+        return {"id": function_id, "name": function_id, "slug": function_id, "url": "",
+                "appID": "", "triggers": []}
+    return resolve
+
+
+def _functions(info: Info) -> dict[str, FunctionDef]:
+    fns: dict[str, FunctionDef] = info.context["functions"]
+    return fns
 
 
 def _run_v1(run: RunRecord) -> dict[str, Any]:
@@ -166,7 +189,7 @@ def _attempt_status(step: StepAttempt) -> str:
 def _span(run: RunRecord, *, span_id: str, name: str, status: str, started: int | None,
           ended: int | None, children: list[dict[str, Any]], output_id: str | None,
           attempts: int | None, step: StepAttempt | None, root: bool,
-          parent: str | None) -> dict[str, Any]:
+          parent: str | None, step_type: str | None = None) -> dict[str, Any]:
     return {
         "functionID": run.function_id, "runID": run.run_id, "spanID": span_id,
         "traceID": run.run_id, "name": name, "status": status, "attempts": attempts,
@@ -175,7 +198,7 @@ def _span(run: RunRecord, *, span_id: str, name: str, status: str, started: int 
         "startedAt": iso(started), "endedAt": iso(ended), "childrenSpans": children,
         "stepOp": None if step is None else _STEP_OP.get(step.kind),
         "stepID": None if step is None else step.step_id,
-        "stepType": None if step is None else _STEP_TYPE.get(step.kind, step.kind.upper()),
+        "stepType": step_type if step is None else _STEP_TYPE.get(step.kind, step.kind.upper()),
         "isRoot": root, "parentSpanID": parent, "isUserland": False, "metadata": [],
     }
 
@@ -214,6 +237,14 @@ def _trace(detail: RunDetail) -> dict[str, Any]:
             started=tries[0].started_at, ended=None if last.status == WAITING else last.ended_at,
             children=attempt_spans, output_id=encode_output_id(run.run_id, last.seq),
             attempts=len(tries), step=last, root=False, parent=root_id))
+    if run.ended_at is not None:
+        # The run's end (its output or error), as Inngest's trace ends with a finalization
+        # span; the TypeScript SDK's harness reads a run's result from it.
+        children.append(_span(
+            run, span_id=f"{run.run_id}:finalization", name="Finalization",
+            status=_RUN_STATUS.get(run.status, "RUNNING"), started=run.ended_at,
+            ended=run.ended_at, children=[], output_id=encode_output_id(run.run_id, None),
+            attempts=None, step=None, root=False, parent=root_id, step_type="FINALIZATION"))
     return _span(
         run, span_id=root_id, name=run.function_id,
         status=_RUN_STATUS.get(run.status, "RUNNING"), started=run.started_at,
@@ -254,6 +285,20 @@ async def _run_detail(info: Info, run_id: str) -> RunDetail:
 
 async def resolve_run(_: Any, info: Info, runID: str) -> dict[str, Any]:
     return _run_v2(await _run_detail(info, runID))
+
+
+async def resolve_run_trace(_: Any, info: Info, runID: str) -> dict[str, Any]:
+    return _trace(await _run_detail(info, runID))
+
+
+def resolve_functions(_: Any, info: Info) -> list[dict[str, Any]]:
+    return [_function_doc(fn) for fn in _functions(info).values()]
+
+
+def resolve_function_by_slug(_: Any, info: Info,
+                             query: dict[str, Any]) -> dict[str, Any] | None:
+    fn = _functions(info).get(str(query["functionSlug"]))
+    return None if fn is None else _function_doc(fn)
 
 
 async def resolve_run_trigger(_: Any, info: Info, runID: str) -> dict[str, Any]:
@@ -318,23 +363,38 @@ async def resolve_event_v2(_: Any, info: Info, id: str) -> dict[str, Any]:
     }
 
 
-async def _recent(info: Info, limit: int,
-                  internal: bool) -> list[tuple[StoredEvent, list[RunRecord]]]:
+async def _recent(info: Info, limit: int, internal: bool, *, before: str | None = None,
+                  after: str | None = None) -> list[tuple[StoredEvent, list[RunRecord]]]:
+    """Up to `limit` events, newest first: the latest, or those received before (older than)
+    or after (newer than) the event `before`/`after`; internal (`inngest/...`) ones only when
+    asked for."""
     store = _store(info)
     out = []
-    # Internal events (inngest/...) are skipped unless asked for; read extra to fill the page.
-    for ev in await store.recent_events(limit if internal else min(limit * 4, MAX_LIST * 4)):
+    # Internal events are filtered here: read extra to fill the page.
+    read = limit if internal else min(limit * 4, MAX_LIST * 4)
+    events = await store.recent_events(read, before=before, after=after)
+    if after is not None:
+        events.reverse()  # the page is the events just after `after`: take them oldest first
+    for ev in events:
         if not internal and ev.name.startswith("inngest/"):
             continue
         out.append((ev, (await store.event_runs(ev.internal_id))[:MAX_RUNS_PER_EVENT]))
         if len(out) >= limit:
             break
+    if after is not None:
+        out.reverse()
     return out
+
+
+def _cursor(query: dict[str, Any], name: str) -> str | None:
+    value = query.get(name)
+    return None if value is None else str(value)
 
 
 async def resolve_events(_: Any, info: Info,
                          query: dict[str, Any]) -> list[dict[str, Any]]:
-    return [_event(ev, runs) for ev, runs in await _recent(info, DEFAULT_EVENTS, True)]
+    return [_event(ev, runs) for ev, runs in await _recent(
+        info, DEFAULT_EVENTS, True, before=_cursor(query, "lastEventId"))]
 
 
 async def resolve_stream(_: Any, info: Info,
@@ -345,13 +405,16 @@ async def resolve_stream(_: Any, info: Info,
         "id": ev.internal_id, "trigger": ev.name, "type": "EVENT",
         "createdAt": iso(ev.received_at), "runs": [_run_v1(r) for r in runs],
         "inBatch": False,
-    } for ev, runs in await _recent(info, limit, internal)]
+    } for ev, runs in await _recent(info, limit, internal, before=_cursor(query, "before"),
+                                    after=_cursor(query, "after"))]
 
 
 _ROOT = {
     "run": resolve_run, "runTrigger": resolve_run_trigger,
     "runTraceSpanOutputByID": resolve_output, "event": resolve_event,
     "eventV2": resolve_event_v2, "events": resolve_events, "stream": resolve_stream,
+    "runTrace": resolve_run_trace, "functions": resolve_functions,
+    "functionBySlug": resolve_function_by_slug,
 }
 for _name, _resolver in _ROOT.items():
     SCHEMA.query_type.fields[_name].resolve = _resolver  # type: ignore[union-attr]
@@ -384,8 +447,9 @@ def _response(result: ExecutionResult | None, status: int = 200,
     return web.Response(text=_json(body), status=status, content_type="application/json")
 
 
-async def execute(store: Store, query: Any, variables: Any, operation: Any) -> web.Response:
-    """Run one GraphQL request."""
+async def execute(store: Store, functions: list[FunctionDef], query: Any, variables: Any,
+                  operation: Any) -> web.Response:
+    """Run one GraphQL request against the store and the functions registered now."""
     if not isinstance(query, str) or not query.strip():
         return _response(None, 400, ["the request has no GraphQL query (\"query\")"])
     if len(query) > MAX_QUERY_CHARS:
@@ -404,7 +468,9 @@ async def execute(store: Store, query: Any, variables: Any, operation: Any) -> w
     if errors:
         return _response(ExecutionResult(None, errors), request_error=True)
     result = execute_query(SCHEMA, document, variable_values=variables,
-                           operation_name=operation, context_value={"store": store},
+                           operation_name=operation,
+                           context_value={"store": store,
+                                          "functions": {fn.id: fn for fn in functions}},
                            field_resolver=_field_resolver)
     done = await result if isawaitable(result) else result
     return _response(done, request_error=_before_execution(done))
@@ -419,8 +485,8 @@ async def gql_post(request: web.Request) -> web.Response:
         return _response(None, 400, [f"the body is not JSON: {exc}"])
     if not isinstance(body, dict):
         return _response(None, 400, ["the body must be a JSON object with a \"query\""])
-    return await execute(request.app[STORE], body.get("query"), body.get("variables"),
-                         body.get("operationName"))
+    return await execute(request.app[STORE], request.app[RUNNER].functions, body.get("query"),
+                         body.get("variables"), body.get("operationName"))
 
 
 @routes.get("/v0/gql")
@@ -432,5 +498,6 @@ async def gql_get(request: web.Request) -> web.Response:
             variables = json.loads(request.query["variables"])
         except ValueError as exc:
             return _response(None, 400, [f"\"variables\" is not JSON: {exc}"])
-    return await execute(request.app[STORE], request.query.get("query"), variables,
+    return await execute(request.app[STORE], request.app[RUNNER].functions,
+                         request.query.get("query"), variables,
                          request.query.get("operationName"))

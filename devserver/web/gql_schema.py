@@ -18,10 +18,18 @@ type Query {
   stream(query: StreamQuery!): [StreamItem!]!
   event(query: EventQuery!): Event
   events(query: EventsQuery!): [Event!]
-  eventV2(id: ULID!): EventV2
+  eventV2(id: ULID!): EventV2!
+  functionBySlug(query: FunctionQuery!): Function
+  functions: [Function!]
   run(runID: String!): FunctionRunV2
-  runTrigger(runID: String!): RunTraceTrigger!
   runTraceSpanOutputByID(outputID: String!): RunTraceSpanOutput!
+  runTrigger(runID: String!): RunTraceTrigger!
+  runTrace(runID: String!): RunTraceSpan!
+}
+
+input FunctionQuery {
+  workspaceId: ID! = "local"
+  functionSlug: String!
 }
 
 input EventQuery {
@@ -82,10 +90,23 @@ type EventV2 {
   runs: [FunctionRunV2!]!
 }
 
+enum FunctionTriggerTypes {
+  EVENT
+  CRON
+}
+
+type FunctionTrigger {
+  type: FunctionTriggerTypes!
+  value: String!
+}
+
 type Function {
   id: String!
   name: String!
   slug: String!
+  triggers: [FunctionTrigger!]
+  url: String!
+  appID: String!
 }
 
 enum FunctionRunStatus {
