@@ -137,8 +137,10 @@ def read_runs_page(
     q: str | None, window: Window, limit: int, cursor: str | None,
 ) -> Page:
     """Runs of `env`, newest first; `q` finds a run id, a trigger event id or an event name
-    (exact, or a part of it)."""
-    where, params = ["env = ?"], [env]
+    (exact, or a part of it). Without a function, `+env` keeps SQLite walking the primary key
+    newest first (an O(page) read) instead of sorting every run of the environment found
+    through the by-function index."""
+    where, params = ["env = ?" if function_id is not None else "+env = ?"], [env]
     if status is not None:
         where.append("status = ?")
         params.append(status)
@@ -164,8 +166,9 @@ def read_events_page(
     db: sqlite3.Connection, env: str, *, q: str | None, window: Window, limit: int,
     cursor: str | None,
 ) -> Page:
-    """Events of `env`, newest first; `q` finds an event id, an idempotency id or a name."""
-    where, params = ["env = ?"], [env]
+    """Events of `env`, newest first; `q` finds an event id, an idempotency id or a name
+    (`+env`: walk the primary key newest first, as for runs)."""
+    where, params = ["+env = ?"], [env]
     if q:
         where.append("(internal_id = ? OR event_id = ? OR name LIKE ? ESCAPE '\\')")
         params.extend([q, q, f"%{_escape_like(q)}%"])
