@@ -324,16 +324,20 @@ def read_sessions_page(
 def read_latest_errors(
     db: sqlite3.Connection, env: str, ident: str, values: list[str],
 ) -> dict[str, RunRecord]:
-    """The latest failed run of each session that has one."""
-    found: dict[str, RunRecord] = {}
-    for value in values:
-        row = db.execute(
-            "SELECT r.* FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
-            "WHERE rs.env = ? AND rs.identifier = ? AND rs.value = ? AND r.status = ? "
-            "ORDER BY rs.run_id DESC LIMIT 1", (env, ident, value, FAILED)).fetchone()
-        if row is not None:
-            found[value] = run_from_row(row)
-    return found
+    """The latest failed run of each session that has one (two statements for a page)."""
+    if not values:
+        return {}
+    marks = ", ".join("?" * len(values))  # placeholders only; the values are parameters
+    latest = dict(db.execute(
+        "SELECT rs.value, max(rs.run_id) FROM run_sessions rs JOIN runs r ON "
+        f"r.run_id = rs.run_id WHERE rs.env = ? AND rs.identifier = ? AND rs.value IN ({marks}) "
+        "AND r.status = ? GROUP BY rs.value", (env, ident, *values, FAILED)).fetchall())
+    if not latest:
+        return {}
+    run_marks = ", ".join("?" * len(latest))
+    runs = {r["run_id"]: run_from_row(r) for r in db.execute(
+        f"SELECT * FROM runs WHERE run_id IN ({run_marks})", list(latest.values()))}
+    return {value: runs[run_id] for value, run_id in latest.items() if run_id in runs}
 
 
 def read_session_runs(
