@@ -348,3 +348,51 @@ async def test_every_page_fits_a_390_px_screen(
                 assert box["x"] + box["width"] <= 390, (path, box)
 
     await browser.check(check, viewport=PHONE)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_session_and_run_pages_filter_and_match_their_twins(
+    make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    clock = VirtualClock(START)
+    server = await make_server(ops_app(), clock=clock)
+    for n in range(3):
+        await send(http, server, "ops/job", {"n": n, "fail": n == 1}, sessions={"conv": "mixed"})
+    await idle(server)
+    clock.advance(2 * HOUR)
+    await send(http, server, "ops/job", {"n": 9, "child": True}, sessions={"conv": "mixed"})
+    await idle(server)
+
+    def check(page: Page) -> None:
+        page.goto(url(server, "/session", identifier="conv", value="mixed"))
+        doc = twin(page)
+        assert texts(page, "#session-runs a.run-id") == [r["run_id"] for r in doc["runs"]]
+        assert [r.get_attribute("data-run-id") for r in page.locator("li.tl-run").all()] == [
+            r["run_id"] for r in doc["timeline"]["runs"]]
+        expect(page.locator("#session-runs .run-error")).to_have_text(
+            [r["error"] or "" for r in doc["runs"]])
+        page.get_by_label("Status", exact=True).select_option("Failed")
+        page.get_by_role("button", name="Filter").click()
+        page.wait_for_url(re.compile(r"status=Failed"))
+        expect(page.locator("#session-runs tr.run-row")).to_have_count(1)
+        failed = twin(page)["runs"]
+        assert [r["status"] for r in failed] == ["Failed"]
+        expect(page.locator("#figure-runs")).to_have_text("5")  # the figures stay whole
+        page.get_by_label("Status", exact=True).select_option("")
+        page.get_by_label("Time", exact=True).select_option("1h")
+        page.get_by_role("button", name="Filter").click()
+        page.wait_for_url(re.compile(r"last=1h"))
+        expect(page.locator("#session-runs tr.run-row")).to_have_count(2)  # job 9 and its child
+        assert len(twin(page)["runs"]) == 2
+
+        page.locator("#session-runs a.run-id").last.click()
+        run = twin(page)
+        expect(page.locator("#run-status")).to_have_text(run["status"])
+        expect(page.locator("ol.steps > li")).to_have_count(len(run["steps"]))
+        assert texts(page, "ol.steps .step-head .status") == [s["status"] for s in run["steps"]]
+        assert [re.search(r"attempt (\d+)", t)[1] for t in texts(page, "ol.steps .step-meta")
+                if re.search(r"attempt (\d+)", t)] == [str(s["attempt"]) for s in run["steps"]]
+        expect(page.locator("a.child-link")).to_have_count(len(run["child_runs"]))
+
+    await browser.check(check)
