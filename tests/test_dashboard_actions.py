@@ -193,8 +193,12 @@ async def test_every_button_in_the_browser(
         expect(page.locator("#event-runs .run-status")).to_have_text("Completed")
         sent_url = page.url
 
-        # Edit and resend: the editor holds the event; change it, send it again.
-        page.locator("#send-event summary").click()
+        # Edit and resend, from the Events list: the editor holds the event; change it, send
+        # it again.
+        page.goto(server.url + "/events")
+        page.locator("tr.event-row").first.get_by_role("link", name="Edit and resend").click()
+        page.wait_for_url(sent_url + "#send-event")
+        expect(page.locator("#send-body")).to_be_visible()
         body = json.loads(page.locator("#send-body").input_value())
         assert body == {"name": "ops/job", "data": {"n": 7}, "sessions": {"conv": "c7"}}
         body["data"]["n"] = 8

@@ -33,6 +33,14 @@
     out.classList.toggle("bad", !!bad);
   }
 
+  /* A link to `#send-event` (edit and resend) opens the editor. */
+  function openEditor() {
+    var editor = window.location.hash === "#send-event" && document.getElementById("send-event");
+    if (editor) { editor.open = true; editor.scrollIntoView(); }
+  }
+  window.addEventListener("hashchange", openEditor);
+  openEditor();
+
   document.addEventListener("submit", function (event) {
     var form = event.target;
     if (!form.classList || !form.classList.contains("action")) { return; }
