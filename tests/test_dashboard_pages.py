@@ -139,10 +139,15 @@ async def test_runs_twin_filters_by_status_function_search_time_and_pages(
     assert early["filters"]["start"] == iso(START)
     for bad, message in (({"last": "soon"}, "last must be"), ({"start": "yesterday"}, "start must"),
                          ({"last": "1h", "start": iso(START)}, "not both"),
-                         ({"start": iso(START + HOUR), "end": iso(START)}, "after end")):
+                         ({"start": iso(START + HOUR), "end": iso(START)}, "after end"),
+                         ({"start": "999999999999999"}, "up to year 9999"),
+                         ({"end": "0001-01-01T00:00:00+14:00"}, "end must"),
+                         ({"cursor": "not-a-cursor"}, "cursor")):
         status, body = await get_json(http, server, "/api/runs", **bad)
         assert status == 400, (bad, body)
         assert message in body["error"], (bad, body)
+
+    assert len((await get(http, server, "/api/runs", last="999999w"))["runs"]) == 5
 
     seen, cursor = [], None
     while True:

@@ -37,18 +37,28 @@ def status_param(request: web.Request) -> str | None:
     raise UserError(f"status must be one of {', '.join(STATUSES)}, got {raw[:40]!r}")
 
 
+MAX_STAMP_MS = 253_402_300_799_999
+"""The last millisecond of year 9999: the latest time bound a filter takes."""
+
+
 def _stamp(name: str, raw: str) -> int:
     """A time bound: ms since the epoch, or an ISO 8601 date or time (UTC unless it says)."""
-    if raw.isascii() and raw.isdigit() and len(raw) <= 15:
+    problem = UserError(f"{name} must be an ISO 8601 time (2025-01-15T10:00:00Z) or "
+                        f"milliseconds since the epoch up to year 9999, got {raw[:40]!r}")
+    if raw.isascii() and raw.isdigit():
+        if len(raw) > 15 or int(raw) > MAX_STAMP_MS:
+            raise problem
         return int(raw)
     try:
         parsed = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise UserError(f"{name} must be an ISO 8601 time (2025-01-15T10:00:00Z) or "
-                        f"milliseconds since the epoch, got {raw[:40]!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return round(parsed.timestamp() * 1000)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.UTC)
+        ms = round(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
+        raise problem from None
+    if not 0 <= ms <= MAX_STAMP_MS:
+        raise problem
+    return ms
 
 
 def window_param(request: web.Request, now: int) -> tuple[Window, dict[str, Any]]:
@@ -63,7 +73,7 @@ def window_param(request: web.Request, now: int) -> tuple[Window, dict[str, Any]
         if match is None:
             raise UserError(f"last must be a number and a unit (30s, 15m, 1h, 24h, 7d, 2w), "
                             f"got {last[:40]!r}")
-        window = Window(start=now - int(match[1]) * LAST_UNITS[match[2]])
+        window = Window(start=max(0, now - int(match[1]) * LAST_UNITS[match[2]]))
     else:
         window = Window(start=None if start_raw is None else _stamp("start", start_raw),
                         end=None if end_raw is None else _stamp("end", end_raw))
