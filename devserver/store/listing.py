@@ -10,6 +10,7 @@ a whitelist. Pages are keyset pages (`?` bounds on indexed columns), never OFFSE
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from devserver.store.queries import (
     run_from_row,
 )
 
+_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+"""A run or event id (a ULID, as devserver makes them)."""
 SESSION_SORTS = ("last_active", "runs", "failed_runs", "failure_rate", "value")
 MAX_TIMELINE_RUNS = 500
 """The most runs a session's timeline draws (the newest; the page says when there are more)."""
@@ -147,9 +150,12 @@ def read_runs_page(
     if function_id is not None:
         where.append("function_id = ?")
         params.append(function_id)
-    if q:
-        where.append("(run_id = ? OR event_id = ? OR event_name LIKE ? ESCAPE '\\')")
-        params.extend([q, q, f"%{_escape_like(q)}%"])
+    if q and _ULID.match(q):  # an id: two index lookups, no scan
+        where.append("run_id IN (SELECT ? UNION ALL SELECT run_id FROM runs WHERE event_id = ?)")
+        params.extend([q, q])
+    elif q:
+        where.append("event_name LIKE ? ESCAPE '\\'")
+        params.append(f"%{_escape_like(q)}%")
     _window(where, params, "queued_at", window)
     if cursor is not None:
         where.append("run_id < ?")
@@ -169,9 +175,12 @@ def read_events_page(
     """Events of `env`, newest first; `q` finds an event id, an idempotency id or a name
     (`+env`: walk the primary key newest first, as for runs)."""
     where, params = ["+env = ?"], [env]
-    if q:
-        where.append("(internal_id = ? OR event_id = ? OR name LIKE ? ESCAPE '\\')")
-        params.extend([q, q, f"%{_escape_like(q)}%"])
+    if q and _ULID.match(q):  # an internal id: one lookup
+        where.append("internal_id = ?")
+        params.append(q)
+    elif q:
+        where.append("(event_id = ? OR name LIKE ? ESCAPE '\\')")
+        params.extend([q, f"%{_escape_like(q)}%"])
     _window(where, params, "received_at", window)
     if cursor is not None:
         where.append("internal_id < ?")
