@@ -122,6 +122,13 @@ async def test_action_endpoints_answer_json_and_refuse_other_origins(
     assert (cron["output"], cron["event_name"], cron["trigger_source"]) == (
         "nightly", "inngest/scheduled.timer", "cron")
 
+    # The identifier's figures (counters kept by ingest, ends and reruns) are its sessions' sums.
+    (ident,) = (await get(http, server, "/api/sessions"))["identifiers"]
+    sessions = (await get(http, server, "/api/sessions", identifier="conv"))["sessions"]
+    assert (ident["runs"], ident["failed_runs"], ident["failing_sessions"]) == (
+        sum(s["runs"] for s in sessions), sum(s["failed_runs"] for s in sessions),
+        sum(1 for s in sessions if s["failed_runs"])) == (4, 3, 1)
+
     before = await run_count(http, server)
     refused: list[tuple[str, Any, int, str]] = [
             ("/api/runs/nope/rerun", None, 404, "no run"),

@@ -264,6 +264,9 @@ def rerun(db: sqlite3.Connection, run_id: str, new_run_id: str, now: int) -> Run
     db.executemany("UPDATE sessions SET runs = runs + 1, last_active = max(last_active, ?) "
                    "WHERE env = ? AND identifier = ? AND value = ?",
                    ((now, *key) for key in sessions))
+    idents = {(env, ident) for env, ident, _ in sessions}
+    db.executemany("UPDATE identifiers SET runs = runs + 1 WHERE env = ? AND identifier = ?",
+                   idents)
     db.executemany("INSERT OR IGNORE INTO session_functions (env, identifier, value, "
                    "function_id) VALUES (?, ?, ?, ?)",
                    ((*key, row["function_id"]) for key in sessions))
@@ -280,15 +283,15 @@ def rerun(db: sqlite3.Connection, run_id: str, new_run_id: str, now: int) -> Run
 def read_identifier_figures(
     db: sqlite3.Connection, env: str, identifiers: list[str],
 ) -> dict[str, IdentifierFigures]:
-    """Runs, failed runs and failing sessions of each identifier (one range read each over
-    its sessions)."""
+    """Runs and failed runs of each identifier (counters), and its failing sessions (a range
+    of the by-failed-runs index: as many as fail, not as many as there are)."""
     found = {}
     for ident in identifiers:
         row = db.execute(
-            "SELECT coalesce(sum(runs), 0), coalesce(sum(failed_runs), 0), "
-            "coalesce(sum(failed_runs > 0), 0) FROM sessions WHERE env = ? AND identifier = ?",
-            (env, ident)).fetchone()
-        found[ident] = IdentifierFigures(ident, row[0], row[1], row[2])
+            "SELECT runs, failed_runs, (SELECT count(*) FROM sessions s WHERE s.env = i.env "
+            "AND s.identifier = i.identifier AND s.failed_runs > 0) FROM identifiers i "
+            "WHERE env = ? AND identifier = ?", (env, ident)).fetchone()
+        found[ident] = IdentifierFigures(ident, *(row or (0, 0, 0)))
     return found
 
 
