@@ -33,6 +33,7 @@ from .helpers import (
     idle,
     post,
     post_events,
+    sdk_server,
     send,
     waiting_step,
 )
@@ -248,10 +249,12 @@ async def test_every_button_in_the_browser(
         page.goto(server.url + "/runs")
         expect(page.locator(".banner-sync")).to_contain_text("127.0.0.1:9")
         expect(page.locator("#live-status")).to_have_attribute("data-state", "problem")
-        page.get_by_role("button", name="Sync all").count()  # only on /apps
+        expect(page.get_by_role("button", name="Sync all")).to_have_count(0)  # only on /apps
         page.goto(server.url + "/apps")
-        page.get_by_role("button", name="Sync all").click()
+        with page.expect_navigation():
+            page.get_by_role("button", name="Sync all").click()
         expect(page.locator("tr.sync-row .status")).to_have_text("Failed")
+        expect(page.locator(".banner-sync")).to_have_count(1)
 
     try:
         await browser.check(check, ignore=("status of 400",))
@@ -455,3 +458,38 @@ async def test_banners_for_a_failed_reload_and_a_database_problem(
         await browser.check(database_banner)
     finally:
         await server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_apps_page_syncs_a_real_sdk_app_and_lists_its_functions(
+    tmp_path: Path, browser: Browser
+) -> None:
+    from .test_sdk_python import FlaskApp
+
+    async with sdk_server(tmp_path) as server:
+        app = FlaskApp(server.url)
+        try:
+            def check(page: Page) -> None:
+                page.goto(server.url + "/apps")
+                expect(page.locator("#apps p.empty")).to_contain_text("No SDK apps yet")
+                page.locator("#sync-body").fill(json.dumps({"url": app.url}))
+                page.get_by_role("button", name="Sync", exact=True).click()
+                expect(page.locator("tr.app-row")).to_have_count(1)
+                expect(page.locator("tr.sync-row .status")).to_have_text("Synced")
+                expect(page.locator(".banner")).to_have_count(0)
+                doc = page.request.get(server.url + "/api/apps").json()
+                expect(page.locator("tr.app-row .app-id")).to_have_text(doc["apps"][0]["id"])
+                expect(page.locator("tr.app-row .app-functions .fn")).to_have_text(
+                    doc["apps"][0]["functions"])
+                with page.expect_navigation():  # the page reloads once the sync is done
+                    page.get_by_role("button", name="Sync all").click()
+                expect(page.locator("tr.sync-row .status")).to_have_text("Synced")
+                page.goto(server.url + "/functions")
+                sdk_cards = page.locator("article.function",
+                                         has=page.locator(".fn", has_text="SDK"))
+                expect(sdk_cards).to_have_count(len(doc["apps"][0]["functions"]))
+
+            await browser.check(check)
+        finally:
+            await app.close()
