@@ -1344,3 +1344,52 @@ async def test_everything_survives_a_restart(
     stats = (await session_doc(http, second, "conv", "c-1"))["stats"]
     assert (stats["runs"], stats["failed_runs"], stats["failure_rate"]) == (3, 1, 1 / 3)
     assert await environments(http, second) == {"dev": 7, "staging": 1}
+
+
+async def test_run_metadata_is_validated_stored_and_shown(
+    make_server: MakeServer, http: aiohttp.ClientSession,
+) -> None:
+    """`POST /v1/runs/{id}/metadata` as Inngest validates it (the SDK side is in
+    test_sdk_ts.py): bad bodies are 400 (oversized values 413) and store nothing."""
+    app = App("meta")
+
+    @app.function(trigger="meta/go")
+    async def go(ctx: Context) -> str:
+        return await ctx.step.run("work", lambda: "done")
+
+    server = await make_server(app)
+    status, body = await post_events(http, server, {"name": "meta/go"})
+    assert status == 200
+    await idle(server)
+    [run] = await runs_of_event(http, server, body["ids"][0])
+    url = f"{server.url}/v1/runs/{run['run_id']}/metadata"
+    update = {"kind": "userland.progress", "op": "merge", "values": {"done": 1}}
+    bad: list[tuple[Any, int, str]] = [
+        ([], 400, "JSON object"),
+        ({"target": {"step_attempt": 1}, "metadata": [update]}, 400,
+         "target.step_id must be defined if target.step_attempt is defined"),
+        ({"target": {"step_id": "work", "step_index": -1}, "metadata": [update]}, 400,
+         "target.step_index"),
+        ({"metadata": []}, 400, "non-empty array"),
+        ({"metadata": [{**update, "kind": "inngest.internal"}]}, 400, "inngest-prefixed"),
+        ({"metadata": [{**update, "kind": "k" * 129}]}, 400, "at most 128"),
+        ({"metadata": [{**update, "op": "replace"}]}, 400, "metadata[0].op"),
+        ({"metadata": [update, {**update, "values": [1]}]}, 400, "metadata[1].values"),
+        ({"metadata": [{**update, "values": {"x": "y" * 70_000}}]}, 413, "at most 65,536"),
+    ]
+    for doc, code, says in bad:
+        async with http.post(url, json=doc) as resp:
+            answer = await resp.json()
+            assert resp.status == code, (doc, answer)
+            assert says in answer["error"], (doc, answer)
+    assert (await run_doc(http, server, run["run_id"]))["metadata"] == []
+
+    target = {"step_id": "work", "step_index": 1, "step_attempt": 0}
+    async with http.post(url, json={"target": target, "metadata": [update]}) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{server.url}/v1/runs/01J0000000000000000000000Z/metadata",
+                         json={"metadata": [update]}) as resp:
+        assert resp.status == 404
+    assert (await run_doc(http, server, run["run_id"]))["metadata"] == [
+        {"scope": "step", "step_id": "work:1", "step_attempt": 0, "kind": "userland.progress",
+         "op": "merge", "values": {"done": 1}}]

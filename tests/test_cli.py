@@ -22,6 +22,7 @@ import pytest
 import devserver
 from devserver.cli import main as cli
 
+from .helpers import free_port
 from .procs import (
     ERROR_PREFIX,
     ERROR_TIMEOUT,
@@ -296,6 +297,31 @@ def test_memory_db_with_explicit_serve_and_sigint(
     assert not (tmp_path / ".devserver").exists()
 
 
+@pytest.mark.slow
+def test_sdk_polling_is_tuned_or_turned_off(spawn: Spawn, tmp_path: Path) -> None:
+    """`--poll-interval N` and `--no-poll` (as in Inngest's dev server), reported by `GET
+    /dev` the way Inngest reports its start options."""
+    default = spawn("--port", "0", "--db", ":memory:")
+    default.wait_banner()
+    opts = default.get("/dev")["startOpts"]
+    assert (opts["poll"], opts["pollInterval"]) == (True, 5)
+    assert default.stop() == 0
+
+    tuned = spawn("--port", "0", "--db", ":memory:", "--poll-interval", "0.5")
+    tuned.wait_banner()
+    opts = tuned.get("/dev")["startOpts"]
+    assert (opts["poll"], opts["pollInterval"]) == (True, 0.5)
+    assert tuned.stop() == 0
+
+    off = spawn("--port", "0", "--db", ":memory:", "--no-poll", "-u",
+                f"http://127.0.0.1:{free_port()}/api/inngest")
+    banner = "\n".join(off.wait_banner())
+    assert "--no-poll" in banner, banner  # the app's failed sync is not retried: it says so
+    opts = off.get("/dev")["startOpts"]
+    assert (opts["poll"], opts["pollInterval"]) == (False, 0)
+    assert off.stop() == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # User errors: exit code 2, one line, no traceback
 
@@ -421,6 +447,8 @@ def test_busy_port_exits_2(tmp_path: Path, app_file: Path) -> None:
         ["--port", "-1"],
         ["--retry-interval", "soon"],
         ["--retry-interval", "-1"],
+        ["--poll-interval", "0"],
+        ["--poll-interval", "2", "--no-poll"],
         ["--no-such-option"],
         ["no-such-command"],
     ],

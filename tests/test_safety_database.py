@@ -529,9 +529,18 @@ async def test_a_full_disk_gives_507_without_a_traceback_and_writes_resume_once_
         if refused:
             break
     assert refused, "the disk never filled up"
-    for _ in range(20):  # more refusals: one log line for all of them
+    # More writes while the disk is full. Some may fit again: the background checkpoint
+    # recycles the WAL, which needs no new space. Every other one is a clean 507; each
+    # outage (refusals with no success between them) is one log line.
+    outages, failing = 1, True
+    for _ in range(20):
         status, doc = await post(http, server, [event("t/more", 2000)] * 4, acked)
+        if status == 200:
+            failing = False
+            continue
         assert_refused(status, doc, 507, f"disk full writing {db}")
+        outages += not failing
+        failing = True
     status, health = await get_json(http, server, "/health")
     assert status == 200
     assert health["status"] == 200
@@ -541,7 +550,7 @@ async def test_a_full_disk_gives_507_without_a_traceback_and_writes_resume_once_
     filler.unlink()
     assert (await post(http, server, [event("t/freed")] * 3, acked))[0] == 200
     refusals = [r for r in caplog.records if "database write failed" in r.getMessage()]
-    assert len(refusals) == 1, caplog.text
+    assert len(refusals) == outages, caplog.text
     assert not [r for r in caplog.records if r.exc_info is not None], caplog.text
     await server.stop()
     stored = stored_ids(db)

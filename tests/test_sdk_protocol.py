@@ -15,10 +15,17 @@ import pytest
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.errors import UserError
 from devserver.ids import is_ulid, ulid_time_ms
-from devserver.model.failures import error_info
+from devserver.model.failures import (
+    MAX_ERROR_CHARS,
+    error_info,
+    failure_event_error,
+    reported_error,
+    stored_error,
+)
 from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
+from devserver.sdk.gateway import gateway_answer, gateway_request
 from devserver.sdk.protocol import (
     Op,
     ProtocolError,
@@ -102,9 +109,15 @@ def test_a_step_is_recorded_under_the_users_id_verified_against_the_hash() -> No
 def test_memo_shapes_per_step_kind() -> None:
     assert memo_value(record("a", output={"x": 1})) == {"data": {"x": 1}}
     assert memo_value(record("a", output=None)) == {"data": None}
-    assert memo_value(record("a", error={"name": "ValueError", "message": "no", "stack": "s",
-                                         "step_id": "a"})) == {
-        "error": {"name": "ValueError", "message": "no", "stack": "s"}}
+    # A failed step's error goes back as stored: every key the SDK sent, none added...
+    sent = {"name": "StepError", "message": "no", "stack": "s", "code": "step_errored",
+            "cause": {"name": "ValueError", "message": "inner"}}
+    assert memo_value(record("a", error=sent)) == {"error": sent}
+    assert memo_value(record("a", error={"name": "E", "message": "m"})) == {
+        "error": {"name": "E", "message": "m"}}  # no "stack": null
+    # ...but with the name and message both SDKs require.
+    assert memo_value(record("a", error={"code": "x"})) == {
+        "error": {"code": "x", "name": "Error", "message": ""}}
     assert memo_value(record("nap", kind="sleep")) is None
     assert memo_value(record("w", kind="wait_for_event")) is None
     waited = {"name": "app/ok", "data": {"a": 1}, "id": "", "ts": NOW, "v": None, "user": {},
@@ -187,15 +200,28 @@ def test_errors_no_retry_and_retry_after() -> None:
     python = read_reply(500, Headers({**SDK, "x-inngest-no-retry": "true"}),
                         b'{"code":"non_retriable_error","message":"no","name":"NonRetriableError",'
                         b'"stack":"Traceback"}', NOW)
-    assert python.error == {"name": "NonRetriableError", "message": "no", "stack": "Traceback"}
+    assert python.error == {"code": "non_retriable_error", "message": "no",
+                            "name": "NonRetriableError", "stack": "Traceback"}  # verbatim
+    assert python.reason == "invalid status code: 500"
     assert python.no_retry
     ts = read_reply(500, Headers({**SDK, "X-Inngest-No-Retry": "false", "Retry-After": "30"}),
                     b'{"name":"Error","message":"later","__serialized":true}', NOW)
     assert (ts.no_retry, ts.retry_at_ms) == (False, NOW + 30_000)
     plain = read_reply(502, Headers(), b"Bad Gateway", NOW)
-    assert plain.error == {"name": "Error", "message": "the app answered HTTP 502: Bad Gateway",
-                           "stack": None}
-    assert error_doc({"error": "boom"}) == {"name": "Error", "message": "boom", "stack": None}
+    assert plain.error == {"name": "Error", "message": "the app answered HTTP 502: Bad Gateway"}
+    assert error_doc({"error": "boom"}) == {"error": "boom"}
+    assert error_doc({"code": "output_unserializable", "message": "m", "name": "E"}) == {
+        "code": "output_unserializable", "message": "m", "name": "E"}  # no stack added
+    # X-Inngest-No-Retry counts on a 206 too (a StepError the SDK says not to retry).
+    step = read_reply(206, Headers({**SDK, "x-inngest-no-retry": "true"}),
+                      b'[{"op":"StepError","id":"h","error":{"name":"E","message":"m",'
+                      b'"code":"step_nested"}}]', NOW)
+    assert step.no_retry
+    assert step.ops is not None
+    assert step.ops[0].error == {"name": "E", "message": "m", "code": "step_nested"}
+    later_step = read_reply(206, Headers({**SDK, "Retry-After": "5"}),
+                            b'[{"op":"StepError","id":"h","error":{}}]', NOW)
+    assert (later_step.no_retry, later_step.retry_at_ms) == (False, NOW + 5000)
 
 
 def test_retry_after_in_seconds_http_dates_and_iso_dates() -> None:
@@ -342,3 +368,77 @@ def test_retries_come_from_the_step_config() -> None:
 def test_bad_registrations_say_what_and_where(body: Any, message: str) -> None:
     with pytest.raises(UserError, match=message):
         parse_registration(body)
+
+
+def test_the_failed_events_error_is_inngests_shape() -> None:
+    sent = {"code": "unknown", "message": "boom", "name": "MyError", "stack": "Traceback..."}
+    assert failure_event_error(sent, "invalid status code: 500") == {
+        "error": "invalid status code: 500", "message": "boom", "name": "MyError",
+        "stack": "Traceback..."}  # no `code`: Inngest's four keys
+    # No stack: none added; no reason: the error's own words.
+    assert failure_event_error({"name": "E", "message": "m"}) == {
+        "error": "E: m", "name": "E", "message": "m"}
+    # An error's own `error` string wins; one nested under `error` or `body` is read.
+    assert failure_event_error({"error": "kaput", "message": "m"}, "invalid status code: 502")[
+        "error"] == "kaput"
+    assert failure_event_error({"body": '{"name": "Inner", "message": "deep"}'}, "r") == {
+        "error": "r", "name": "Inner", "message": "deep"}
+    assert failure_event_error({}, "invalid status code: 500") == {
+        "error": "invalid status code: 500", "name": "Error",
+        "message": "invalid status code: 500"}
+
+
+def test_a_reported_error_is_kept_but_its_text_is_capped() -> None:
+    huge = "x" * (MAX_ERROR_CHARS * 2)
+    kept = reported_error({"name": "E", "message": huge, "stack": huge, "code": 7,
+                           "cause": {"name": "C", "message": "inner"}}, "fallback")
+    assert (kept["name"], kept["code"], kept["cause"]) == ("E", 7, {"name": "C",
+                                                                      "message": "inner"})
+    assert len(kept["message"]) < len(huge)
+    assert len(kept["stack"]) < len(huge)
+    assert reported_error("plain text", "fallback") == {"name": "Error", "message": "plain text"}
+    assert reported_error(None, "fallback") == {"name": "Error", "message": "fallback"}
+    assert stored_error("E", "m") == {"name": "E", "message": "m"}
+
+
+def test_an_ai_gateway_opcode_becomes_the_request_inngest_makes() -> None:
+    opts = {"url": "https://models.test/v1/chat", "auth_key": "k", "format": "openai-chat",
+            "headers": {"x-extra": "1"}, "body": {"model": "m", "messages": []}}
+    request = gateway_request(opts)
+    assert (request.url, request.body) == ("https://models.test/v1/chat",
+                                           b'{"model": "m", "messages": []}')
+    assert request.headers == {"content-type": "application/json", "Authorization": "Bearer k",
+                               "x-extra": "1"}
+    assert gateway_request({**opts, "format": "anthropic"}).headers["x-api-key"] == "k"
+    assert gateway_request({**opts, "format": "bedrock"}).headers["Authorization"] == "k"
+    gemini = gateway_request({**opts, "url": "https://g.test/m?alt=sse", "format": "gemini"})
+    assert gemini.url == "https://g.test/m?alt=sse&key=k"
+    assert "Authorization" not in gemini.headers
+    with pytest.raises(ProtocolError, match=r"opts\.url"):
+        gateway_request({"body": {}})
+    assert gateway_answer(200, '{"a": 1}').data == {"a": 1}
+    assert gateway_answer(200, "plain").data == "plain"
+    assert gateway_answer(429, "").error == {
+        "name": "Error making AI request: unsuccessful status code: 429",
+        "message": '{"error":"Error making AI request"}'}
+    assert gateway_answer(None, "", "connection refused").error == {
+        "name": "Error making AI request: connection refused",
+        "message": '{"error":"Error making AI request"}'}
+
+
+def test_deferred_runs_are_told_as_defers_not_steps() -> None:
+    memo = {
+        "work": record("work", output=7, ended=1),
+        "score-it": record("score-it", kind="defer", ended=2, output={
+            "fn_slug": "app-scorer", "input": {"points": 3}, "aborted": False}),
+        "drop-it": record("drop-it", kind="defer", ended=3, output={
+            "fn_slug": "app-scorer", "input": {}, "aborted": True}),
+    }
+    body = call_body(events=[], memo=memo, run_id="r", attempt=0, max_attempts=1,
+                     disable_immediate_execution=False)
+    assert list(body["steps"]) == [hash_step_id("work")]
+    assert body["ctx"]["stack"]["stack"] == [hash_step_id("work")]
+    assert body["defers"] == {hash_step_id("score-it"): {"abortable": True}}
+    plain = call_body(events=[], memo={"work": memo["work"]}, run_id="r", attempt=0,
+                      max_attempts=1, disable_immediate_execution=False)
+    assert "defers" not in plain  # only sent when there are some

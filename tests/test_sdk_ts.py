@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from devserver.clock import VirtualClock
 from devserver.ids import ulid_time_ms
@@ -358,7 +359,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            assert len(await function_ids()) == 11  # 10 functions and ship's onFailure
+            # 20 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 22
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -394,3 +396,166 @@ async def test_a_run_waiting_in_an_sdk_function_survives_a_devserver_restart(
                 ("hold", "Completed")]
     finally:
         await app.stop()
+
+
+async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        coded_id, no_retry_id, call_id, invoker_id, caused_id = await app.send(http, [
+            {"name": "shop/coded", "data": {"order": 1}}, {"name": "shop/step-no-retry"},
+            {"name": "shop/call-data"}, {"name": "shop/invoker"}, {"name": "shop/caused"}])
+        await idle(server)
+
+        # The error body the SDK sent, its own `code` too, as the run's error everywhere.
+        coded = await the_run(http, server, coded_id)
+        assert coded["status"] == "Failed"
+        error = coded["error"]
+        assert (error["name"], error["message"], error["code"]) == (
+            "CodedError", "a coded failure", "E_CODED")
+        assert "sdk_ts_app.cjs" in error["stack"]
+        v1 = (await get(http, server, f"/v1/runs/{coded['run_id']}"))["data"]
+        assert v1["output"] == error
+        # onFailure got Inngest's function.failed event: the trigger with its real id and
+        # the error in Inngest's shape.
+        [handler] = await runs_of_function(http, server, "shop-coded-failure")
+        failed = (await run_doc(http, server, handler["run_id"]))["output"]["failed"]
+        assert failed["event"]["id"] == coded_id
+        assert failed["event"]["data"] == {"order": 1}
+        assert failed["error"] == {"error": "invalid status code: 400", "name": "CodedError",
+                                   "message": "a coded failure", "stack": error["stack"]}
+
+        # A step's NonRetriableError: its 3 retries are not used, and the SDK raises its
+        # error in the function at once.
+        no_retry = await the_run(http, server, no_retry_id)
+        assert attempts(no_retry, "never") == [(0, "Failed")]
+        assert no_retry["output"]["message"] == "this step never works"
+
+        call = await the_run(http, server, call_id)
+        step, fn = call["output"]["step"], call["output"]["fn"]
+        assert step["requestId"]
+        assert fn["requestId"]
+        assert step["requestId"] != fn["requestId"]  # one per call
+        assert step["jobId"] == fn["jobId"] == f"{call['run_id']}:step"
+
+        # The memo of a failed step gives the error back as the SDK sent it: its nested
+        # `cause` reaches the StepError the function catches.
+        caused = await the_run(http, server, caused_id)
+        assert caused["output"] == {"name": "Error", "message": "outer failure",
+                                    "cause": "inner failure"}
+        stored = caused["steps"][0]["error"]
+        assert (stored["cause"]["name"], stored["cause"]["code"]) == ("CodedError", "E_CODED")
+
+        invoked = await the_run(http, server, invoker_id)
+        assert invoked["status"] == "Completed", invoked
+        seen = invoked["output"]["seen"]
+        assert seen["total"] == 7
+        assert seen["_inngest"]["fn_id"] == "shop-echo"
+        assert seen["_inngest"]["correlation_id"].startswith(f"{invoked['run_id']}.")
+        assert invoked["output"]["timeout"] == [
+            "InngestInvokeTimeoutError", "Timed out waiting for invoked function to complete"]
+
+
+async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_document(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/call-data"})
+        await idle(server)
+        run_id = (await the_run(http, server, event_id))["run_id"]
+
+        async def attach(body: dict[str, Any]) -> None:
+            async with http.post(f"http://127.0.0.1:{app.port}/metadata", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+        await attach({"runId": run_id, "values": {"progress": 0.5}, "kind": "progress"})
+        await attach({"runId": run_id, "stepId": "first", "values": {"rows": 3}})
+        assert (await run_doc(http, server, run_id))["metadata"] == [
+            {"scope": "run", "step_id": None, "step_attempt": None,
+             "kind": "userland.progress", "op": "set", "values": {"progress": 0.5}},
+            {"scope": "step", "step_id": "first", "step_attempt": None,
+             "kind": "userland.default", "op": "set", "values": {"rows": 3}}]
+
+        # An unknown run: the SDK's call fails, saying why.
+        async with http.post(f"http://127.0.0.1:{app.port}/metadata", json={
+                "runId": "01J0000000000000000000000Z", "values": {"a": 1}}) as resp:
+            assert resp.status == 500
+            assert "no run with id" in await resp.text()
+
+
+async def test_step_ai_infer_is_requested_by_the_server_and_its_answer_is_the_steps_data(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    """AIGateway: devserver makes the request the opcode describes (here to a local mock of
+    the model's API) and memoizes the answer as the step's data."""
+    seen: list[tuple[str, dict[str, str], Any]] = []
+    answers = [web.json_response({"choices": [{"message": {"content": "forty-two"}}]}),
+               web.json_response({"error": {"message": "overloaded"}}, status=503),
+               web.json_response({"error": {"message": "overloaded"}}, status=503)]
+
+    async def model(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers), await request.json()))
+        return answers[min(len(seen), len(answers)) - 1]
+
+    mock = web.Application()
+    mock.router.add_post("/v1/chat/completions", model)
+    runner = web.AppRunner(mock)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"http://127.0.0.1:{port}/v1/"
+    try:
+        async with sdk_server(tmp_path) as server, \
+                node_app(node_modules, server, tmp_path) as app:
+            [ok_id] = await app.send(http, {"name": "shop/ask",
+                                            "data": {"baseUrl": base, "question": "why?"}})
+            await idle(server)
+            run = await the_run(http, server, ok_id)
+            assert (run["status"], run["output"]) == (
+                "Completed", {"choices": [{"message": {"content": "forty-two"}}]})
+            [(path, headers, body)] = seen
+            assert path == "/v1/chat/completions"
+            assert headers["Authorization"] == "Bearer sk-test"
+            assert body == {"model": "gpt-test",
+                            "messages": [{"role": "user", "content": "why?"}]}
+            assert [(s["step_id"], s["status"]) for s in run["steps"]] == [
+                ("ask-model", "Completed")]
+
+            # The model fails: a step error, retried with the step's attempts, then raised.
+            [bad_id] = await app.send(http, {"name": "shop/ask",
+                                             "data": {"baseUrl": base, "question": "again?"}})
+            await idle(server)
+            failed = await the_run(http, server, bad_id)
+            assert failed["status"] == "Failed"
+            assert attempts(failed, "ask-model") == [(0, "Failed"), (1, "Failed")]
+            error = failed["steps"][0]["error"]
+            assert error["name"] == "Error making AI request: unsuccessful status code: 503"
+            assert "overloaded" in error["message"]
+            assert len(seen) == 3
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_deferred_run_starts_when_the_run_that_deferred_it_ends(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    """DeferAdd / DeferAbort (`defer()` of `createDefer` functions): recorded with the run,
+    told back to the SDK as `defers`, and started by an inngest/deferred.schedule event when
+    the run ends; an aborted one never starts."""
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/deferring",
+                                           "meta": {"sessions": {"customer": "c_9"}}})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert (run["status"], run["output"]) == ("Completed", 7)
+        defers = {s["step_id"]: s["output"] for s in run["steps"] if s["kind"] == "defer"}
+        assert defers["score-it"]["aborted"] is False
+        assert defers["drop-it"]["aborted"] is True  # the latest record of it
+        [scored] = await runs_of_function(http, server, "shop-scorer")
+        scorer = await run_doc(http, server, scored["run_id"])
+        assert scorer["status"] == "Completed", scorer
+        assert scorer["output"] == {"got": {"points": 3}, "parents": [
+            {"fnSlug": "shop-deferring", "runId": run["run_id"]}]}
+        assert scorer["events"][0]["name"] == "inngest/deferred.schedule"
+        assert scorer["sessions"] == {"customer": "c_9"}
+        assert scorer["events"][0]["internal_id"] in run["emitted_events"]

@@ -14,6 +14,8 @@ from devserver.model.records import NewEvent, NewRun, StepAttempt
 from devserver.store.facade import Store
 from devserver.store.schema import SCHEMA_VERSION, seed_runs, statements
 
+from .helpers import eventually
+
 SCHEMA_V1 = (Path(__file__).parent / "schema_v1.sql").read_text()
 
 
@@ -287,3 +289,37 @@ async def test_a_run_ended_in_a_batch_is_ended_for_the_writes_queued_after_it(
             == ["app/e", "app/e"]
     finally:
         await store.close()
+
+
+@pytest.mark.asyncio
+async def test_commits_are_copied_into_the_database_file_in_the_background(
+    tmp_path: Path,
+) -> None:
+    """The WAL is checkpointed off the writer: committed pages reach the database file
+    although the writer's own checkpoint (every 10,000 pages) never came due."""
+    path = tmp_path / "ckpt.sqlite3"
+    store = Store(path)
+    await store.open()
+    try:
+        before = _size(path)
+        for i in range(20):
+            await store.ingest("dev", 1000 + i, [
+                new_event("app/x", sessions={"conversation_id": f"c{i}_{n}"})
+                for n in range(50)])
+        # Far below the 10,000 pages of the writer's own checkpoint:
+        assert _size(Path(f"{path}-wal")) > 100 * 4096
+
+        async def copied() -> bool:
+            return _size(path) > before + 50 * 4096
+        await eventually(copied, "the background checkpoint to copy the WAL into the file")
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (1000,)
+    finally:
+        db.close()
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size

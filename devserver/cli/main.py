@@ -47,6 +47,7 @@ from devserver.model.events import validate_event
 from devserver.model.fixtures import to_jsonl
 from devserver.runtime.loader import load_app
 from devserver.runtime.runner import DEFAULT_ENV
+from devserver.sdk.apps import DEFAULT_POLL_INTERVAL
 from devserver.web.server import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, Config, Server
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,14 @@ def _seconds(text: str) -> float:
         value = -1.0
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds over 0 (use "
+                                         "--no-poll to turn polling off)")
     return value
 
 
@@ -139,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "http://127.0.0.1:3000/api/inngest (repeatable)")
     serve.add_argument("--discover", action="store_true",
                        help="also look for Inngest SDK apps on the usual local dev ports")
+    polling = serve.add_mutually_exclusive_group()
+    polling.add_argument("--poll-interval", type=_positive_seconds,
+                         default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",
+                         help="seconds between re-syncs of the SDK apps, which pick up their "
+                              f"restarts (default {DEFAULT_POLL_INTERVAL:g})")
+    polling.add_argument("--no-poll", action="store_true",
+                         help="never re-sync SDK apps after the first sync (as in Inngest's "
+                              "dev server: a re-sync mid-test can change its results)")
     serve.add_argument("--reload", action=argparse.BooleanOptionalAction, default=None,
                        help="reload the apps when their files change (default: on when --app "
                             "is given)")
@@ -342,7 +359,9 @@ async def _serve_async(args: argparse.Namespace) -> int:
     reload = bool(args.app) if args.reload is None else args.reload
     config = Config(db=db, functions=functions, retry_interval=retry_interval,
                     app_specs=list(args.app), reload=reload, sdk_urls=list(args.sdk_urls),
-                    sdk_discover=args.discover, allowed_hosts=list(args.allowed_hosts),
+                    sdk_discover=args.discover,
+                    sdk_poll_interval=0.0 if args.no_poll else args.poll_interval,
+                    allowed_hosts=list(args.allowed_hosts),
                     allowed_origins=list(args.allowed_origins))
     server = Server(config, host=args.host, port=args.port)
     stop = asyncio.Event()
@@ -368,8 +387,10 @@ async def _serve_async(args: argparse.Namespace) -> int:
             for result in server.sdk.sync_results:
                 notes.append(("sdk app", f"{result.url}  " + (
                     f"synced: {result.app_id}" if result.ok else
-                    f"not synced yet (retried every {config.sdk_poll_interval:g}s): "
-                    f"{result.error}")))
+                    (f"not synced yet (retried every {config.sdk_poll_interval:g}s): "
+                     if config.sdk_poll_interval > 0 else
+                     "not synced (--no-poll: sync it with POST /api/apps/sync): ")
+                    + f"{result.error}")))
         if events:
             # Preloaded before the banner, so the dashboard it links to already has them.
             progress = _Progress("preloaded", len(events))

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from devserver.model.metadata import MetadataUpdate
+
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = (
     "Queued", "Running", "Completed", "Failed", "Cancelled"
 )
@@ -126,6 +128,8 @@ class RunDetail:
     steps: list[StepAttempt]
     emitted: list[str] = field(default_factory=list)
     """Ids of the events the run produced (send_event steps, its end's lifecycle events)."""
+    metadata: list[MetadataUpdate] = field(default_factory=list)
+    """Metadata an SDK attached to the run or its steps, in arrival order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,22 @@ def event_dict(ev: StoredEvent) -> dict[str, Any]:
     return {"name": ev.name, "data": ev.data, "id": ev.event_id or "", "ts": ev.ts,
             "v": ev.v, "user": ev.user or {}, "sessions": ev.sessions,
             "internal_id": ev.internal_id}
+
+
+def inngest_event(doc: dict[str, Any]) -> dict[str, Any]:
+    """An event (as `event_dict` gives it) in Inngest's wire shape, which the SDKs validate:
+    `ts` an integer, `id` a string (the sender's id, else ours: never empty), sessions under
+    `meta.sessions`."""
+    out: dict[str, Any] = {
+        "name": doc["name"], "data": doc.get("data") or {},
+        "id": doc.get("id") or doc.get("internal_id") or "",
+        "ts": int(doc.get("ts") or 0), "user": doc.get("user") or {},
+    }
+    if doc.get("v") is not None:
+        out["v"] = doc["v"]
+    if doc.get("sessions"):
+        out["meta"] = {"sessions": dict(doc["sessions"])}
+    return out
 
 
 def format_percent(rate: float) -> str:

@@ -15,8 +15,10 @@ So a wake-up lost to a crash only delays a run; on restart every unfinished run 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
+import re
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from devserver.app import (
@@ -32,7 +34,14 @@ from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import MAX_DEPTH, IncomingEvent, too_deep, validate_event
 from devserver.model.expressions import compile_expression
-from devserver.model.failures import error_info, step_error, stored_error
+from devserver.model.failures import (
+    INVOKE_TIMEOUT_MESSAGE,
+    INVOKE_TIMEOUT_NAME,
+    error_info,
+    step_error,
+    stored_error,
+)
+from devserver.model.lifecycle import INNGEST_DATA_KEY, invoke_metadata
 from devserver.model.limits import RunTreeTooLarge
 from devserver.model.records import (
     CANCELLED,
@@ -237,6 +246,16 @@ class Invocation:
         self._done(record)
         return value
 
+    async def record_step(self, uid: str, kind: str, output: Any, started: int) -> None:
+        """Commit a step that does no work of its own (an SDK's deferred run, started when
+        this run ends), leaving the attempt count of the work in progress as it is; recording
+        the same id again replaces it (a defer aborted)."""
+        value = to_json_value(output, f"step {uid!r}")
+        record = StepAttempt(0, uid, kind, 0, COMPLETED, started, self.clock.now_ms(), value,
+                             None, final=True)
+        self._check_live(await self.store.record_attempt(self.run_id, record, self.attempt))
+        self.memo[uid] = record
+
     # -- waiting steps -----------------------------------------------------------------------
 
     async def _wait(self, uid: str, kind: str, until: int | None, detail: dict[str, Any],
@@ -427,6 +446,10 @@ class Invocation:
                 return await self.step_failed(uid, NonRetriableError(message), started,
                                               kind="invoke")
             child_id = new_ulid()
+            payload[INNGEST_DATA_KEY] = invoke_metadata(
+                source_app_id=self.function.app_id, source_fn_id=self.function.id,
+                target_fn_id=target.id, correlation_id=f"{self.run_id}.{_hashed(uid)}",
+                expires_at=expires, name=uid)
             event = NewEvent(
                 internal_id=new_ulid(), name=INVOKED_EVENT, event_id=None, ts=started,
                 data=dump_json(payload), v=None, user=None, meta=None,
@@ -457,9 +480,9 @@ class Invocation:
                 "FunctionCancelledError", f"invoked run {child.run_id} was {CANCELLED}")
             raise step_error(await self._resolve(pending, FAILED, error=error))
         if pending.wait_until is not None and self.clock.now_ms() >= pending.wait_until:
-            error = stored_error(
-                "InvokeTimeoutError",
-                f"invoked run {pending.detail['run_id']} did not finish in time")
+            # Inngest's own words, which the SDKs raise as-is (`step.invoke` callers match
+            # on the name).
+            error = stored_error(INVOKE_TIMEOUT_NAME, INVOKE_TIMEOUT_MESSAGE)
             raise step_error(await self._resolve(pending, FAILED, error=error))
         raise Reschedule(pending.wait_until)
 
@@ -475,6 +498,13 @@ class Invocation:
             await self._settle_wait(pending)
         elif pending.kind == "invoke":
             await self._settle_invoke(pending)
+
+
+def _hashed(uid: str) -> str:
+    """A step id as the SDKs hash it (the SHA-1 of the user's id), for correlation ids."""
+    if re.fullmatch(r"[0-9a-f]{40}", uid):
+        return uid
+    return hashlib.sha1(uid.encode("utf-8"), usedforsecurity=False).hexdigest()
 
 
 class FunctionExecutor(Protocol):

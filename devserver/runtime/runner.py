@@ -33,8 +33,8 @@ from devserver.errors import NotFound, Reschedule, RunEnded, StoreInterrupted, S
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import IncomingEvent
-from devserver.model.failures import error_info, stored_error
-from devserver.model.lifecycle import lifecycle_events, lifecycle_names
+from devserver.model.failures import ReportedError, error_info, stored_error
+from devserver.model.lifecycle import deferred_events, lifecycle_events, lifecycle_names
 from devserver.model.limits import MAX_RESTARTS, MAX_TREE_RUNS, restarts_message
 from devserver.model.records import (
     CANCELLED,
@@ -524,7 +524,8 @@ class Runner:
         except TypeError as exc:  # not JSON, too large or too deep: retrying can't help
             await self._function_failed(inv, run, NonRetriableError(str(exc)), started)
             return
-        await self._finish(run, inv.events, COMPLETED, output_json=output_json)
+        await self._finish(run, inv.events, COMPLETED, output_json=output_json,
+                           deferred=deferred_events(run, inv.memo))
 
     def _executor_for(self, fn: FunctionDef) -> FunctionExecutor:
         if fn.remote is None:
@@ -554,7 +555,9 @@ class Runner:
             return
         attempt = StepAttempt(0, None, "function", inv.attempt, FAILED, started, now, None,
                               error, final=True)
-        await self._finish(run, inv.events, FAILED, error=error, attempt=attempt)
+        reason = exc.reason if isinstance(exc, ReportedError) else None
+        await self._finish(run, inv.events, FAILED, error=error, attempt=attempt,
+                           reason=reason, deferred=deferred_events(run, inv.memo))
 
     def _write_start(self, run_id: str) -> None:
         started_at = self._unstarted.pop(run_id, None)
@@ -566,10 +569,12 @@ class Runner:
         self, run: RunRecord, events: list[StoredEvent], status: str, *,
         output_json: str | None = None, error: dict[str, Any] | None = None,
         attempt: StepAttempt | None = None, emitted: list[NewEvent] | None = None,
-        started_at: int | None = None,
+        started_at: int | None = None, reason: str | None = None,
+        deferred: list[IncomingEvent] | None = None,
     ) -> None:
         if emitted is None:
-            emitted = self._lifecycle(run, events, status, output_json, error)
+            emitted = self._lifecycle(run, events, status, output_json, error, reason,
+                                      deferred or [])
         if started_at is None:
             started_at = self._unstarted.pop(run.run_id, None)
         try:
@@ -598,14 +603,18 @@ class Runner:
 
     def _lifecycle(
         self, run: RunRecord, events: list[StoredEvent], status: str, output_json: str | None,
-        error: dict[str, Any] | None,
+        error: dict[str, Any] | None, reason: str | None = None,
+        deferred: list[IncomingEvent] | None = None,
     ) -> list[NewEvent]:
-        """The events a run's end emits, prepared to store. Only stored when some function
-        or waiting run could use them: nothing else reads them."""
+        """The events a run's end emits, prepared to store: its lifecycle events, then the
+        `inngest/deferred.schedule` events of the runs it deferred. Only stored when some
+        function or waiting run could use them: nothing else reads them."""
         wanted = [name for name in lifecycle_names(status)
                   if (run.env, name) in self._waited or self.registry.triggered_by(name)]
-        if not wanted:
+        deferred = [ev for ev in deferred or [] if self.registry.triggered_by(ev.name)]
+        if not wanted and not deferred:
             return []
         return self.prepare(
-            run.env, lifecycle_events(run, events, status, output_json, error, wanted),
+            run.env, lifecycle_events(run, events, status, output_json, error, wanted, reason)
+            + deferred,
             self.clock.now_ms(), skip_function=run.function_id, source=run.run_id)

@@ -34,7 +34,12 @@ from devserver.sdk.protocol import (
     SERVER_KIND,
     SERVER_KIND_HEADER,
 )
-from devserver.sdk.registration import Registration, identify, parse_registration
+from devserver.sdk.registration import (
+    Registration,
+    dev_function_doc,
+    identify,
+    parse_registration,
+)
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +374,8 @@ class SdkApps:
             "startOpts": {"urls": self.configured, "autodiscover": self.discover,
                           "poll": self.poll_interval > 0,
                           "pollInterval": self.poll_interval},
-            "functions": [config for app in self._apps.values() for config in app.configs],
+            "functions": [dev_function_doc(config) for app in self._apps.values()
+                          for config in app.configs],
             "handlers": [{
                 "url": app.url, "app_id": app.app_id,
                 "sdk": {"language": app.sdk.partition(":")[0],

@@ -8,13 +8,22 @@ with what it wants next: a step's result to commit (`StepRun`), a step error (`S
 `WaitForEvent`, `InvokeFunction`). Every step kind is committed through `Invocation`, the same
 durable logic local functions use, so SDK runs are recorded, retried, woken and shown exactly
 like local ones. Errors leave as the exceptions the runner already understands: `Reschedule`
-to wait, `SdkError` (retried), `SdkNonRetriableError`, `SdkRetryAfterError`.
+to wait, `SdkError` (retried), `SdkNonRetriableError`, `SdkRetryAfterError`; the error body
+the app sent is kept verbatim.
+
+Each call carries Inngest's call headers (`x-request-id`, `x-inngest-job-id`, `x-run-id`). A
+call that went out on a pooled connection the app had just closed while idle (uvicorn does
+after its keep-alive timeout) is sent once more on a fresh one: nothing reached the app, so it
+is not a failed attempt. Any other failure to get an answer is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 from collections import deque
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -23,10 +32,16 @@ from devserver import __version__
 from devserver.app import NonRetriableError, StepError
 from devserver.clock import Clock
 from devserver.errors import Reschedule, UserError
+from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
+from devserver.model.lifecycle import DEFER_KIND
 from devserver.runtime.invocation import Invocation
+from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
+    OP_AI_GATEWAY,
+    OP_DEFER_ABORT,
+    OP_DEFER_ADD,
     OP_INVOKE,
     OP_RUN_COMPLETE,
     OP_SLEEP,
@@ -36,14 +51,13 @@ from devserver.sdk.protocol import (
     OP_STEP_RUN,
     OP_WAIT_FOR_EVENT,
     ROOT_STEP,
-    SERVER_KIND,
-    SERVER_KIND_HEADER,
     Op,
     ProtocolError,
     Reply,
     SdkError,
     SdkNonRetriableError,
     call_body,
+    call_headers,
     call_url,
     error_doc,
     read_reply,
@@ -81,7 +95,8 @@ class SdkExecutor:
     async def open(self) -> None:
         """Open the HTTP client."""
         timeout = aiohttp.ClientTimeout(total=self.call_timeout, connect=CONNECT_TIMEOUT)
-        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._session = aiohttp.ClientSession(timeout=timeout,
+                                              trace_configs=[_trace_config()])
 
     async def close(self) -> None:
         """Close the HTTP client."""
@@ -112,7 +127,7 @@ class SdkExecutor:
             if reply.ops is None:
                 if reply.error is not None:
                     raise sdk_error(reply.error, no_retry=reply.no_retry,
-                                    retry_at_ms=reply.retry_at_ms)
+                                    retry_at_ms=reply.retry_at_ms, reason=reply.reason)
                 return reply.output
             planned: list[str] = []
             for op in reply.ops:
@@ -122,6 +137,13 @@ class SdkExecutor:
                     if op.id not in targets and op.id not in planned:
                         planned.append(op.id)
                         planned_at[op.id] = inv.attempt
+                elif op.op in (OP_DEFER_ADD, OP_DEFER_ABORT):
+                    await self._defer(inv, op, started)
+                elif op.op == OP_AI_GATEWAY:
+                    try:
+                        await self._ai_gateway(inv, op, started)
+                    except Reschedule as wait:  # the request failed; retried with backoff
+                        waits.append(wait.at_ms)
                 elif op.op in (OP_SLEEP, OP_WAIT_FOR_EVENT, OP_INVOKE):
                     try:
                         await self._wait(inv, op, step_uid(op), started)
@@ -197,6 +219,59 @@ class SdkExecutor:
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
 
+    async def _defer(self, inv: Invocation, op: Op, started: int) -> None:
+        """`defer()` (TypeScript): `DeferAdd` records a run to start when this one ends (an
+        `inngest/deferred.schedule` event for the deferred function `opts.fn_slug`, its data
+        `opts.input`); `DeferAbort` takes back the one `opts.target_hashed_id` names. Both
+        ride along other opcodes and need no answer: the next call lists the run's defers."""
+        if op.op == OP_DEFER_ADD:
+            uid = step_uid(op)
+            if uid in inv.memo:
+                return  # already recorded (the SDK skips defers it was told about)
+            fn_slug = op.opts.get("fn_slug")
+            if not isinstance(fn_slug, str) or not fn_slug:
+                log.warning("run %s: DeferAdd %s without opts.fn_slug: ignored", inv.run_id,
+                            op.id)
+                return
+            meta = op.opts.get("meta")
+            await inv.record_step(uid, DEFER_KIND, {
+                "fn_slug": fn_slug, "input": op.opts.get("input"), "hashed_id": op.id,
+                "meta": meta if isinstance(meta, dict) else None, "aborted": False}, started)
+            return
+        target = op.opts.get("target_hashed_id")
+        for uid, record in list(inv.memo.items()):
+            doc = record.output
+            if (record.kind == DEFER_KIND and isinstance(doc, dict)
+                    and doc.get("hashed_id") == target and not doc.get("aborted")):
+                await inv.record_step(uid, DEFER_KIND, {**doc, "aborted": True}, started)
+
+    async def _ai_gateway(self, inv: Invocation, op: Op, started: int) -> None:
+        """`step.ai.infer`: make the model request the opcode describes (`sdk.gateway`) and
+        commit its answer as the step's result, or its failure as a step error."""
+        uid = step_uid(op)
+        if uid in inv.memo:
+            return
+        if self._session is None:
+            raise RuntimeError("the SDK executor is not open")
+        try:
+            request = gateway_request(op.opts)
+        except ProtocolError as exc:
+            error: dict[str, Any] | None = stored_error("AIGatewayError", exc.message)
+            answer = None
+        else:
+            answer = await perform(self._session, request, self.max_reply_bytes)
+            error = answer.error
+        try:
+            if error is None:
+                assert answer is not None
+                await inv.step_succeeded(uid, answer.data, started)
+            else:
+                final = answer is None  # a malformed opcode can't get better
+                await inv.step_failed(uid, sdk_error(error, no_retry=final, retry_at_ms=None),
+                                      started)
+        except StepError:
+            pass  # spent: memoized as an error, which the app raises in the function
+
     async def _wait(self, inv: Invocation, op: Op, uid: str, started: int) -> None:
         now = self.clock.now_ms()
         kind = {OP_SLEEP: "sleep", OP_WAIT_FOR_EVENT: "wait_for_event"}.get(op.op, "invoke")
@@ -237,14 +312,27 @@ class SdkExecutor:
                          disable_immediate_execution=parallel)
         target_url = call_url(url, target)
         log.debug("run %s: calling %s (attempt %d)", inv.run_id, target_url, inv.attempt)
+        data = dump_json(body).encode("utf-8")
         try:
-            async with self._session.post(
-                target_url, data=dump_json(body).encode("utf-8"),
-                headers={"Content-Type": "application/json", SERVER_KIND_HEADER: SERVER_KIND,
-                         "User-Agent": USER_AGENT},
-            ) as resp:
-                raw = await read_capped(resp, self.max_reply_bytes)
-                return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
+            for retry in (False, True):
+                headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                           **call_headers(run_id=inv.run_id, step_id=target,
+                                          request_id=new_ulid())}
+                trace = _CallTrace(asyncio.get_running_loop().time())
+                try:
+                    async with self._session.post(target_url, data=data, headers=headers,
+                                                  trace_request_ctx=trace) as resp:
+                        trace.answered = True
+                        raw = await read_capped(resp, self.max_reply_bytes)
+                        return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                    if retry or not trace.closed_while_idle(exc):
+                        raise
+                    # The app closed the pooled connection while it sat idle (uvicorn does
+                    # after 5 s) just as we reused it: nothing was answered, so nothing ran.
+                    log.debug("run %s: %s closed an idle connection; calling again",
+                              inv.run_id, target_url)
+            raise AssertionError("unreachable: the second try returns or raises")
         except ReplyTooLarge as exc:
             raise SdkError(stored_error("SdkReplyTooLargeError",
                                         f"{target_url}: {exc}")) from None
@@ -255,6 +343,49 @@ class SdkExecutor:
             reason = str(exc) or type(exc).__name__
             raise SdkError(stored_error("SdkUnreachableError",
                                         f"could not call {target_url}: {reason}")) from None
+
+
+IDLE_CLOSE_WINDOW = 1.0
+"""Seconds after sending within which a reused connection's close counts as the peer
+having closed it while idle (it arrives at once); a later one is the app failing."""
+
+
+class _CallTrace:
+    """What aiohttp's tracing tells about one request: whether it went out on a pooled
+    connection (reused) and whether an answer began."""
+
+    def __init__(self, sent_at: float) -> None:
+        self.sent_at = sent_at
+        self.reused = False
+        self.answered = False
+
+    def closed_while_idle(self, exc: aiohttp.ClientError) -> bool:
+        """Whether `exc` is the peer closing the pooled connection while it sat idle, just
+        as we reused it: a reused connection, closed or reset at once, before a single byte
+        of an answer (a `ServerDisconnectedError` carries any part of one that came). Such a
+        request never reached the app, so it is safe to send again; any other failure is
+        the attempt's."""
+        if not self.reused or self.answered:
+            return False
+        if asyncio.get_running_loop().time() - self.sent_at > IDLE_CLOSE_WINDOW:
+            return False
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return isinstance(exc.message, str)  # no partial answer parsed
+        return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET,
+                                                                         errno.EPIPE)
+
+
+async def _on_reuse(session: aiohttp.ClientSession, context: SimpleNamespace,
+                    params: aiohttp.TraceConnectionReuseconnParams) -> None:
+    trace = context.trace_request_ctx
+    if isinstance(trace, _CallTrace):
+        trace.reused = True
+
+
+def _trace_config() -> aiohttp.TraceConfig:
+    config = aiohttp.TraceConfig()
+    config.on_connection_reuseconn.append(_on_reuse)
+    return config
 
 
 class ReplyTooLarge(Exception):

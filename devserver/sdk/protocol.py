@@ -24,8 +24,9 @@ from typing import Any
 
 from devserver.app import NonRetriableError, RetryAfterError
 from devserver.clock import parse_duration, to_ms
-from devserver.model.failures import ReportedError, stored_error
-from devserver.model.records import StepAttempt, StoredEvent, event_dict
+from devserver.model.failures import ReportedError, memo_error, reported_error
+from devserver.model.lifecycle import DEFER_KIND
+from devserver.model.records import StepAttempt, StoredEvent, event_dict, inngest_event
 
 # -- wire strings -----------------------------------------------------------------------------
 
@@ -35,6 +36,11 @@ EXPECTED_SERVER_KIND_HEADER = "X-Inngest-Expected-Server-Kind"
 NO_RETRY_HEADER = "X-Inngest-No-Retry"
 RETRY_AFTER_HEADER = "Retry-After"
 EVENT_ID_SEED_HEADER = "X-Inngest-Event-Id-Seed"
+REQUEST_ID_HEADER = "x-request-id"
+"""One id per call (the TypeScript SDK's `ctx.requestId`)."""
+JOB_ID_HEADER = "x-inngest-job-id"
+"""The id of the unit of work a call belongs to, the same for its retries (`ctx.jobId`)."""
+RUN_ID_HEADER = "x-run-id"
 SERVER_KIND = "dev"
 """What this server is, in `X-Inngest-Server-Kind`: a dev server, not Inngest Cloud."""
 
@@ -51,8 +57,11 @@ OP_SLEEP = "Sleep"
 OP_WAIT_FOR_EVENT = "WaitForEvent"
 OP_INVOKE = "InvokeFunction"
 OP_RUN_COMPLETE = "RunComplete"
+OP_AI_GATEWAY = "AIGateway"
+OP_DEFER_ADD = "DeferAdd"
+OP_DEFER_ABORT = "DeferAbort"
 SUPPORTED_OPS = (OP_STEP_RUN, OP_STEP_PLANNED, OP_STEP_ERROR, OP_STEP_FAILED, OP_SLEEP,
-                 OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE)
+                 OP_WAIT_FOR_EVENT, OP_INVOKE, OP_RUN_COMPLETE, OP_AI_GATEWAY)
 
 MAX_RETRY_AFTER_SECONDS = 10 * 365 * 86400
 """A `Retry-After` further off than this (or not a finite number) is ignored."""
@@ -92,27 +101,24 @@ class SdkRetryAfterError(SdkError, RetryAfterError):
 
 
 def error_doc(value: Any, fallback: str = "the SDK reported an error") -> dict[str, Any]:
-    """An SDK's error object as stored and memoized: `{name, message, stack}`."""
-    if isinstance(value, dict):
-        name = value.get("name")
-        message = value.get("message")
-        if not isinstance(message, str) or not message:
-            message = value.get("error") if isinstance(value.get("error"), str) else None
-        stack = value.get("stack")
-        return stored_error(name if isinstance(name, str) and name else "Error",
-                            message or fallback, stack if isinstance(stack, str) else None)
-    if isinstance(value, str) and value:
-        return stored_error("Error", value)
-    return stored_error("Error", fallback)
+    """An SDK's error as stored and memoized: the object it sent, verbatim (see
+    `reported_error`)."""
+    return reported_error(value, fallback)
 
 
-def sdk_error(error: dict[str, Any], *, no_retry: bool, retry_at_ms: int | None) -> SdkError:
-    """The exception that makes the runner treat an SDK error as the SDK asked."""
+def sdk_error(error: dict[str, Any], *, no_retry: bool, retry_at_ms: int | None,
+              reason: str | None = None) -> SdkError:
+    """The exception that makes the runner treat an SDK error as the SDK asked; `reason` is
+    why the attempt failed as the server saw it (`ReportedError.reason`)."""
+    exc: SdkError
     if no_retry:
-        return SdkNonRetriableError(error)
-    if retry_at_ms is not None:
-        return SdkRetryAfterError(error, retry_at_ms)
-    return SdkError(error)
+        exc = SdkNonRetriableError(error)
+    elif retry_at_ms is not None:
+        exc = SdkRetryAfterError(error, retry_at_ms)
+    else:
+        exc = SdkError(error)
+    exc.reason = reason
+    return exc
 
 
 def parse_retry_after(value: str | None, now_ms: int) -> int | None:
@@ -227,27 +233,13 @@ def memo_value(record: StepAttempt) -> Any:
     if record.kind == "wait_for_event":
         return None if record.output is None else sdk_event(record.output)
     if record.error is not None:
-        error = record.error
-        stack = error.get("stack")
-        return {"error": stored_error(str(error.get("name") or "Error"),
-                                      str(error.get("message") or ""),
-                                      stack if isinstance(stack, str) else None)}
+        return {"error": memo_error(record.error)}
     return {"data": record.output}
 
 
 def sdk_event(doc: dict[str, Any]) -> dict[str, Any]:
-    """An event (as `event_dict` gives it) in the shape the SDKs validate: `ts` an integer,
-    `id` a string (the sender's id, else ours), sessions under `meta.sessions`."""
-    out: dict[str, Any] = {
-        "name": doc["name"], "data": doc.get("data") or {},
-        "id": doc.get("id") or doc.get("internal_id") or "",
-        "ts": int(doc.get("ts") or 0), "user": doc.get("user") or {},
-    }
-    if doc.get("v") is not None:
-        out["v"] = doc["v"]
-    if doc.get("sessions"):
-        out["meta"] = {"sessions": dict(doc["sessions"])}
-    return out
+    """An event (as `event_dict` gives it) in the shape the SDKs validate (`inngest_event`)."""
+    return inngest_event(doc)
 
 
 def call_body(
@@ -258,15 +250,30 @@ def call_body(
     TypeScript SDK switches to checkpointing instead of answering 206."""
     docs = [sdk_event(event_dict(ev)) for ev in events]
     done = sorted(memo.items(), key=lambda item: item[1].ended_at)  # completion order
-    steps = {memo_key(uid): memo_value(record) for uid, record in done}
+    steps = {memo_key(uid): memo_value(record) for uid, record in done
+             if record.kind != DEFER_KIND}
+    # Deferred runs are not steps: the SDK learns of them from `defers` (and so does not
+    # defer them again on replay).
+    defers = {memo_key(uid): {"abortable": True} for uid, record in done
+              if record.kind == DEFER_KIND and isinstance(record.output, dict)
+              and not record.output.get("aborted")}
     stack = list(steps)
     return {
+        **({"defers": defers} if defers else {}),
         "event": docs[0] if docs else {}, "events": docs, "steps": steps,
         "ctx": {"run_id": run_id, "attempt": attempt, "max_attempts": max_attempts, "env": "",
                 "stack": {"stack": stack, "current": len(stack)},
                 "disable_immediate_execution": disable_immediate_execution, "use_api": False},
         "version": -1, "use_api": False,
     }
+
+
+def call_headers(*, run_id: str, step_id: str, request_id: str) -> dict[str, str]:
+    """The headers of a call besides the content type, as Inngest sends them: the request's
+    own id, the job's (the run and the step it runs: the same for that step's retries), the
+    run's."""
+    return {REQUEST_ID_HEADER: request_id, JOB_ID_HEADER: f"{run_id}:{step_id}",
+            RUN_ID_HEADER: run_id, SERVER_KIND_HEADER: SERVER_KIND}
 
 
 def call_url(runtime_url: str, step_id: str) -> str:
@@ -290,7 +297,13 @@ class Reply:
     ops: list[Op] | None = None
     error: dict[str, Any] | None = None
     no_retry: bool = False
+    """`X-Inngest-No-Retry: true`, on any status (a 206's `StepError` too)."""
     retry_at_ms: int | None = None
+
+    @property
+    def reason(self) -> str:
+        """Why an error answer failed the attempt, as Inngest words it."""
+        return f"invalid status code: {self.status}"
 
 
 def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int) -> Reply:
@@ -308,11 +321,14 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
         raise ProtocolError(
             f"the app answered HTTP {status} without an {SDK_HEADER} header: is this URL an "
             "Inngest serve endpoint?", retriable=True)
+    no_retry = str(headers.get(NO_RETRY_HEADER, "")).strip().lower() == "true"
+    retry_at_ms = parse_retry_after(headers.get(RETRY_AFTER_HEADER), now_ms)
     if status == 200:
         return Reply(status, output=_json(text, "the function's return value") if text.strip()
                      else None)
     if status == 206:
-        return Reply(status, ops=parse_ops(_json(text, "the opcodes of a 206 answer")))
+        return Reply(status, ops=parse_ops(_json(text, "the opcodes of a 206 answer")),
+                     no_retry=no_retry, retry_at_ms=retry_at_ms)
     if 200 <= status < 300:
         raise ProtocolError(f"the SDK answered HTTP {status}; only 200 and 206 mean something")
     try:
@@ -321,9 +337,8 @@ def read_reply(status: int, headers: Mapping[str, str], body: bytes, now_ms: int
         parsed = None
     fallback = f"the app answered HTTP {status}" + (f": {text.strip()[:500]}"
                                                     if text.strip() else "")
-    return Reply(status, error=error_doc(parsed, fallback),
-                 no_retry=str(headers.get(NO_RETRY_HEADER, "")).lower() == "true",
-                 retry_at_ms=parse_retry_after(headers.get(RETRY_AFTER_HEADER), now_ms))
+    return Reply(status, error=error_doc(parsed, fallback), no_retry=no_retry,
+                 retry_at_ms=retry_at_ms)
 
 
 def _unwrap_stream(text: str, headers: Mapping[str, str]

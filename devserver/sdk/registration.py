@@ -182,3 +182,28 @@ def _served_by_sdk(fn_id: str) -> Handler:
     async def served_by_sdk(ctx: Any) -> Any:
         raise RuntimeError(f"{fn_id} runs in its SDK app, not in this process")
     return served_by_sdk
+
+
+def dev_function_doc(config: dict[str, Any]) -> dict[str, Any]:
+    """A function as Inngest's dev server lists it in `GET /dev`: the SDK's config with its
+    `steps` turned from the SDK's object (`{"step": {id, name, runtime: {url}, retries}}`)
+    into Inngest's array of `{id, name, uri, retries}`, and its id as the `slug` too."""
+    doc = dict(config)
+    steps = config.get("steps")
+    listed: list[dict[str, Any]] = []
+    if isinstance(steps, dict):
+        for key, step in steps.items():
+            step = step if isinstance(step, dict) else {}
+            runtime = step.get("runtime")
+            entry: dict[str, Any] = {
+                "id": text_of(step.get("id")) or key, "name": text_of(step.get("name")) or key,
+                "uri": text_of(runtime.get("url")) if isinstance(runtime, dict) else ""}
+            if isinstance(step.get("retries"), dict):
+                entry["retries"] = step["retries"]
+            listed.append(entry)
+    elif isinstance(steps, list):
+        listed = [step for step in steps if isinstance(step, dict)]
+    doc["steps"] = listed
+    if isinstance(config.get("id"), str):
+        doc["slug"] = config["id"]
+    return doc

@@ -36,6 +36,7 @@ started, finished), so reading them never scans runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -52,6 +53,7 @@ import aiosqlite
 from devserver.errors import ConfigError, StoreFull, StoreUnavailable
 from devserver.jsontext import dump_json
 from devserver.model.limits import MAX_TREE_RUNS
+from devserver.model.metadata import MetadataUpdate
 from devserver.model.records import (
     COMPLETED,
     EnvironmentSummary,
@@ -83,6 +85,8 @@ LOCK_RETRY_FIRST, LOCK_RETRY_MAX = 0.005, 0.05
 """Seconds between tries for the lock: doubling from the first to the max."""
 FAULT_LOG_EVERY = 10.0
 """Seconds between log lines about the same database fault."""
+CHECKPOINT_EVERY = 0.25
+"""Seconds between background WAL checkpoints while there are commits to copy."""
 QUICK_CHECK_MAX_BYTES = 16 * 1024 * 1024
 """Files up to this size get `PRAGMA quick_check` at open (about 2 ms a MB); larger ones
 only the cheap checks, and damage found later fails the writes it touches (503)."""
@@ -169,6 +173,11 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # Copies committed pages from the WAL into the file off the loop's thread, so the
+        # writer's own (blocking) checkpoint is a rare backstop (schema.connect_pragmas).
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._committed = asyncio.Event()
         self._identity: tuple[int, int] | None = None  # the file's (device, inode) at open
         self._gone: str | None = None  # set once the file is found deleted or replaced
         self._faults = _FaultLog()
@@ -212,6 +221,8 @@ class Store:
             await self.close()
             raise ConfigError(self._open_error(exc)) from exc
         self._writer_task = asyncio.create_task(self._write_loop(), name="devserver-writer")
+        self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(),
+                                                    name="devserver-checkpoint")
 
     def _quick_check(self, db: sqlite3.Connection) -> None:
         if self.path.stat().st_size > QUICK_CHECK_MAX_BYTES:
@@ -279,6 +290,14 @@ class Store:
             await self._queue.put(None)
             await self._writer_task
             self._writer_task = None
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
+            self._checkpoint_task = None
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
         if self._reader is not None:
             await self._reader.close()
         if self._writer is not None:
@@ -340,6 +359,7 @@ class Store:
                         break
                     batch.append(item)
             results, stop = await self._commit(batch)
+            self._committed.set()
             stopping = stopping or stop
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
@@ -348,6 +368,28 @@ class Store:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    async def _checkpoint_loop(self) -> None:
+        """While commits come in, a PASSIVE checkpoint every `CHECKPOINT_EVERY` seconds on
+        a connection of its own, in its own thread: it copies the WAL's committed pages into
+        the database file and syncs it without holding up the writer, which keeps committing
+        meanwhile. A failure (disk full, say) is left to the writer's own checkpoint."""
+        while True:
+            await self._committed.wait()
+            self._committed.clear()
+            try:
+                if self._checkpointer is None:  # opened at the first commit: a quick start
+                    if self._gone is not None or self._check_file() is not None:
+                        return  # never create or touch another file at the path
+                    self._checkpointer = await aiosqlite.connect(
+                        self.path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                        timeout=BUSY_TIMEOUT_MS / 1000)
+                    await self._call(self._checkpointer, connect_pragmas)
+                await self._call(self._checkpointer,
+                                 lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+            except sqlite3.Error:
+                log.debug("background checkpoint failed", exc_info=True)
+            await asyncio.sleep(CHECKPOINT_EVERY)
 
     async def _commit(self, batch: list[_Write]) -> tuple[list[Any], bool]:
         """Apply a batch: its writes' results, or the one error every write of it gets
@@ -515,6 +557,10 @@ class Store:
         return await self._write(queries.Finish(
             run_id, status, now, output_json, error_json, attempt, emitted or [], started_at,
             max_tree_runs))
+
+    async def add_metadata(self, run_id: str, updates: list[MetadataUpdate], now: int) -> bool:
+        """Attach metadata an SDK reported to a run; False when there is no such run."""
+        return await self._write(lambda db: queries.add_metadata(db, run_id, updates, now))
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""

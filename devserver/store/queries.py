@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from devserver.errors import UserError
 from devserver.jsontext import dump_json
 from devserver.model.limits import MAX_TREE_RUNS, RunTreeTooLarge
+from devserver.model.metadata import MetadataUpdate
 from devserver.model.records import (
     CANCELLED,
     FAILED,
@@ -575,11 +576,31 @@ def read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:
     emitted = [r[0] for r in db.execute(
         "SELECT internal_id FROM events WHERE source = ? ORDER BY internal_id LIMIT ?",
         (run_id, MAX_EMITTED_SHOWN))]
-    return RunDetail(run=run, events=events, steps=steps, emitted=emitted)
+    metadata = [MetadataUpdate(r["scope"], r["step_id"], r["step_attempt"], r["kind"], r["op"],
+                               json.loads(r["values"]), r["created_at"]) for r in db.execute(
+        "SELECT * FROM run_metadata WHERE run_id = ? ORDER BY seq LIMIT ?",
+        (run_id, MAX_METADATA_SHOWN))]
+    return RunDetail(run=run, events=events, steps=steps, emitted=emitted, metadata=metadata)
+
+
+def add_metadata(db: sqlite3.Connection, run_id: str, updates: list[MetadataUpdate],
+                 now: int) -> bool:
+    """Attach metadata to a run (ended or not: an SDK may report after the end); False when
+    there is no such run."""
+    if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+        return False
+    db.executemany(
+        'INSERT INTO run_metadata (run_id, scope, step_id, step_attempt, kind, op, "values", '
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(run_id, u.scope, u.step_id, u.step_attempt, u.kind, u.op, dump_json(u.values), now)
+         for u in updates])
+    return True
 
 
 MAX_EMITTED_SHOWN = 1000
 """The most event ids a run document lists as produced by the run (a bound on its size)."""
+MAX_METADATA_SHOWN = 1000
+"""The most metadata updates a run document lists (a bound on its size)."""
 
 
 def _functions_of(db: sqlite3.Connection, env: str, ident: str, value: str) -> list[str]:

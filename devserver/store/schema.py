@@ -177,7 +177,22 @@ CREATE TABLE run_trees (
 -- a source, so events from outside cost the index nothing.
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
 
--- The dashboard (version 7). `runs.rerun_of`: the run a rerun repeats (its reruns are found
+-- Metadata an SDK attached to a run (`POST /v1/runs/{id}/metadata`), in arrival order: its
+-- scope (`run`, or `step` with the user's step id and attempt), kind, op and values.
+CREATE TABLE run_metadata (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    step_id TEXT,
+    step_attempt INTEGER,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    "values" TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
+
+-- The dashboard (version 8). `runs.rerun_of`: the run a rerun repeats (its reruns are found
 -- by the index); `identifiers.runs` and `.failed_runs`: sums over its sessions, kept by the
 -- writes that change theirs; runs by function for /functions and /runs?function=; sessions
 -- by failed runs for that sort; `run_logs`: the lines a run wrote with `ctx.logger`, bounded
@@ -227,6 +242,22 @@ CREATE TABLE run_trees (
 CREATE INDEX events_by_source ON events (source) WHERE source IS NOT NULL;
 """,
     7: """
+-- Metadata an SDK attached to a run (`POST /v1/runs/{id}/metadata`), in arrival order: its
+-- scope (`run`, or `step` with the user's step id and attempt), kind, op and values.
+CREATE TABLE run_metadata (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    step_id TEXT,
+    step_attempt INTEGER,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    "values" TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
+""",
+    8: """
 ALTER TABLE runs ADD COLUMN rerun_of TEXT;
 -- An identifier's runs and failed runs (summed over its sessions), kept by the writes that
 -- change its sessions' counters, so /sessions reads them without scanning sessions.
@@ -268,6 +299,13 @@ def connect_pragmas(db: sqlite3.Connection) -> None:
     # NORMAL in WAL mode: a commit survives the process being killed (the OS has the WAL);
     # only an OS crash or power cut can lose the last commits. Right for a dev server.
     db.execute("PRAGMA synchronous = NORMAL")
+    # A checkpoint copies the WAL into the database file and syncs both. The store runs one
+    # in the background, off the event loop (store.facade); a connection's own checkpoint,
+    # which blocks the writer, is the backstop for a WAL the background one could not keep
+    # short: every 10,000 pages (40 MB) instead of SQLite's 1,000. The WAL file is cut back
+    # to 64 MB after a checkpoint.
+    db.execute("PRAGMA wal_autocheckpoint = 10000")
+    db.execute("PRAGMA journal_size_limit = 67108864")
     db.execute("PRAGMA temp_store = MEMORY")
     db.execute("PRAGMA cache_size = -8000")  # 8 MB a connection: memory stays flat
 

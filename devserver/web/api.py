@@ -232,6 +232,7 @@ def run_detail_doc(detail: RunDetail) -> dict[str, Any]:
         "events": [event_doc(ev) for ev in detail.events],
         "steps": [step_doc(step) for step in detail.steps],
         "emitted_events": detail.emitted,
+        "metadata": [update.doc() for update in detail.metadata],
     }
 
 

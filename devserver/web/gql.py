@@ -6,8 +6,9 @@ A real GraphQL implementation (graphql-core: parsing, validation, variables, fra
 aliases) over a subset of Inngest's schema (`gql_schema.SDL`). Resolvers only read the store,
 so a query sees every write acknowledged before it (read-your-writes like the rest of the API).
 
-HTTP: `POST` with a JSON body `{"query", "variables"?, "operationName"?}`, or `GET` with
-`query=` (and `variables=` as JSON). Every answer that is a GraphQL response is `200` with
+HTTP (served by `web.gql_routes`, which loads this module at the first query): `POST` with a
+JSON body `{"query", "variables"?, "operationName"?}`, or `GET` with `query=` (and
+`variables=` as JSON). Every answer that is a GraphQL response is `200` with
 `{"data": ..., "errors": [...]}` — a validation error (unknown field, bad variable) too, as
 graphql-over-http allows for `application/json`; a request that is not a GraphQL request at
 all (no query, body not JSON) is `400` in the same `{"errors": [...]}` shape. An unknown run,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from inspect import isawaitable
 from typing import Any
 
@@ -59,10 +59,7 @@ from devserver.model.records import (
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.protocol import sdk_event
 from devserver.store.facade import Store
-from devserver.web.api import RUNNER, STORE
 from devserver.web.gql_schema import SDL
-
-routes = web.RouteTableDef()
 
 MAX_QUERY_CHARS = 100_000
 """The longest query text accepted."""
@@ -474,30 +471,3 @@ async def execute(store: Store, functions: list[FunctionDef], query: Any, variab
                            field_resolver=_field_resolver)
     done = await result if isawaitable(result) else result
     return _response(done, request_error=_before_execution(done))
-
-
-@routes.post("/v0/gql")
-async def gql_post(request: web.Request) -> web.Response:
-    """A GraphQL request as a JSON body."""
-    try:
-        body = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _response(None, 400, [f"the body is not JSON: {exc}"])
-    if not isinstance(body, dict):
-        return _response(None, 400, ["the body must be a JSON object with a \"query\""])
-    return await execute(request.app[STORE], request.app[RUNNER].functions, body.get("query"),
-                         body.get("variables"), body.get("operationName"))
-
-
-@routes.get("/v0/gql")
-async def gql_get(request: web.Request) -> web.Response:
-    """A GraphQL request in the query string (`query`, `variables` as JSON, `operationName`)."""
-    variables: Any = None
-    if "variables" in request.query:
-        try:
-            variables = json.loads(request.query["variables"])
-        except ValueError as exc:
-            return _response(None, 400, [f"\"variables\" is not JSON: {exc}"])
-    return await execute(request.app[STORE], request.app[RUNNER].functions,
-                         request.query.get("query"), variables,
-                         request.query.get("operationName"))

@@ -1,7 +1,8 @@
 """The routes the Inngest SDKs and the dashboard use to manage SDK apps.
 
 `POST /fn/register` (an SDK registering its functions), `DELETE /fn/remove?url=`, `GET /dev`
-(the dev server info that Inngest tooling reads), `GET /api/apps`, `POST /api/apps/sync`. Each
+(the dev server info that Inngest tooling reads), `GET /api/apps`, `POST /api/apps/sync`,
+`POST /v1/runs/{id}/metadata` (metadata an SDK attaches to a run). Each
 translates a request into a call on `devserver.sdk.apps.SdkApps` and its answer into JSON.
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from devserver.errors import UserError
+from devserver.errors import NotFound, UserError
 from devserver.model.events import loads
+from devserver.model.metadata import parse_metadata_request
 from devserver.sdk.apps import SdkApps
 from devserver.sdk.protocol import EXPECTED_SERVER_KIND_HEADER, SERVER_KIND, SERVER_KIND_HEADER
-from devserver.web.api import json_ok
+from devserver.web.api import RUNNER, STORE, json_ok
 
 SDK_APPS = web.AppKey("sdk_apps", SdkApps)
 routes = web.RouteTableDef()
@@ -69,3 +71,15 @@ async def api_apps_sync(request: web.Request) -> web.Response:
         raise UserError("'url' must be a string")
     results = [await apps.sync(url)] if url else await apps.sync_all()
     return json_ok({"results": [result.doc() for result in results]})
+
+
+@routes.post("/v1/runs/{run_id}/metadata")
+async def v1_run_metadata(request: web.Request) -> web.Response:
+    """Metadata an SDK attaches to a run or one of its steps (see `model.metadata`); shown in
+    the run's document (`/api/runs/{id}`, `metadata`)."""
+    run_id = request.match_info["run_id"]
+    updates = parse_metadata_request(loads(await request.read()))
+    store = request.app[STORE]
+    if not await store.add_metadata(run_id, updates, request.app[RUNNER].clock.now_ms()):
+        raise NotFound(f"no run with id {run_id!r}")
+    return json_ok({})

@@ -29,7 +29,7 @@ from devserver.runtime.watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 from devserver.sdk import apps as sdk
 from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
 from devserver.store.facade import Store
-from devserver.web import actions, api, dashboard, gql, guard, lists, pages, sdk_routes
+from devserver.web import actions, api, dashboard, gql_routes, guard, lists, pages, sdk_routes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8288
@@ -157,7 +157,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     app.add_routes(lists.routes)
     app.add_routes(actions.routes)
     app.add_routes(sdk_routes.routes)
-    app.add_routes(gql.routes)
+    app.add_routes(gql_routes.routes)
     dashboard.setup(app)
     pages.setup(app)
     return app
