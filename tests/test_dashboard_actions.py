@@ -493,3 +493,39 @@ async def test_apps_page_syncs_a_real_sdk_app_and_lists_its_functions(
             await browser.check(check)
         finally:
             await app.close()
+
+
+@pytest.mark.asyncio
+async def test_logger_lines_are_kept_per_run_from_threads_too_and_bounded(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    from devserver.store.listing import MAX_LOG_CHARS, MAX_LOG_LINES
+
+    app = devserver.App("logs")
+
+    @app.function(trigger="l/chatty", retries=0)
+    async def chatty(ctx: devserver.Context) -> None:
+        for i in range(MAX_LOG_LINES + 20):
+            ctx.logger.debug("line %d", i)  # any level, whatever the terminal shows
+        ctx.logger.error("x" * (MAX_LOG_CHARS + 10))
+
+    @app.function(trigger="l/sync", retries=0)
+    def in_thread(ctx: devserver.SyncContext) -> None:
+        ctx.logger.info("from %s", "a worker thread")
+        ctx.step.run("step", lambda: ctx.logger.warning("inside a step") or 1)
+        ctx.logger.info("y" * (MAX_LOG_CHARS + 10))
+
+    server = await make_server(app)
+    chatty_event = await send(http, server, "l/chatty")
+    sync_event = await send(http, server, "l/sync")
+    await idle(server)
+    (run,) = (await get(http, server, f"/v1/events/{chatty_event}/runs"))["data"]
+    logs = (await get(http, server, f"/api/runs/{run['run_id']}"))["logs"]
+    assert len(logs) == MAX_LOG_LINES
+    assert [line["message"] for line in logs[:2]] == ["line 0", "line 1"]
+    assert {line["level"] for line in logs} == {"DEBUG"}  # the later ones were not kept
+    (run,) = (await get(http, server, f"/v1/events/{sync_event}/runs"))["data"]
+    logs = (await get(http, server, f"/api/runs/{run['run_id']}"))["logs"]
+    assert [(line["level"], line["message"]) for line in logs] == [
+        ("INFO", "from a worker thread"), ("WARNING", "inside a step"),
+        ("INFO", "y" * MAX_LOG_CHARS + " … (10 more chars)")]
