@@ -36,8 +36,9 @@ from devserver.model.records import FINISHED, UNFINISHED, WAITING
 from devserver.model.records import format_percent as format_percent  # the CLI's too
 from devserver.model.triggers import EventTrigger
 from devserver.web import api
-from devserver.web.filters import LAST_CHOICES, STATUSES
-from devserver.web.sdk_routes import SDK_APPS
+from devserver.web.filters import LAST_CHOICES
+from devserver.web.page_parts import NAV, banners, list_filters, nav_section
+from devserver.web.page_parts import make_link as make_link
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -159,16 +160,6 @@ def _clock_filter(context: jinja2.runtime.Context, stamp: str | int | None) -> s
 
 # ---------------------------------------------------------------------------------------------
 # Links, fixtures, the curl example
-
-
-def make_link(env: str) -> Callable[..., str]:
-    """`link(path, **params)`: a URL with a properly encoded query that keeps `env`."""
-    def link(path: str, /, **params: object) -> str:
-        query = [(k, str(v)) for k, v in params.items() if v is not None and v != ""]
-        if env != api.DEFAULT_ENV:
-            query.append(("env", env))
-        return path + ("?" + urlencode(query, quote_via=quote) if query else "")
-    return link
 
 
 def run_path(run_id: str) -> str:
@@ -312,7 +303,7 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         return f"/static/{quote(name)}?v={dash.assets[name].version}"
 
     return {
-        "banners": banners(request), "nav": _nav_section(request.path), "nav_items": NAV,
+        "banners": banners(request), "nav": nav_section(request.path), "nav_items": NAV,
         "env": env, "default_env": api.DEFAULT_ENV,
         "environments": environments if len(environments) > 1 else [],  # the selector
         "env_link": lambda name: make_link(name)("/sessions"),
@@ -321,38 +312,6 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         "now_ms": request.app[api.RUNNER].clock.now_ms(), "live_ms": live_ms, "status": 200,
         "version": dash.version, "base_url": f"{request.scheme}://{_host(request)}",
     }
-
-
-NAV = (("sessions", "Sessions", "/sessions"), ("runs", "Runs", "/runs"),
-       ("events", "Events", "/events"), ("functions", "Functions", "/functions"),
-       ("apps", "Apps", "/apps"))
-"""The top navigation: (section, label, path)."""
-
-
-def _nav_section(path: str) -> str:
-    """The navigation section a page belongs to (a session page is under Sessions)."""
-    first = path.strip("/").partition("/")[0]
-    return {"session": "sessions", "": "sessions"}.get(first, first)
-
-
-def banners(request: web.Request) -> list[dict[str, str]]:
-    """What every page warns about: a hot reload that failed (the last good code still
-    runs), SDK apps whose last sync failed, and a database that refuses writes."""
-    found = []
-    reloader = request.app.get(api.RELOADER)
-    if reloader is not None and not reloader.status.ok:
-        found.append({"kind": "reload", "title": "Hot reload failed",
-                      "message": (reloader.status.error or "the app could not be imported")
-                      + " (the last good code is still running; save a fix to reload)"})
-    apps = request.app.get(SDK_APPS)
-    for result in apps.sync_results if apps is not None else []:
-        if not result.ok:
-            found.append({"kind": "sync", "title": f"Sync of {result.url} failed",
-                          "message": result.error or "no answer"})
-    fault = request.app[api.STORE].fault
-    if fault is not None:
-        found.append({"kind": "database", "title": "Database problem", "message": fault})
-    return found
 
 
 def _host(request: web.Request) -> str:
@@ -437,28 +396,6 @@ async def html_not_found(request: web.Request) -> web.StreamResponse | None:
     # No "This page as JSON" link: /api + an unknown path is no endpoint either.
     return await error_page(request, 404, "Page not found",
                             f"There is no dashboard page at {request.path}.", twin=False)
-
-
-def list_filters(request: web.Request, path: str, doc: dict[str, Any], *,
-                 keys: tuple[str, ...], **fixed: str) -> dict[str, Any]:
-    """The filter form, pager and "clear" links of a list page."""
-    link = make_link(api.env_of(request))
-    limit = request.query.get("limit") or None
-    filters = doc["filters"]
-    kept = {k: filters.get(k) for k in keys}
-    if kept.get("last"):
-        kept.pop("start", None)
-        kept.pop("end", None)
-    here = functools.partial(link, path, **fixed, limit=limit, **kept)
-    filtered = any(filters.get(k) for k in keys)
-    return {
-        "filter_action": path, "filters": filters,
-        "hidden": [*fixed.items(), *([("limit", limit)] if limit else [])],
-        "statuses": STATUSES, "last_choices": LAST_CHOICES, "filtered": filtered,
-        "clear_url": link(path, **fixed, limit=limit) if filtered else None,
-        "first_url": here() if request.query.get("cursor") else None,
-        "next_url": here(cursor=doc["next_cursor"]) if doc["next_cursor"] else None,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from devserver.web.dashboard import (
     _busy,
     _context,
     error_page,
-    list_filters,
     page,
     render,
 )
+from devserver.web.page_parts import list_filters
 
 EXAMPLE_SEND = {"name": "app/message.created", "data": {"text": "hello"},
                 "sessions": {"conversation_id": "conv_1234"}}
