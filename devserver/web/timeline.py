@@ -17,6 +17,8 @@ from devserver.store.listing import MAX_TIMELINE_RUNS, Timeline
 
 SCALE = 1000
 """The width of the axis, in the SVG's user units."""
+TICKS = 5
+"""Marks on the time axis, the first at the start and the last at the end."""
 MIN_WIDTH = 2.0
 """The narrowest bar drawn (a 1 ms step stays visible)."""
 
@@ -25,7 +27,7 @@ def timeline_doc(timeline: Timeline, now: int) -> dict[str, Any]:
     """The timeline of a session's runs (oldest first), as the page draws it."""
     runs, events = timeline.runs, timeline.events
     if not runs:
-        return {"start": None, "end": None, "span_ms": 0, "runs": [], "events": [],
+        return {"start": None, "end": None, "span_ms": 0, "ticks": [], "runs": [], "events": [],
                 "more": False, "max_runs": MAX_TIMELINE_RUNS, "live": False}
     starts = [r.queued_at for r in runs] + [e.received_at for e in events]
     ends = [r.ended_at if r.ended_at is not None else now for r in runs]
@@ -81,6 +83,9 @@ def timeline_doc(timeline: Timeline, now: int) -> dict[str, Any]:
         })
     return {
         "start": iso(t0), "end": iso(t1), "span_ms": t1 - t0, "more": timeline.more,
+        # Evenly spaced marks on the axis: ms after the start, and when.
+        "ticks": [{"offset_ms": (t1 - t0) * i // (TICKS - 1),
+                   "at": iso(t0 + (t1 - t0) * i // (TICKS - 1))} for i in range(TICKS)],
         "max_runs": MAX_TIMELINE_RUNS,
         "live": any(r.status in UNFINISHED for r in runs),
         "runs": run_docs,
