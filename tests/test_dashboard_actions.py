@@ -145,6 +145,12 @@ async def test_action_endpoints_answer_json_and_refuse_other_origins(
         assert message in answer["error"], (path, answer)
     assert await run_count(http, server) == before
 
+    await server.runner.replace([])  # as a hot reload that drops every function would
+    status, answer = await post(http, server, f"/api/runs/{failed['run_id']}/rerun", None)
+    assert status == 400, answer
+    assert "not registered" in answer["error"]
+    assert await run_count(http, server) == before
+
 
 # ---------------------------------------------------------------------------------------------
 # The buttons

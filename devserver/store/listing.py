@@ -261,9 +261,9 @@ def rerun(db: sqlite3.Connection, run_id: str, new_run_id: str, now: int) -> Run
         "SELECT env, identifier, value FROM run_sessions WHERE run_id = ?", (run_id,))]
     db.executemany("INSERT INTO run_sessions (env, identifier, value, run_id) "
                    "VALUES (?, ?, ?, ?)", ((*key, new_run_id) for key in sessions))
-    db.executemany("UPDATE sessions SET runs = runs + 1, last_active = max(last_active, ?) "
-                   "WHERE env = ? AND identifier = ? AND value = ?",
-                   ((now, *key) for key in sessions))
+    # Queued is no activity yet (SPEC 2.3): the rerun's start and end will be.
+    db.executemany("UPDATE sessions SET runs = runs + 1 "
+                   "WHERE env = ? AND identifier = ? AND value = ?", sessions)
     idents = {(env, ident) for env, ident, _ in sessions}
     db.executemany("UPDATE identifiers SET runs = runs + 1 WHERE env = ? AND identifier = ?",
                    idents)

@@ -30,6 +30,12 @@ MAX_RERUNS = 200
 
 async def _rerun(request: web.Request, run_id: str) -> dict[str, Any]:
     runner, store = request.app[RUNNER], request.app[STORE]
+    old = await store.run(run_id)
+    if old is None:
+        raise NotFound(f"no run with id {run_id!r}")
+    if runner.registry.get(old.function_id) is None:
+        raise UserError(f"function {old.function_id!r} of run {run_id} is not registered "
+                        "any more: it can't be rerun")
     now = runner.clock.now_ms()
     new = await store.rerun(run_id, new_ulid(), now)
     if new is None:
