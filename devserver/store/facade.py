@@ -739,15 +739,16 @@ class Store:
     async def session_runs(
         self, env: str, identifier: str, value: str, *, status: str | None = None,
         window: listing.Window = listing.ALL_TIME, limit: int = 50, cursor: str | None = None,
-    ) -> tuple[SessionStats, Page] | None:
-        """A session's figures and a page of its runs of one status and time range."""
-        def read(db: sqlite3.Connection) -> tuple[SessionStats, Page] | None:
+    ) -> tuple[SessionStats, Page, listing.Timeline] | None:
+        """A session's figures, a page of its runs of one status and time range, and its
+        timeline, all from one snapshot."""
+        def read(db: sqlite3.Connection) -> tuple[SessionStats, Page, listing.Timeline] | None:
             found = queries.read_session(db, env, identifier, value, 1, None)
             if found is None:
                 return None
             return found[0], listing.read_session_runs(
                 db, env, identifier, value, status=status, window=window, limit=limit,
-                cursor=cursor)
+                cursor=cursor), listing.read_timeline(db, env, identifier, value)
         return await self._read(read)
 
     async def session_failed_run_ids(self, env: str, identifier: str, value: str, *,
@@ -755,10 +756,6 @@ class Store:
         """A session's failed runs not rerun yet, oldest first."""
         return await self._read(lambda db: listing.read_session_failed_run_ids(
             db, env, identifier, value, limit))
-
-    async def timeline(self, env: str, identifier: str, value: str) -> listing.Timeline:
-        """A session's runs, steps and events for its timeline."""
-        return await self._read(lambda db: listing.read_timeline(db, env, identifier, value))
 
     def add_log_lines(self, lines: list[tuple[str, int, str, str]]) -> asyncio.Future[None]:
         """Queue `ctx.logger` lines (run id, at, level, message) for the next commit."""

@@ -413,8 +413,7 @@ async def session_doc(request: web.Request) -> dict[str, Any]:
         cursor=request.query.get("cursor") or None)
     if found is None:
         raise NotFound(f"no session {identifier}={value!r} in environment {env!r}")
-    stats, page = found
-    drawn = await request.app[STORE].timeline(env, identifier, value)
+    stats, page, drawn = found
     return {
         "env": env,
         "identifier": identifier,
