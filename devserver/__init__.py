@@ -15,17 +15,35 @@ from devserver.app import (
 )
 from devserver.clock import VirtualClock, WallClock
 from devserver.context import Context, Event, SyncContext
+from devserver.model.flow import (
+    Batch,
+    Concurrency,
+    Debounce,
+    Priority,
+    RateLimit,
+    Singleton,
+    Throttle,
+    Timeouts,
+)
 
 __all__ = [
     "App",
+    "Batch",
     "Cancel",
+    "Concurrency",
     "Context",
+    "Debounce",
     "Event",
     "FunctionDef",
     "NonRetriableError",
+    "Priority",
+    "RateLimit",
     "RetryAfterError",
+    "Singleton",
     "StepError",
     "SyncContext",
+    "Throttle",
+    "Timeouts",
     "TriggerCron",
     "TriggerEvent",
     "VirtualClock",

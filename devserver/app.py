@@ -17,6 +17,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from devserver.clock import parse_duration
 from devserver.errors import UserError
 from devserver.model.expressions import Expression
+from devserver.model.flow import (
+    Batch,
+    Concurrency,
+    Debounce,
+    FlowConfig,
+    Priority,
+    RateLimit,
+    Singleton,
+    Throttle,
+    Timeouts,
+    parse_local,
+)
 from devserver.model.retry import DEFAULT_RETRIES
 from devserver.model.triggers import CronTrigger, EventTrigger, parse_event_trigger
 
@@ -130,6 +142,8 @@ class FunctionDef:
     remote: str | None = None
     """For a function of an Inngest SDK app: the URL the SDK serves it at (its
     `steps.step.runtime.url`); runs go through the SDK call protocol. None for local ones."""
+    flow: FlowConfig | None = None
+    """Flow control (SPEC 3.3): concurrency, throttle, debounce, batching...; None: none."""
 
     @property
     def event_triggers(self) -> list[EventTrigger]:
@@ -178,6 +192,15 @@ class App:
         cancel_on: Cancel | Sequence[Cancel] = (),
         on_failure: Handler | None = None,
         timeout: str | float | dt.timedelta | None = None,
+        concurrency: Concurrency | Sequence[Concurrency] | int | None = None,
+        throttle: Throttle | None = None,
+        rate_limit: RateLimit | None = None,
+        debounce: Debounce | None = None,
+        batch_events: Batch | None = None,
+        priority: Priority | None = None,
+        singleton: Singleton | None = None,
+        idempotency: str | None = None,
+        timeouts: Timeouts | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated (sync or async) function to run on `trigger`.
 
@@ -189,8 +212,15 @@ class App:
         `ctx.event` is the `inngest/function.failed` event, with the error and original event.
         `timeout` (`"30s"`, seconds, a timedelta) bounds one execution of the function body
         (sleeps and waits between steps don't count); past it the run fails.
+        Flow control takes inngest-py's names and shapes (SPEC 3.3): `concurrency=`
+        (`Concurrency`, up to two), `throttle=Throttle(...)`, `rate_limit=RateLimit(...)`,
+        `debounce=Debounce(...)`, `batch_events=Batch(...)`, `priority=Priority(run=...)`,
+        `singleton=Singleton(...)`, `idempotency="<CEL key>"`, `timeouts=Timeouts(...)`.
         The decorated function is returned unchanged, so it stays callable in unit tests.
         """
+        flow = parse_local(concurrency=concurrency, throttle=throttle, rate_limit=rate_limit,
+                           debounce=debounce, batch_events=batch_events, priority=priority,
+                           singleton=singleton, idempotency=idempotency, timeouts=timeouts)
         triggers = _parse_triggers(trigger)
         cancels = tuple(
             CancelTrigger(parse_event_trigger(c.event),
@@ -217,7 +247,7 @@ class App:
             full_id = f"{self.id}-{local_id}"
             self._add(FunctionDef(id=full_id, name=name or handler.__name__, app_id=self.id,
                                   triggers=triggers, retries=retries, handler=handler,
-                                  cancel_on=cancels, timeout=seconds))
+                                  cancel_on=cancels, timeout=seconds, flow=flow))
             if on_failure is not None:
                 condition = f"event.data.function_id == {json.dumps(full_id)}"
                 self._add(FunctionDef(

@@ -206,14 +206,31 @@ const deferring = inngest.createFunction(
   },
 );
 
+const measured = inngest.createFunction(
+  { id: "measured", triggers: [{ event: "shop/measured" }] },
+  async ({ step }) => {
+    await step.metadata("note").set({ rows: 5 }, "stats");
+    return "measured";
+  },
+);
+
 const added = inngest.createFunction(
   { id: "added", triggers: [{ event: "shop/added" }] },
   async () => "new in version 2",
 );
 
+// Flow control: one run for a batch of up to 3 events (or what arrived within 10 minutes).
+const batched = inngest.createFunction(
+  { id: "batched", triggers: [{ event: "shop/viewed" }], batchEvents: { maxSize: 3, timeout: "10m" } },
+  async ({ event, events, sessions, step }) => {
+    const pages = await step.run("pages", () => events.map((e) => e.data.page));
+    return { first: event.data.page, pages, sessions: sessions ?? null };
+  },
+);
+
 const functions = [
-  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable,
-  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring,
+  checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
+  coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

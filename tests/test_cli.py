@@ -313,12 +313,13 @@ def test_sdk_polling_is_tuned_or_turned_off(spawn: Spawn, tmp_path: Path) -> Non
     assert (opts["poll"], opts["pollInterval"]) == (True, 0.5)
     assert tuned.stop() == 0
 
-    off = spawn("--port", "0", "--db", ":memory:", "--no-poll", "-u",
+    # As the Python SDK's own suite starts Inngest's dev server: `dev --no-discovery --no-poll`.
+    off = spawn("dev", "--no-discovery", "--no-poll", "--port", "0", "--db", ":memory:", "-u",
                 f"http://127.0.0.1:{free_port()}/api/inngest")
     banner = "\n".join(off.wait_banner())
     assert "--no-poll" in banner, banner  # the app's failed sync is not retried: it says so
     opts = off.get("/dev")["startOpts"]
-    assert (opts["poll"], opts["pollInterval"]) == (False, 0)
+    assert (opts["poll"], opts["pollInterval"], opts["autodiscover"]) == (False, 0, False)
     assert off.stop() == 0
 
 
@@ -449,6 +450,7 @@ def test_busy_port_exits_2(tmp_path: Path, app_file: Path) -> None:
         ["--retry-interval", "-1"],
         ["--poll-interval", "0"],
         ["--poll-interval", "2", "--no-poll"],
+        ["--discover", "--no-discovery"],
         ["--no-such-option"],
         ["no-such-command"],
     ],

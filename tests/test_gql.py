@@ -503,3 +503,31 @@ async def test_a_real_typescript_sdk_run_read_the_way_its_harness_reads_it(
         assert result["data"] is None
         assert result["error"]["name"] == "NonRetriableError"
         assert result["error"]["message"] == "this order can never be processed"
+
+
+async def test_metadata_attached_to_a_run_and_a_step_is_on_their_spans(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    app, _ = retrying_app()
+    server = await make_server(app)
+    event_id = await send(http, server, "app/go", {"n": 2})
+    await idle(server)
+    (run,) = (await data(http, server, GET_RUN_IDS, {"event_id": event_id}))["event"][
+        "functionRuns"]
+    for target, values in (({}, {"progress": 1}), ({"step_id": "flaky"}, {"rows": 3})):
+        async with http.post(f"{server.url}/v1/runs/{run['id']}/metadata", json={
+                "target": target,
+                "metadata": [{"kind": "progress", "op": "set", "values": values}]}) as resp:
+            assert resp.status == 200, await resp.text()
+    got = await data(http, server, """query($id: String!) { run(runID: $id) { trace {
+      metadata { scope kind values updatedAt }
+      childrenSpans { name metadata { scope kind values } }
+    } } }""", {"id": run["id"]})
+    trace = got["run"]["trace"]
+    (run_meta,) = trace["metadata"]
+    assert (run_meta["scope"], run_meta["kind"], run_meta["values"]) == (
+        "run", "progress", {"progress": 1})
+    assert run_meta["updatedAt"]
+    by_name = {s["name"]: s["metadata"] for s in trace["childrenSpans"]}
+    assert by_name["flaky"] == [{"scope": "step", "kind": "progress", "values": {"rows": 3}}]
+    assert by_name["first"] == []

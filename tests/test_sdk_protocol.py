@@ -22,6 +22,7 @@ from devserver.model.failures import (
     reported_error,
     stored_error,
 )
+from devserver.model.metadata import op_metadata
 from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
@@ -334,7 +335,10 @@ def test_a_registration_becomes_remote_functions() -> None:
         {"cron": "TZ=Europe/Paris 0 9 * * *"}]
     assert isinstance(fn.triggers[1], CronTrigger)
     assert fn.cancel_on[0].event.event == "app/stop"
-    assert reg.ignored == {"app-fn": ["concurrency"]}
+    assert reg.ignored == {}  # flow control is emulated: nothing is ignored
+    assert fn.flow is not None
+    assert [(c.limit, c.scope) for c in fn.flow.concurrency] == [
+        (1, "fn")]
     assert handler.triggers[0].accepts({"name": "inngest/function.failed",
                                         "data": {"function_id": "app-fn"}})
     assert parse_registration(registration(config())).checksum == \
@@ -442,3 +446,18 @@ def test_deferred_runs_are_told_as_defers_not_steps() -> None:
     plain = call_body(events=[], memo={"work": memo["work"]}, run_id="r", attempt=0,
                       max_attempts=1, disable_immediate_execution=False)
     assert "defers" not in plain  # only sent when there are some
+
+
+def test_metadata_riding_an_opcode_is_read_by_the_apis_rules() -> None:
+    entries = [{"kind": "userland.a", "scope": "step", "op": "set", "values": {"x": 1}},
+               {"kind": "userland.b", "scope": "run", "op": "merge", "values": {}},
+               {"kind": "inngest.secret", "scope": "run", "op": "set", "values": {}},
+               {"kind": "userland.c", "op": "set", "values": "not an object"}, "junk"]
+    assert [u.doc() for u in op_metadata(entries, "work", 2)] == [
+        {"scope": "step", "step_id": "work", "step_attempt": 2, "kind": "userland.a",
+         "op": "set", "values": {"x": 1}},
+        {"scope": "run", "step_id": None, "step_attempt": None, "kind": "userland.b",
+         "op": "merge", "values": {}}]
+    assert op_metadata(None, "work", 0) == []
+    [op] = parse_ops([{"op": "StepRun", "id": "h", "metadata": entries[:1]}])
+    assert op.metadata == entries[:1]

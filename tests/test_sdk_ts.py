@@ -359,8 +359,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 20 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 22
+            # 22 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 24
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -475,6 +475,15 @@ async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_docum
             {"scope": "step", "step_id": "first", "step_attempt": None,
              "kind": "userland.default", "op": "set", "values": {"rows": 3}}]
 
+        # step.metadata() inside a run ships with the step's opcode instead.
+        [measured_id] = await app.send(http, {"name": "shop/measured"})
+        await idle(server)
+        measured = await the_run(http, server, measured_id)
+        assert measured["output"] == "measured"
+        assert measured["metadata"] == [
+            {"scope": "run", "step_id": None, "step_attempt": None, "kind": "userland.stats",
+             "op": "set", "values": {"rows": 5}}]
+
         # An unknown run: the SDK's call fails, saying why.
         async with http.post(f"http://127.0.0.1:{app.port}/metadata", json={
                 "runId": "01J0000000000000000000000Z", "values": {"a": 1}}) as resp:
@@ -559,3 +568,33 @@ async def test_a_deferred_run_starts_when_the_run_that_deferred_it_ends(
         assert scorer["events"][0]["name"] == "inngest/deferred.schedule"
         assert scorer["sessions"] == {"customer": "c_9"}
         assert scorer["events"][0]["internal_id"] in run["emitted_events"]
+
+
+async def test_batch_events_reach_the_sdk_with_the_sessions_they_share(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, \
+            node_app(node_modules, server, tmp_path) as app:
+        ids = await app.send(http, [
+            {"name": "shop/viewed", "data": {"page": p},
+             "meta": {"sessions": {"conversation_id": "c1", "user": u}}}
+            for p, u in [("a", "u1"), ("b", "u2"), ("c", "u1"), ("d", "u1")]])
+        await idle(server)  # the 10 minute timeout of the last batch passes at once
+        runs = [await run_doc(http, server, r["run_id"])
+                for r in reversed(await runs_of_function(http, server, "shop-batched"))]
+        assert [r["status"] for r in runs] == ["Completed", "Completed"]
+        # ctx.sessions: what the batch's events agree on, as the SDK computes it from them.
+        assert runs[0]["output"] == {"first": "a", "pages": ["a", "b", "c"],
+                                     "sessions": {"conversation_id": "c1"}}
+        assert runs[1]["output"] == {"first": "d", "pages": ["d"],
+                                     "sessions": {"conversation_id": "c1", "user": "u1"}}
+        assert runs[0]["sessions"] == {"conversation_id": "c1"}
+        assert [e["internal_id"] for e in runs[0]["events"]] == ids[:3]
+        # The batched run counts once in every session any of its events carries.
+        figures = {}
+        for ident, value in [("conversation_id", "c1"), ("user", "u1"), ("user", "u2")]:
+            doc = await get(http, server, "/api/session", identifier=ident, value=value)
+            figures[value] = doc["stats"]["runs"]
+        assert figures == {"c1": 2, "u1": 2, "u2": 1}
+        outcome = (await get(http, server, f"/api/events/{ids[1]}"))["flow"]
+        assert [(o["action"], o["run_id"]) for o in outcome] == [("batched", runs[0]["run_id"])]

@@ -25,6 +25,7 @@ import flask
 import pytest
 import pytest_asyncio
 import uvicorn
+from aiohttp import web
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from devserver.clock import Clock, WallClock
@@ -37,6 +38,7 @@ with warnings.catch_warnings():
     # inngest 0.5.19 declares pydantic models with v1-style `class Config` (deprecated).
     warnings.simplefilter("ignore", DeprecationWarning)
     import inngest
+    import inngest.experimental.ai.anthropic
     import inngest.fast_api
     import inngest.flask
 
@@ -63,6 +65,11 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
 
     def never() -> None:
         raise inngest.NonRetriableError("this step can never work")
+
+    def adapter(ctx: inngest.Context | inngest.ContextSync) -> Any:
+        base_url: str = ctx.event.data["base_url"]  # type: ignore[assignment]
+        return inngest.experimental.ai.anthropic.Adapter(
+            auth_key="sk-ant-test", base_url=base_url, model="claude-test")
 
     def on_failure_sync(ctx: inngest.ContextSync) -> None:
         return None
@@ -122,6 +129,11 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
         def invoke_timeout(ctx: inngest.ContextSync) -> None:
             ctx.step.invoke("late", function=slow_invokee, timeout=dt.timedelta(seconds=1))
 
+        @client.create_function(fn_id="ask", trigger=inngest.TriggerEvent(event="wire/ask"))
+        def ask(ctx: inngest.ContextSync) -> dict[str, object]:
+            return ctx.step.ai.infer("ask-model", adapter=adapter(ctx), body={
+                "max_tokens": 8, "messages": [{"role": "user", "content": "why?"}]})
+
         @client.create_function(fn_id="napper", trigger=inngest.TriggerEvent(event="wire/nap"))
         def napper(ctx: inngest.ContextSync) -> int:
             before = ctx.step.run("before", lambda: 1)
@@ -129,7 +141,7 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
             return before + ctx.step.run("after", lambda: 1)
 
         return [fails, bad_output, no_retry_step, nested, call_data, invokee, slow_invokee,
-                invoker, invoke_timeout, napper]
+                invoker, invoke_timeout, ask, napper]
 
     async def unserializable_async() -> object:
         return unserializable()
@@ -194,6 +206,11 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
     async def invoke_timeout_a(ctx: inngest.Context) -> None:
         await ctx.step.invoke("late", function=slow_invokee_a, timeout=dt.timedelta(seconds=1))
 
+    @client.create_function(fn_id="ask", trigger=inngest.TriggerEvent(event="wire/ask"))
+    async def ask_a(ctx: inngest.Context) -> dict[str, object]:
+        return await ctx.step.ai.infer("ask-model", adapter=adapter(ctx), body={
+            "max_tokens": 8, "messages": [{"role": "user", "content": "why?"}]})
+
     @client.create_function(fn_id="napper", trigger=inngest.TriggerEvent(event="wire/nap"))
     async def napper_a(ctx: inngest.Context) -> int:
         before = await ctx.step.run("before", one)
@@ -201,7 +218,7 @@ def build_functions(client: inngest.Inngest, is_async: bool) -> list[inngest.Fun
         return before + await ctx.step.run("after", one)
 
     return [fails_a, bad_output_a, no_retry_step_a, nested_a, call_data_a, invokee_a,
-            slow_invokee_a, invoker_a, invoke_timeout_a, napper_a]
+            slow_invokee_a, invoker_a, invoke_timeout_a, ask_a, napper_a]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +493,40 @@ async def test_an_uncaught_invoke_timeout_fails_the_run_as_the_sdks_suite_expect
         assert failed["error"] == {
             "code": "step_errored", "name": "InngestInvokeTimeoutError", "stack": None,
             "message": "Timed out waiting for invoked function to complete"}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_step_ai_infer_is_made_by_the_server(
+    framework: str, tmp_path: Path, apps: list[SdkApp], http: aiohttp.ClientSession,
+) -> None:
+    """AIGateway from the Python SDK (Anthropic's format: the key in `x-api-key`), against a
+    local mock of the model's API."""
+    seen: list[tuple[str, dict[str, str], Any]] = []
+
+    async def model(request: web.Request) -> web.Response:
+        seen.append((request.path, dict(request.headers), await request.json()))
+        return web.json_response({"content": [{"type": "text", "text": "because"}]})
+
+    mock = web.Application()
+    mock.router.add_post("/v1/messages", model)
+    runner = web.AppRunner(mock)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with sdk_server(tmp_path) as server:
+            await start_app(framework, server, apps)
+            run = await settled(server, http, await send(
+                http, server, "wire/ask", {"base_url": f"http://127.0.0.1:{port}/v1"}))
+            assert (run["status"], run["output"]) == (
+                "Completed", {"content": [{"type": "text", "text": "because"}]})
+            [(path, headers, body)] = seen
+            assert (path, headers["x-api-key"]) == ("/v1/messages", "sk-ant-test")
+            assert body["model"] == "claude-test"
+            assert body["messages"] == [{"role": "user", "content": "why?"}]
+    finally:
+        await runner.cleanup()
 
 
 # ---------------------------------------------------------------------------------------------

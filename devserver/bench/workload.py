@@ -25,10 +25,10 @@ USERS = 97
 EVENT_NAME = "bench/e2e"
 
 
-def event(n: int, *, thread: int = 0) -> dict[str, Any]:
+def event(n: int, *, thread: int = 0, name: str = EVENT_NAME) -> dict[str, Any]:
     """The `n`th event a load thread sends: a fresh message id, a spread of sessions."""
     k = thread * 100_000_000 + n
-    return {"name": EVENT_NAME,
+    return {"name": name,
             "data": {"message": "hello", "message_id": f"m{thread}_{n}"},
             "sessions": {"conversation_id": f"conv_{k * 7919 % CONVERSATIONS}",
                          "user_id": f"user_{k * 104729 % USERS}"}}
@@ -39,10 +39,12 @@ class Workload:
     """`per_request` varied events a request, POSTed as a JSON array."""
 
     per_request: int = 1
+    name: str = EVENT_NAME
+    """The events' name (the flow-control rows send to their own functions)."""
 
     def body(self, start: int, *, thread: int = 0) -> bytes:
         """The body of a request whose first event is the `start`th of its thread."""
-        return json.dumps([event(start + i, thread=thread)
+        return json.dumps([event(start + i, thread=thread, name=self.name)
                            for i in range(self.per_request)]).encode()
 
     def lua(self) -> str:
@@ -61,7 +63,7 @@ request = function()
   for j = 1, {self.per_request} do
     local k = tid * 100000000 + n
     parts[j] = string.format(
-      '{{"name":"{EVENT_NAME}","data":{{"message":"hello","message_id":"m%d_%d"}},' ..
+      '{{"name":"{self.name}","data":{{"message":"hello","message_id":"m%d_%d"}},' ..
       '"sessions":{{"conversation_id":"conv_%d","user_id":"user_%d"}}}}',
       tid, n, (k * 7919) % {CONVERSATIONS}, (k * 104729) % {USERS})
     n = n + 1

@@ -52,7 +52,7 @@ from devserver.web.server import DEFAULT_DB, DEFAULT_HOST, DEFAULT_PORT, Config,
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-COMMANDS = ("serve", "replay", "export")
+COMMANDS = ("serve", "dev", "replay", "export")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROGRESS_ABOVE = 1000
 """Replays of more events than this print progress on stderr."""
@@ -99,7 +99,7 @@ def _count(text: str) -> int:
 
 
 COMMANDS_HELP = """commands:
-  serve     run the server (the default command; the options above)
+  serve     run the server (the default command; the options above); `dev` is the same
   replay    send fixture events to a running server (--url), or run them in-process (--app)
   export    write a session's events as a JSONL fixture
 
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"devserver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
-        "serve", help="run the server (the default command)",
+        "serve", aliases=["dev"], help="run the server (the default command; also `dev`, so "
+        "`devserver dev --no-discovery --no-poll -p 8288` runs as `inngest dev` would)",
         usage="devserver [serve] [options]  |  devserver {replay,export} ... (COMMAND --help)",
         description="Run the dev server: the dashboard, the event API (POST /e/<key>) and your\n"
                     "functions. `serve` is the default command: `devserver --port 9000` is\n"
@@ -146,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                        dest="sdk_urls",
                        help="an Inngest SDK app to sync and run, e.g. "
                             "http://127.0.0.1:3000/api/inngest (repeatable)")
-    serve.add_argument("--discover", action="store_true",
-                       help="also look for Inngest SDK apps on the usual local dev ports")
+    discovery = serve.add_mutually_exclusive_group()
+    discovery.add_argument("--discover", action="store_true",
+                           help="also look for Inngest SDK apps on the usual local dev ports")
+    discovery.add_argument("--no-discovery", action="store_false", dest="discover",
+                           help="don't look for apps (the default; accepted as Inngest's dev "
+                                "server takes it)")
     polling = serve.add_mutually_exclusive_group()
     polling.add_argument("--poll-interval", type=_positive_seconds,
                          default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",

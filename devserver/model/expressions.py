@@ -45,6 +45,15 @@ class Expression:
             log.debug("expression %r did not evaluate: %s", self.source, exc)
             return False
 
+    def value(self, **variables: Any) -> Any:
+        """The expression's value with these variables (a key, a priority); None when it
+        does not evaluate."""
+        try:
+            return self._program.execute(variables)
+        except Exception as exc:  # noqa: BLE001 - the CEL runtime raises several types
+            log.debug("expression %r did not evaluate: %s", self.source, exc)
+            return None
+
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
 

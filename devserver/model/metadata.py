@@ -7,6 +7,10 @@ naming an index, attempt or span without a step is an error); with one it belong
 step (its `step_index`-th repeat, `id:n`, as step ids are recorded). Kinds are at most 128
 characters; `inngest.`-prefixed kinds only from Inngest's allowlist; each update's values are a
 JSON object of at most 64 KiB.
+
+The TypeScript SDK also ships metadata written inside a step with that step's opcode
+(`metadata: [{kind, scope, op, values}]`): `op_metadata` reads it by the same rules, skipping
+what breaks them (an SDK's extra, never a reason to fail its run).
 """
 
 from __future__ import annotations
@@ -81,6 +85,24 @@ def parse_metadata_request(body: Any) -> list[MetadataUpdate]:
         raise UserError(f"'metadata' has {len(updates)} updates; at most {MAX_UPDATES}")
     return [_update(item, f"metadata[{i}]", scope, uid, attempt)
             for i, item in enumerate(updates)]
+
+
+def op_metadata(entries: Any, step_id: str, attempt: int) -> list[MetadataUpdate]:
+    """The valid updates an opcode carries (`scope` "run" is the run's; anything else the
+    step's, at `attempt`)."""
+    if not isinstance(entries, list):
+        return []
+    updates: list[MetadataUpdate] = []
+    for index, item in enumerate(entries[:MAX_UPDATES]):
+        run_scoped = isinstance(item, dict) and item.get("scope") == RUN_SCOPE
+        try:
+            updates.append(_update(item, f"metadata[{index}]",
+                                   RUN_SCOPE if run_scoped else STEP_SCOPE,
+                                   None if run_scoped else step_id,
+                                   None if run_scoped else attempt))
+        except UserError:
+            continue
+    return updates
 
 
 def _update(item: Any, where: str, scope: str, step_id: str | None,

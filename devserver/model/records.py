@@ -6,7 +6,10 @@ No SQL and no I/O here; `store` fills these from rows and the rest of the projec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devserver.model.flow import FlowRequest
 
 from devserver.model.metadata import MetadataUpdate
 
@@ -44,6 +47,9 @@ class NewEvent:
     sessions: dict[str, str]
     runs: tuple[NewRun, ...]
     source: str | None = None
+    flow: tuple[FlowRequest, ...] = ()
+    """The functions it triggers that have flow control: decided by the store as it stores
+    the event (`devserver.model.flow`); `runs` are the others'."""
     """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 

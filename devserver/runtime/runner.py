@@ -32,6 +32,7 @@ from devserver.clock import Clock, TimerHandle, VirtualClock
 from devserver.errors import NotFound, Reschedule, RunEnded, StoreInterrupted, StoreUnavailable
 from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
+from devserver.model import flow
 from devserver.model.events import IncomingEvent
 from devserver.model.failures import ReportedError, error_info, stored_error
 from devserver.model.lifecycle import deferred_events, lifecycle_events, lifecycle_names
@@ -55,6 +56,7 @@ from devserver.model.retry import Backoff
 from devserver.model.triggers import CronTrigger
 from devserver.runtime import runlog
 from devserver.runtime.crons import CronSchedule
+from devserver.runtime.flow import FlowRuntime, note_cancel
 from devserver.runtime.invocation import FunctionExecutor, Invocation, encode_output
 from devserver.store.facade import Store
 
@@ -122,6 +124,8 @@ class Runner:
         # instead of executing the function again, and how many tries each has had.
         self._unwritten_ends: dict[str, Callable[[], Awaitable[None]]] = {}
         self._store_tries: dict[str, int] = {}
+        self.flow = FlowRuntime(self)
+        """Flow control's timers, concurrency slots and deadlines (`runtime.flow`)."""
 
     # -- functions ---------------------------------------------------------------------------
 
@@ -163,15 +167,22 @@ class Runner:
         prepared = []
         for index, ev in enumerate(events):
             ts = now if ev.ts is None else ev.ts
-            runs = tuple(NewRun(new_ulid(), fn.id) for fn in self.registry.match_incoming(ev, ts)
-                         if fn.id != skip_function)
+            matched = self.registry.match_incoming(ev, ts)
+            requests: list[flow.FlowRequest] = []
+            if any(fn.flow is not None and fn.flow.at_intake for fn in matched):
+                doc = flow.event_doc(ev.name, ev.data, ev.id, ts, ev.v, ev.user)
+                requests = [flow.request(fn.id, new_ulid(), fn.flow, doc) for fn in matched
+                            if fn.flow is not None and fn.flow.at_intake
+                            and fn.id != skip_function]
+                matched = [fn for fn in matched if fn.flow is None or not fn.flow.at_intake]
+            runs = tuple(NewRun(new_ulid(), fn.id) for fn in matched if fn.id != skip_function)
             prepared.append(NewEvent(
                 internal_id=new_ulid() if internal_ids is None else internal_ids[index],
                 name=ev.name, event_id=ev.id, ts=ts,
                 data=dump_json(ev.data), v=None if ev.v is None else dump_json(ev.v),
                 user=None if ev.user is None else dump_json(ev.user),
                 meta=None if ev.meta is None else dump_json(ev.meta),
-                sessions=ev.sessions, runs=runs, source=source))
+                sessions=ev.sessions, runs=runs, source=source, flow=tuple(requests)))
         return prepared
 
     async def ingest(self, env: str, events: list[IncomingEvent], *,
@@ -189,8 +200,9 @@ class Runner:
             created: list[str] | None = await self.store.ingest(env, now, prepared)
         else:
             created = await self.store.ingest_once(env, now, prepared)
-        if created or (created is not None and (self._waited
-                                                or self.registry.cancels_anything)):
+        if created or (created is not None and (
+                self._waited or self.registry.cancels_anything
+                or any(ev.flow for ev in prepared))):
             await self.after_ingest(env, prepared, created)
         return [ev.internal_id for ev in prepared]
 
@@ -201,6 +213,7 @@ class Runner:
             self._remember_fresh(env, events, set(created), now)
         for run_id in created:
             self.schedule(run_id, now)
+        await self.flow.after_ingest(env, events, now)
         names = list({ev.name for ev in events if (env, ev.name) in self._waited})
         if names:
             for run_id in await self.store.waiting_for_events(env, names):
@@ -254,6 +267,7 @@ class Runner:
         self._started = True
         self._waited |= set(await self.store.waited_event_names())
         await self._resume(only_idle=False)
+        await self.flow.start()
         self._crons.arm(self.registry.functions)
 
     async def _resume(self, *, only_idle: bool) -> None:
@@ -315,6 +329,7 @@ class Runner:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        await self.flow.close()
         await self._crons.close()
         self._fresh.clear()
         tasks = list(self._tasks.values())
@@ -377,8 +392,18 @@ class Runner:
             task.add_done_callback(lambda _: self._done(run_id))
         self._notify()
 
+    def track(self, key: str, work: Awaitable[None]) -> None:
+        """Run `work` as a task that `wait_idle` waits for, under `key` (not a run id)."""
+        async def run() -> None:
+            await work
+        task = asyncio.get_running_loop().create_task(run(), name=key)
+        self._tasks[key] = task
+        task.add_done_callback(lambda _: self._done(key))
+        self._notify()
+
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
+        self.flow.released(run_id)
         if run_id in self._rewake:
             self._rewake.discard(run_id)
             self._wake(run_id)
@@ -387,9 +412,14 @@ class Runner:
     async def _fire_cron(self, fn: FunctionDef, cron: CronTrigger, due: int) -> None:
         if not self._started or self.registry.get(fn.id) is not fn:
             return
+        runs: tuple[NewRun, ...] = (NewRun(new_ulid(), fn.id),)
+        requests: tuple[flow.FlowRequest, ...] = ()
+        if fn.flow is not None and fn.flow.at_intake:  # e.g. a singleton cron: no overlap
+            runs, requests = (), (flow.request(fn.id, new_ulid(), fn.flow, flow.event_doc(
+                CRON_EVENT, {"cron": cron.cron}, None, due, None, None)),)
         event = NewEvent(internal_id=new_ulid(), name=CRON_EVENT, event_id=None, ts=due,
                          data=dump_json({"cron": cron.cron}), v=None, user=None, meta=None,
-                         sessions={}, runs=(NewRun(new_ulid(), fn.id),), source="cron")
+                         sessions={}, runs=runs, source="cron", flow=requests)
         try:
             created = await self.store.ingest(DEFAULT_ENV, self.clock.now_ms(), [event])
         except StoreUnavailable as exc:
@@ -401,13 +431,18 @@ class Runner:
 
     # -- cancelling --------------------------------------------------------------------------
 
-    async def cancel(self, run_id: str) -> RunRecord:
-        """Cancel a run (no-op if it has ended); returns its record. Unknown → NotFound."""
+    async def cancel(self, run_id: str, *, reason: str | None = None) -> RunRecord:
+        """Cancel a run (no-op if it has ended); returns its record. Unknown → NotFound.
+        `reason` (flow control's: a singleton, a timeout) is recorded with the run."""
         self._fresh.pop(run_id, None)
         state = await self.store.run_state(run_id)
         if state is None:
             raise NotFound(f"no run with id {run_id!r}")
         if state.run.status in UNFINISHED:
+            self.flow.forget(run_id)
+            if reason is not None:
+                log.info("run %s of %s %s", run_id, state.run.function_id, reason)
+                await note_cancel(self, run_id, reason)
             emitted = self._lifecycle(state.run, state.events, CANCELLED, None, None)
             created = await self.store.finish_run(
                 run_id, CANCELLED, self.clock.now_ms(), emitted=emitted)
@@ -483,6 +518,8 @@ class Runner:
         if fn is None:
             log.warning("run %s waits: function %s is not registered", run_id, run.function_id)
             return
+        if fn.flow is not None and not await self.flow.admit(state, fn):
+            return  # queued for concurrency, or cancelled by a timeout
         task = asyncio.current_task()
         if task is not None:
             task.set_name(f"run {run_id} of {fn.id}")  # named for the loop watchdog
@@ -590,6 +627,7 @@ class Runner:
                 attempt=attempt, emitted=emitted, started_at=started_at)
             raise
         if created is not None:
+            self.flow.forget(run.run_id)
             if status == FAILED:
                 runlog.run_failed(run_id=run.run_id, function_id=run.function_id,
                                   sessions=run.sessions, error=error, base_url=self.dashboard_url)

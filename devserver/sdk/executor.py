@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 from collections import deque
 from types import SimpleNamespace
@@ -36,6 +37,7 @@ from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.failures import stored_error
 from devserver.model.lifecycle import DEFER_KIND
+from devserver.model.metadata import op_metadata
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
@@ -129,6 +131,7 @@ class SdkExecutor:
                     raise sdk_error(reply.error, no_retry=reply.no_retry,
                                     retry_at_ms=reply.retry_at_ms, reason=reply.reason)
                 return reply.output
+            await self._op_metadata(inv, reply.ops)
             planned: list[str] = []
             for op in reply.ops:
                 if op.op == OP_RUN_COMPLETE:
@@ -218,6 +221,13 @@ class SdkExecutor:
             raise SdkNonRetriableError(stored_error(
                 "UnsupportedStepError", f"step {uid!r} uses {op.op}, which devserver does not "
                 "support (supported: step.run, sleep, waitForEvent, invoke, sendEvent)"))
+
+    async def _op_metadata(self, inv: Invocation, ops: list[Op]) -> None:
+        """Store the metadata the SDK wrote inside steps, which rides along their opcodes."""
+        updates = [update for op in ops if op.metadata
+                   for update in op_metadata(op.metadata, step_uid(op), inv.attempt)]
+        if updates:
+            await inv.store.add_metadata(inv.run_id, updates, self.clock.now_ms())
 
     async def _defer(self, inv: Invocation, op: Op, started: int) -> None:
         """`defer()` (TypeScript): `DeferAdd` records a run to start when this one ends (an
@@ -320,7 +330,7 @@ class SdkExecutor:
                                           request_id=new_ulid())}
                 trace = _CallTrace(asyncio.get_running_loop().time())
                 try:
-                    async with self._session.post(target_url, data=data, headers=headers,
+                    async with self._session.post(target_url, data=_body(data), headers=headers,
                                                   trace_request_ctx=trace) as resp:
                         trace.answered = True
                         raw = await read_capped(resp, self.max_reply_bytes)
@@ -422,3 +432,10 @@ def _earliest(waits: list[int | None]) -> int | None:
     """When to look again at a run waiting for several things (None: only when woken)."""
     times = [at for at in waits if at is not None]
     return min(times) if times else None
+
+
+def _body(raw: bytes) -> bytes | io.BytesIO:
+    """A call's body for aiohttp: bytes above 1 MiB (a batch of large events, a big memo)
+    go as a stream, which aiohttp sends without the ResourceWarning it gives for large
+    bytes (an error where warnings are errors, as in pytest)."""
+    return io.BytesIO(raw) if len(raw) > 1024 * 1024 else raw

@@ -180,6 +180,8 @@ class Op:
     error: Any = None
     userland_id: str = ""
     userland_index: int | None = None
+    metadata: Any = None
+    """Metadata written inside the step (TypeScript): `[{kind, scope, op, values}]`."""
 
 
 def parse_ops(body: Any) -> list[Op]:
@@ -205,7 +207,8 @@ def parse_ops(body: Any) -> list[Op]:
             display_name=text_of(item.get("displayName")),
             opts=opts if isinstance(opts, dict) else {}, data=item.get("data"),
             error=item.get("error"), userland_id=text_of(userland.get("id")),
-            userland_index=index_hint if type(index_hint) is int and index_hint >= 0 else None))
+            userland_index=index_hint if type(index_hint) is int and index_hint >= 0 else None,
+            metadata=item.get("metadata")))
     return ops
 
 

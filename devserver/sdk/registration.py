@@ -4,9 +4,11 @@
 Pure logic. Both SDKs' spellings are accepted (Python sends `appname`, TypeScript `appName`);
 each function config gives its id, name, triggers (events with CEL expressions, crons), retries
 (`steps.step.retries.attempts`, default 4), where the SDK serves it (`steps.step.runtime.url`)
-and `cancel` conditions. `onFailure` handlers arrive as an extra function `<id>-failure`
-triggered by `inngest/function.failed`, so they need nothing special. Options this server does
-not emulate (concurrency, debounce, rate limits...) are accepted and listed as ignored.
+`cancel` conditions and flow control (`concurrency`, `throttle`, `rateLimit`, `debounce`,
+`batchEvents`, `priority`, `singleton`, `idempotency`, `timeouts`: `devserver.model.flow`).
+`onFailure` handlers arrive as an extra function `<id>-failure` triggered by
+`inngest/function.failed`, so they need nothing special. Every option is emulated: none is
+listed as ignored.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from typing import Any
 from devserver.app import CancelTrigger, FunctionDef, Handler
 from devserver.errors import UserError
 from devserver.model.expressions import Expression
+from devserver.model.flow import parse_sdk
 from devserver.model.retry import DEFAULT_RETRIES
 from devserver.model.triggers import CronTrigger, EventTrigger, parse_event_trigger
 from devserver.sdk.protocol import ROOT_STEP, kind_of, text_of
 
 MAX_SDK_RETRIES = 20
 """Inngest refuses functions configured with more retries than this."""
-IGNORED_CONFIG = ("concurrency", "debounce", "idempotency", "batchEvents", "rateLimit",
-                  "throttle", "priority", "timeouts", "singleton")
-"""Function options a registration may carry that this server accepts but does not emulate."""
+IGNORED_CONFIG: tuple[str, ...] = ()
+"""Function options a registration may carry that this server accepts but does not emulate:
+none (flow control is emulated, SPEC 3.3)."""
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,10 @@ def _function(app_id: str, config: Any, where: str) -> tuple[FunctionDef, list[s
     triggers = _triggers(config.get("triggers"), f"{where}.triggers")
     cancels = _cancels(config.get("cancel"), f"{where}.cancel")
     skipped = [key for key in IGNORED_CONFIG if config.get(key) not in (None, [], {})]
+    flow = parse_sdk(config, where)
     fn = FunctionDef(id=fn_id, name=name or fn_id, app_id=app_id, triggers=tuple(triggers),
                      retries=retries, handler=_served_by_sdk(fn_id), cancel_on=tuple(cancels),
-                     remote=url)
+                     remote=url, flow=flow)
     return fn, skipped
 
 

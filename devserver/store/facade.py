@@ -52,6 +52,7 @@ import aiosqlite
 
 from devserver.errors import ConfigError, StoreFull, StoreUnavailable
 from devserver.jsontext import dump_json
+from devserver.model.flow import FlowConfig, FlowOutcome
 from devserver.model.limits import MAX_TREE_RUNS
 from devserver.model.metadata import MetadataUpdate
 from devserver.model.records import (
@@ -68,7 +69,7 @@ from devserver.model.records import (
     StoredEvent,
     WaitSpec,
 )
-from devserver.store import listing, queries
+from devserver.store import flow_queries, listing, queries
 from devserver.store.schema import BUSY_TIMEOUT_MS, connect_pragmas, migrate
 from devserver.store.schema import SCHEMA as SCHEMA
 from devserver.store.schema import SCHEMA_VERSION as SCHEMA_VERSION
@@ -587,6 +588,31 @@ class Store:
         """Unfinished runs of a function created before an event id, with their trigger."""
         return await self._read(lambda db: queries.read_unfinished_runs_of(
             db, env, function_id, before_internal_id))
+
+    # -- flow control (SPEC 3.3) -------------------------------------------------------------
+
+    async def fire_pending(self, pending_id: str, now: int,
+                           config: FlowConfig | None) -> FlowOutcome | None:
+        """A pending debounce or batch whose time came: its run created, in one commit
+        (None when it is gone; a later `pending_due` when it was pushed back)."""
+        return await self._write(
+            lambda db: flow_queries.fire_pending(db, pending_id, now, config))
+
+    async def note_run(self, run_id: str, kind: str, text: str, now: int) -> None:
+        """Say why a run is queued or was cancelled (`flow_queries.QUEUED_NOTE`, ...)."""
+        await self._write(lambda db: flow_queries.note_run(db, run_id, kind, text, now))
+
+    async def pending_flow(self) -> list[tuple[str, str, int]]:
+        """(id, function id, when due) of every pending debounce and batch."""
+        return await self._read(flow_queries.read_pending)
+
+    async def flow_outcomes(self, internal_id: str) -> list[dict[str, Any]]:
+        """What each function's flow control did with an event."""
+        return await self._read(lambda db: flow_queries.read_outcomes(db, internal_id))
+
+    async def run_notes(self, run_id: str) -> dict[str, str]:
+        """Why a run is (was) queued, and why it was cancelled."""
+        return await self._read(lambda db: flow_queries.read_notes(db, run_id))
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -264,9 +264,9 @@ def rerun(db: sqlite3.Connection, run_id: str, new_run_id: str, now: int) -> Run
     # Queued is no activity yet (SPEC 2.3): the rerun's start and end will be.
     db.executemany("UPDATE sessions SET runs = runs + 1 "
                    "WHERE env = ? AND identifier = ? AND value = ?", sessions)
-    idents = {(env, ident) for env, ident, _ in sessions}
+    # One more run for each of its sessions, so its identifier's sum grows once per session.
     db.executemany("UPDATE identifiers SET runs = runs + 1 WHERE env = ? AND identifier = ?",
-                   idents)
+                   ((env, ident) for env, ident, _ in sessions))
     db.executemany("INSERT OR IGNORE INTO session_functions (env, identifier, value, "
                    "function_id) VALUES (?, ?, ?, ?)",
                    ((*key, row["function_id"]) for key in sessions))

@@ -38,6 +38,7 @@ from devserver.model.records import (
     StoredEvent,
     WaitSpec,
 )
+from devserver.store.flow_queries import apply_flow, read_run_event_ids
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -185,6 +186,7 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
     run_session_rows: list[tuple[Any, ...]] = []
     session_functions: set[tuple[str, str, str, str]] = set()
     keys_seen: set[tuple[str, str]] = set()
+    flowing: list[tuple[str, int, NewEvent]] = []  # events a function's flow control decides
     for write in writes:
         env, received_at = write.env, write.received_at
         created: list[str] = []
@@ -217,6 +219,8 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
                 event_session_rows.append((env, ident, value, ev.internal_id))
             if duplicate:
                 continue
+            if ev.flow:
+                flowing.append((env, received_at, ev))
             for run in ev.runs:
                 run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name,
                                  QUEUED, received_at, received_at, sessions_json))
@@ -271,6 +275,10 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         db.executemany(
             "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
             "VALUES (?, ?, ?, ?)", session_functions)
+    # After the rows above: a decision reads the events (a batch's, earlier in this write).
+    for env, received_at, ev in flowing:
+        for request in ev.flow:
+            request.outcome = apply_flow(db, env, received_at, ev, request)
     return results
 
 
@@ -547,13 +555,24 @@ def within_tree(db: sqlite3.Connection, run_id: str, events: list[NewEvent], bou
 # Reads (each runs in the reader thread)
 
 
+def run_events(db: sqlite3.Connection, run: RunRecord) -> list[StoredEvent]:
+    """A run's events: a batch's in order, else its one trigger."""
+    ids = read_run_event_ids(db, run.run_id)
+    if not ids:
+        return [event_from_row(r) for r in db.execute(
+            "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    by_id = {r["internal_id"]: event_from_row(r) for r in db.execute(
+        "SELECT e.* FROM run_events re JOIN events e ON e.internal_id = re.internal_id "
+        "WHERE re.run_id = ?", (run.run_id,))}
+    return [by_id[i] for i in ids if i in by_id]
+
+
 def read_run_state(db: sqlite3.Connection, run_id: str) -> RunState | None:
     row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     if row is None:
         return None
     run = run_from_row(row)
-    events = [event_from_row(r) for r in db.execute(
-        "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    events = run_events(db, run)
     memo: dict[str, StepAttempt] = {}
     pending: dict[str, StepAttempt] = {}
     for step in map(step_from_row, db.execute(
@@ -569,8 +588,7 @@ def read_run_detail(db: sqlite3.Connection, run_id: str) -> RunDetail | None:
     if row is None:
         return None
     run = run_from_row(row)
-    events = [event_from_row(r) for r in db.execute(
-        "SELECT * FROM events WHERE internal_id = ?", (run.event_id,))]
+    events = run_events(db, run)
     steps = [step_from_row(r) for r in db.execute(
         "SELECT * FROM steps WHERE run_id = ? ORDER BY seq", (run_id,))]
     emitted = [r[0] for r in db.execute(
@@ -763,9 +781,12 @@ def read_events_after(
 
 
 def read_event_runs(db: sqlite3.Connection, internal_id: str) -> list[RunRecord]:
-    """The runs an event started, oldest first."""
+    """The runs an event started (a batched run counts for each of its events), oldest
+    first."""
     return [run_from_row(r) for r in db.execute(
-        "SELECT * FROM runs WHERE event_id = ? ORDER BY run_id", (internal_id,))]
+        "SELECT * FROM runs WHERE event_id = ? UNION SELECT r.* FROM run_events re "
+        "JOIN runs r ON r.run_id = re.run_id WHERE re.internal_id = ? ORDER BY run_id",
+        (internal_id, internal_id))]
 
 
 def read_environments(db: sqlite3.Connection) -> list[EnvironmentSummary]:

@@ -191,8 +191,65 @@ CREATE TABLE run_metadata (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
+-- Flow control (version 8, SPEC 3.3): pending debounces and batches (one per function and
+-- key; the id is the run's it will start), the marks rate limits, idempotency keys and
+-- singletons count, throttle keys' theoretical arrival times, what flow control did with each
+-- event, a batched run's events, and why a run is queued or was cancelled.
+CREATE TABLE flow_pending (
+    pending_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    first_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    events TEXT NOT NULL,
+    keys TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX flow_pending_by_key ON flow_pending (env, function_id, kind, key);
+CREATE TABLE flow_marks (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    run_id TEXT NOT NULL
+);
+CREATE INDEX flow_marks_by_key ON flow_marks (env, function_id, kind, key, at);
+CREATE TABLE flow_throttle (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    tat INTEGER NOT NULL,
+    PRIMARY KEY (env, function_id, key)
+) WITHOUT ROWID;
+CREATE TABLE flow_outcomes (
+    internal_id TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    run_id TEXT,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (internal_id, function_id)
+) WITHOUT ROWID;
+CREATE INDEX flow_outcomes_by_run ON flow_outcomes (function_id, run_id)
+    WHERE run_id IS NOT NULL;
+CREATE TABLE run_events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    internal_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX run_events_by_event ON run_events (internal_id);
+CREATE TABLE run_notes (
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, kind)
+) WITHOUT ROWID;
 
--- The dashboard (version 8). `runs.rerun_of`: the run a rerun repeats (its reruns are found
+-- The dashboard (version 9). `runs.rerun_of`: the run a rerun repeats (its reruns are found
 -- by the index); `identifiers.runs` and `.failed_runs`: sums over its sessions, kept by the
 -- writes that change theirs; runs by function for /functions and /runs?function=; sessions
 -- by failed runs for that sort; `run_logs`: the lines a run wrote with `ctx.logger`, bounded
@@ -258,6 +315,65 @@ CREATE TABLE run_metadata (
 CREATE INDEX run_metadata_by_run ON run_metadata (run_id, seq);
 """,
     8: """
+-- Flow control (version 8, SPEC 3.3): pending debounces and batches (one per function and
+-- key; the id is the run's it will start), the marks rate limits, idempotency keys and
+-- singletons count, throttle keys' theoretical arrival times, what flow control did with each
+-- event, a batched run's events, and why a run is queued or was cancelled.
+CREATE TABLE flow_pending (
+    pending_id TEXT PRIMARY KEY,
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    first_at INTEGER NOT NULL,
+    due_at INTEGER NOT NULL,
+    events TEXT NOT NULL,
+    keys TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX flow_pending_by_key ON flow_pending (env, function_id, kind, key);
+CREATE TABLE flow_marks (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    run_id TEXT NOT NULL
+);
+CREATE INDEX flow_marks_by_key ON flow_marks (env, function_id, kind, key, at);
+CREATE TABLE flow_throttle (
+    env TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    tat INTEGER NOT NULL,
+    PRIMARY KEY (env, function_id, key)
+) WITHOUT ROWID;
+CREATE TABLE flow_outcomes (
+    internal_id TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    run_id TEXT,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (internal_id, function_id)
+) WITHOUT ROWID;
+CREATE INDEX flow_outcomes_by_run ON flow_outcomes (function_id, run_id)
+    WHERE run_id IS NOT NULL;
+CREATE TABLE run_events (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    internal_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX run_events_by_event ON run_events (internal_id);
+CREATE TABLE run_notes (
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, kind)
+) WITHOUT ROWID;
+""",
+    9: """
 ALTER TABLE runs ADD COLUMN rerun_of TEXT;
 -- An identifier's runs and failed runs (summed over its sessions), kept by the writes that
 -- change its sessions' counters, so /sessions reads them without scanning sessions.

@@ -448,6 +448,9 @@ async def run_doc(request: web.Request) -> dict[str, Any]:
                        for r, f, s, e in links.children],
         "logs": [{"at": iso(line.at), "level": line.level, "message": line.message}
                  for line in logs],
+        # Why flow control queued the run (concurrency, throttle) or cancelled it (singleton,
+        # timeouts): `{"queued": "...", "cancelled": "..."}`, empty when it did neither.
+        "flow": await store.run_notes(run_id),
     }
 
 

@@ -43,6 +43,7 @@ from graphql import execute as execute_query
 from devserver.app import FunctionDef
 from devserver.clock import iso
 from devserver.jsontext import dump_json
+from devserver.model.metadata import MetadataUpdate
 from devserver.model.records import (
     CANCELLED,
     COMPLETED,
@@ -186,7 +187,8 @@ def _attempt_status(step: StepAttempt) -> str:
 def _span(run: RunRecord, *, span_id: str, name: str, status: str, started: int | None,
           ended: int | None, children: list[dict[str, Any]], output_id: str | None,
           attempts: int | None, step: StepAttempt | None, root: bool,
-          parent: str | None, step_type: str | None = None) -> dict[str, Any]:
+          parent: str | None, step_type: str | None = None,
+          metadata: list[MetadataUpdate] | None = None) -> dict[str, Any]:
     return {
         "functionID": run.function_id, "runID": run.run_id, "spanID": span_id,
         "traceID": run.run_id, "name": name, "status": status, "attempts": attempts,
@@ -196,8 +198,15 @@ def _span(run: RunRecord, *, span_id: str, name: str, status: str, started: int 
         "stepOp": None if step is None else _STEP_OP.get(step.kind),
         "stepID": None if step is None else step.step_id,
         "stepType": step_type if step is None else _STEP_TYPE.get(step.kind, step.kind.upper()),
-        "isRoot": root, "parentSpanID": parent, "isUserland": False, "metadata": [],
+        "isRoot": root, "parentSpanID": parent, "isUserland": False,
+        "metadata": [_metadata_doc(m) for m in metadata or []],
     }
+
+
+def _metadata_doc(update: MetadataUpdate) -> dict[str, Any]:
+    """One update an SDK attached (`POST /v1/runs/{id}/metadata`), as a span's metadata."""
+    return {"scope": update.scope, "kind": update.kind, "values": update.values,
+            "updatedAt": iso(update.created_at)}
 
 
 def _step_name(step_id: str, seen: dict[str, list[StepAttempt]]) -> str:
@@ -218,8 +227,14 @@ def _trace(detail: RunDetail) -> dict[str, Any]:
         if step.step_id not in by_step and len(by_step) >= MAX_STEP_SPANS:
             continue
         by_step.setdefault(step.step_id, []).append(step)
+    run_meta = [m for m in detail.metadata if m.step_id is None]
+    step_meta: dict[str, list[MetadataUpdate]] = {}
+    for update in detail.metadata:
+        if update.step_id is not None:
+            step_meta.setdefault(update.step_id, []).append(update)
     children = []
     for step_id, tries in by_step.items():
+        meta = step_meta.get(step_id, [])
         last = tries[-1]
         span_id = f"{run.run_id}:step:{step_id}"
         attempt_spans = [
@@ -227,13 +242,15 @@ def _trace(detail: RunDetail) -> dict[str, Any]:
                   status=_attempt_status(t), started=t.started_at,
                   ended=None if t.status == WAITING else t.ended_at, children=[],
                   output_id=encode_output_id(run.run_id, t.seq), attempts=t.attempt, step=t,
-                  root=False, parent=span_id)
+                  root=False, parent=span_id,
+                  metadata=[m for m in meta if m.step_attempt == t.attempt])
             for t in tries]
         children.append(_span(
             run, span_id=span_id, name=_step_name(step_id, by_step), status=_attempt_status(last),
             started=tries[0].started_at, ended=None if last.status == WAITING else last.ended_at,
             children=attempt_spans, output_id=encode_output_id(run.run_id, last.seq),
-            attempts=len(tries), step=last, root=False, parent=root_id))
+            attempts=len(tries), step=last, root=False, parent=root_id,
+            metadata=[m for m in meta if m.step_attempt is None]))
     if run.ended_at is not None:
         # The run's end (its output or error), as Inngest's trace ends with a finalization
         # span; the TypeScript SDK's harness reads a run's result from it.
@@ -247,7 +264,7 @@ def _trace(detail: RunDetail) -> dict[str, Any]:
         status=_RUN_STATUS.get(run.status, "RUNNING"), started=run.started_at,
         ended=run.ended_at, children=children,
         output_id=encode_output_id(run.run_id, None) if run.ended_at is not None else None,
-        attempts=run.attempt, step=None, root=True, parent=None)
+        attempts=run.attempt, step=None, root=True, parent=None, metadata=run_meta)
 
 
 def _run_v2(detail: RunDetail) -> dict[str, Any]:

@@ -94,8 +94,8 @@ def resend_body(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 async def event_page_doc(request: web.Request) -> dict[str, Any]:
-    """`/events/{event_id}`: an event's payload, sessions, the runs it started and the run
-    that sent it."""
+    """`/events/{event_id}`: an event's payload, sessions, the runs it started, the run that
+    sent it and what flow control did with it."""
     event_id = request.match_info["event_id"]
     store = request.app[STORE]
     ev = await store.event(event_id)
@@ -107,7 +107,10 @@ async def event_page_doc(request: web.Request) -> dict[str, Any]:
         sender = ev.source
     doc = event_doc(ev)
     return {"env": ev.env, "event": doc, "sent_by_run": sender,
-            "runs": [run_row_doc(run) for run in runs], "resend": resend_body(doc)}
+            "runs": [run_row_doc(run) for run in runs], "resend": resend_body(doc),
+            # What each function's flow control did with it: function_id, action, run_id,
+            # detail (debounced, batched, rate-limited, skipped, dropped as a duplicate...).
+            "flow": await store.flow_outcomes(event_id)}
 
 
 async def functions_doc(request: web.Request) -> dict[str, Any]:
@@ -126,6 +129,7 @@ async def functions_doc(request: web.Request) -> dict[str, Any]:
             "cron": bool(fn.crons),
             "options": {"retries": fn.retries, "timeout": fn.timeout,
                         "cancel_on": [c.event.doc() for c in fn.cancel_on]},
+            "flow": None if fn.flow is None else fn.flow.doc(),
             "recent_runs": [run_row_doc(run) for run in fig.recent],
             "finished_runs": fig.finished, "failed_runs": fig.failed,
             "failure_rate": fig.failed / fig.finished if fig.finished else 0.0,
