@@ -535,3 +535,41 @@ async def test_logger_lines_are_kept_per_run_from_threads_too_and_bounded(
     assert [(line["level"], line["message"]) for line in logs] == [
         ("INFO", "from a worker thread"), ("WARNING", "inside a step"),
         ("INFO", "y" * MAX_LOG_CHARS + " … (10 more chars)")]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_flow_control_shows_on_event_function_and_run_pages_and_counts_in_figures(
+    make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser
+) -> None:
+    app = devserver.App("flow")
+
+    @app.function(trigger="f/batch", retries=0, batch_events=devserver.Batch(max_size=2,
+                                                                             timeout="10m"))
+    async def batched(ctx: devserver.Context) -> int:
+        return len(ctx.events)
+
+    server = await make_server(app, clock=VirtualClock(START))
+    first = await send(http, server, "f/batch", {"n": 1}, sessions={"conv": "a"})
+    await send(http, server, "f/batch", {"n": 2}, sessions={"conv": "b"})
+    await idle(server)
+    (run,) = (await get(http, server, "/api/runs"))["runs"]
+    assert run["status"] == "Completed"
+    # A batched run counts toward both sessions, and so twice toward their identifier.
+    (ident,) = (await get(http, server, "/api/sessions"))["identifiers"]
+    assert (ident["runs"], ident["sessions"]) == (2, 2)
+    event = await get(http, server, f"/api/events/{first}")
+    assert [f["function_id"] for f in event["flow"]] == ["flow-batched"]
+
+    def check(page: Page) -> None:
+        page.goto(server.url + f"/events/{first}")
+        expect(page.locator("li.flow-outcome")).to_have_count(1)
+        expect(page.locator("li.flow-outcome")).to_contain_text(event["flow"][0]["action"])
+        page.goto(server.url + "/functions")
+        expect(page.locator(".fn-flow")).to_contain_text("batchEvents")
+        page.goto(server.url + f"/runs/{run['run_id']}")
+        expect(page.locator("#run-flow")).to_contain_text("a batch of 2 events")
+        page.goto(server.url + "/sessions")
+        expect(page.locator("tr.identifier-row td.runs")).to_have_text("2")
+
+    await browser.check(check)
