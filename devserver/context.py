@@ -70,13 +70,43 @@ Moment = dt.datetime | str | int | float
 class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """`ctx.logger`: the function's logger (`devserver.functions.<function id>`), its lines
     starting with the run id so the terminal says which run wrote them (`run_id` is also on
-    each record, for handlers of your own)."""
+    each record, for handlers of your own).
+
+    With a `sink`, every line (at any level, whatever the logging configuration lets through
+    to the terminal) is also handed to it as (level, text): the server keeps them with the
+    run, for its page."""
+
+    def __init__(self, logger: logging.Logger, extra: dict[str, Any],
+                 sink: Callable[[int, str], None] | None = None) -> None:
+        super().__init__(logger, extra)
+        self._sink = sink
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         """Prefix the run id; keep `run_id` in the record's extra."""
         extra = self.extra or {}
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"run {extra.get('run_id')}: {msg}", kwargs
+
+    def isEnabledFor(self, level: int) -> bool:
+        """True for every level when lines are kept for the run page."""
+        return self._sink is not None or self.logger.isEnabledFor(level)
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        """Keep the line for the run (if there is a sink), and log it as configured."""
+        if self._sink is not None:
+            try:
+                text = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                text = f"{msg} {args!r}"
+            if kwargs.get("exc_info"):
+                text += " (with a traceback: see the terminal)"
+            try:
+                self._sink(level, text)
+            except Exception:
+                logging.getLogger(__name__).debug("could not keep a log line", exc_info=True)
+        if self.logger.isEnabledFor(level):
+            msg, kwargs = self.process(msg, kwargs)
+            self.logger.log(level, msg, *args, **kwargs)
 
 
 class ThreadAbandoned(BaseException):
@@ -374,6 +404,7 @@ class _ContextBase:
     def __init__(
         self, *, event: Event, events: list[Event], run_id: str, function_id: str, env: str,
         sessions: dict[str, str], invocation: Invocation,
+        log_sink: Callable[[int, str], None] | None = None,
     ) -> None:
         self.event = event
         self.events = events
@@ -382,7 +413,8 @@ class _ContextBase:
         self.env = env
         self.sessions = sessions
         self.logger: logging.LoggerAdapter[logging.Logger] = RunLogger(
-            logging.getLogger(f"devserver.functions.{function_id}"), {"run_id": run_id})
+            logging.getLogger(f"devserver.functions.{function_id}"), {"run_id": run_id},
+            log_sink)
         self._invocation = invocation
 
     @property

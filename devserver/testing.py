@@ -367,7 +367,7 @@ class DevServer:
                 outcome = step.status
                 if step.error:
                     outcome += f" {step.error.get('name')}: {step.error.get('message')}"
-                lines.append(f"  {what} attempt {step.attempt}: {outcome}")
+                lines.append(f"  {what} attempt {step.attempt + 1}: {outcome}")
             error = detail.run.error
             if error and error.get("stack"):
                 lines.append("  " + str(error["stack"]).rstrip().replace("\n", "\n  "))

@@ -232,9 +232,10 @@ async def waiting_step(http: aiohttp.ClientSession, server: Server, run_id: str,
 
 
 def attempts(run: dict[str, Any], step_id: str | None) -> list[tuple[int, str]]:
-    """(attempt, status) of a step's attempts in a run document, in order (None:
-    function-level attempts)."""
-    return [(s["attempt"], s["status"]) for s in run["steps"] if s["step_id"] == step_id]
+    """(attempt index, status) of a step's attempts in a run document, in order (None:
+    function-level attempts). The index counts from 0, as `ctx.attempt` and the SDKs do;
+    the document numbers attempts from 1, as the dashboard shows them."""
+    return [(s["attempt"] - 1, s["status"]) for s in run["steps"] if s["step_id"] == step_id]
 
 
 # ---------------------------------------------------------------------------------------------

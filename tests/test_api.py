@@ -1133,7 +1133,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
             ev_doc["sessions"]) == (ok_ev, "ok-1", "test/ok", {"n": 21}, s)
     (step,) = detail["steps"]
     assert (step["step_id"], step["attempt"], step["status"], step["output"], step["error"]) == (
-        "double", 0, "Completed", 42, None)
+        "double", 1, "Completed", 42, None)
 
     # Failed run: two function-level attempts, error with name, message and stack.
     boom_run = await only_run_id(http, server, boom_ev)
@@ -1146,7 +1146,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
     assert "Traceback" in error["stack"]
     assert "ValueError: boom kaput" in error["stack"]
     assert "in boom" in error["stack"]
-    assert [a["attempt"] for a in detail["steps"]] == [0, 1]
+    assert [a["attempt"] for a in detail["steps"]] == [1, 2]  # numbered from 1, as shown
     assert [a["status"] for a in detail["steps"]] == ["Failed", "Failed"]
     assert all(a["error"]["message"] == "boom kaput" for a in detail["steps"])
     assert detail["ended_at"] is not None
@@ -1165,7 +1165,7 @@ async def test_run_details(make_server: MakeServer, http: aiohttp.ClientSession)
     assert detail["output"] == {"result": "steady"}
     steps = detail["steps"]
     assert [(a["step_id"], a["attempt"], a["status"]) for a in steps] == [
-        ("wobble", 0, "Failed"), ("wobble", 1, "Completed")]
+        ("wobble", 1, "Failed"), ("wobble", 2, "Completed")]
     assert steps[0]["error"]["name"] == "RuntimeError"
     assert steps[0]["error"]["message"] == "first try fails"
     assert "first try fails" in steps[0]["error"]["stack"]

@@ -6,8 +6,8 @@ started it, so one worker thread owns the browser for the whole module and async
 blocking checks (`await browser.check(fn)`) while their own loop keeps serving the devserver.
 Synchronisation is Playwright's auto-waiting `expect(...)`, never a sleep.
 
-`DEVSERVER_SCREENSHOT=docs/sessions.png pytest tests/test_dashboard.py -k screenshot` refreshes
-the README's screenshot.
+`DEVSERVER_SCREENSHOTS=docs pytest tests/test_dashboard.py -k screenshots` refreshes the
+README's screenshots from the demo.
 """
 
 from __future__ import annotations
@@ -470,7 +470,11 @@ async def test_run_page_shows_events_steps_errors_and_traceback(
             "ConnectionError: upstream hiccup")
         assert json.loads(steps.nth(1).locator("pre").text_content() or "") == {"items": 3}
         assert heads[2:] == ["(function)", "(function)"]  # one retry of the function
-        expect(steps.nth(2)).to_contain_text("will retry")
+        # One numbering, from 1: the function's first attempt failed and was retried.
+        expect(steps.nth(0).locator(".step-meta")).to_contain_text("attempt 1 · retried")
+        expect(steps.nth(2).locator(".step-meta")).to_contain_text("attempt 1 · retried")
+        expect(steps.nth(3).locator(".step-meta")).to_contain_text("attempt 2")
+        expect(page.locator("#run-attempt")).to_have_text("2")
 
         result = page.locator("section.result")
         expect(result.locator(".error-message")).to_have_text(
@@ -637,37 +641,40 @@ async def test_environment_selector_and_env_kept_in_every_link(
 
 @pytest.mark.slow
 @pytest.mark.asyncio
-async def test_screenshot_of_the_sessions_page(
+async def test_screenshots_of_the_demo(
     make_server: MakeServer, http: aiohttp.ClientSession, browser: Browser, tmp_path: Path
 ) -> None:
-    """Makes the README's screenshot (to DEVSERVER_SCREENSHOT when set, else a temp file)."""
+    """The README's screenshots, taken from `--demo` (its app and fixtures): the Sessions page
+    and a session's timeline. Written to the folder DEVSERVER_SCREENSHOTS names (`docs` to
+    refresh them), else to a temporary folder, so the test checks the pages either way and
+    never fails because an image is unchanged."""
+    from devserver import demo
+    from devserver.cli.replay import read_all
+
     clock = VirtualClock(START)
-    app = support_app()
-
-    @app.function(trigger="app/message.created", retries=0)
-    async def classify(ctx: devserver.Context) -> str:
-        return "question"
-
-    server = await make_server(app, clock=clock)
-    conversations = [("conv_8f2a91", 4, 0), ("conv_51c7d0", 3, 1), ("conv_e09b44", 2, 2),
-                     ("conv_a7731f", 6, 0), ("conv_3d5e82", 1, 0)]
-    for value, runs, failures in conversations:
-        for i in range(runs):
-            await send(http, server, "app/message.created",
-                       sessions={"conversation_id": value, "user_id": f"user_{value[-2:]}"},
-                       data={"text": "hello", "fail": i < failures})
+    server = await make_server(demo.app, clock=clock)
+    for event in read_all(demo.fixture_paths()):
+        status, body = await post_events(http, server, event)
+        assert status == 200, body
         await idle(server)
-        clock.advance(7 * MINUTE + 13_000)
-    target = Path(os.environ.get("DEVSERVER_SCREENSHOT") or tmp_path / "sessions.png")
+        clock.advance(47_000)
+    folder = Path(os.environ.get("DEVSERVER_SCREENSHOTS") or tmp_path)
+    _, doc = await get_json(http, server, "/api/sessions", identifier="conversation_id")
+    failing = next(s["value"] for s in doc["sessions"] if s["failed_runs"])
 
-    def shoot(page: Page) -> bytes:
+    def shoot(page: Page) -> list[bytes]:
         page.goto(page_url(server, "/sessions", identifier="conversation_id"))
-        expect(page.locator("tr.session-row")).to_have_count(len(conversations))
-        return page.screenshot(path=str(target), full_page=True)
+        expect(page.locator("tr.session-row")).to_have_count(len(doc["sessions"]))
+        expect(page.locator("tr.session-row .latest-error a")).to_have_count(1)
+        sessions = page.screenshot(path=str(folder / "sessions.png"), full_page=True)
+        page.goto(page_url(server, "/session", identifier="conversation_id", value=failing))
+        expect(page.locator("li.tl-run.tl-failed")).not_to_have_count(0)
+        timeline = page.locator("#timeline").screenshot(path=str(folder / "timeline.png"))
+        return [sessions, timeline]
 
-    png = await browser.check(shoot, viewport={"width": 1100, "height": 420},
-                              device_scale_factor=2)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    pngs = await browser.check(shoot, viewport={"width": 1100, "height": 420},
+                               device_scale_factor=2)
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in pngs)
 
 
 # ---------------------------------------------------------------------------------------------

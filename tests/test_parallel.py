@@ -79,7 +79,7 @@ async def test_parallel_steps_of_an_async_function_run_at_once_and_return_in_ord
     assert run["output"] == [["a", "b", "c1+c2"], ["t1", "t2"], ["g1", "g2"]]
     assert {s["step_id"] for s in run["steps"]} == {"a", "b", "c1", "c2", "t1", "t2", "g1",
                                                      "g2"}
-    assert all(s["status"] == "Completed" and s["attempt"] == 0 for s in run["steps"])
+    assert all(s["status"] == "Completed" and s["attempt"] == 1 for s in run["steps"])
 
 
 @pytest.mark.asyncio
@@ -198,7 +198,7 @@ async def test_gather_unwinds_early_but_the_run_waits_for_the_steps_still_runnin
     assert attempts(run, "a") == [(0, "Failed"), (1, "Completed")]
     assert attempts(run, "b") == [(0, "Completed")]
     steps = {(s["step_id"], s["attempt"]): s for s in run["steps"]}
-    assert steps[("a", 1)]["started_at"] >= steps[("b", 0)]["ended_at"]
+    assert steps[("a", 2)]["started_at"] >= steps[("b", 1)]["ended_at"]
 
 
 @pytest.mark.asyncio

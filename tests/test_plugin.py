@@ -70,6 +70,8 @@ TESTS = textwrap.dedent(
         assert "session customer_id='c2'" in message
         assert "warehouse on fire" in message
         assert "Traceback" in message
+        assert "attempt 1: Failed" in message  # attempts numbered from 1, as the dashboard does
+        assert "attempt 0" not in message
 
 
     @pytest.mark.devserver(raise_on_failure=False)

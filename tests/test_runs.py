@@ -154,7 +154,7 @@ async def test_step_retries_then_succeeds_without_rerunning_earlier_steps(
     assert attempts == [0, 1, 2]
     flaky_attempts = [s for s in run["steps"] if s["step_id"] == "flaky"]
     assert [(s["attempt"], s["status"], s["final"]) for s in flaky_attempts] == [
-        (0, "Failed", False), (1, "Failed", False), (2, "Completed", True)]
+        (1, "Failed", False), (2, "Failed", False), (3, "Completed", True)]
     assert flaky_attempts[0]["error"]["name"] == "ConnectionError"
     assert flaky_attempts[0]["error"]["message"] == "try 1"
 
@@ -226,11 +226,11 @@ async def test_function_error_retries_the_function_and_keeps_memoized_steps(
     assert calls == {"step": 1, "fn": 3}
     fn_attempts = [s for s in run["steps"] if s["kind"] == "function"]
     assert [(s["attempt"], s["error"]["message"]) for s in fn_attempts] == [
-        (0, "attempt 0"), (1, "attempt 1")]
+        (1, "attempt 0"), (2, "attempt 1")]  # JSON numbers from 1; ctx.attempt from 0
 
     run = await only_run(http, server, await send(http, server, "app/always"))
     assert run["status"] == "Failed"
-    assert [s["attempt"] for s in run["steps"]] == [0, 1, 2]
+    assert [s["attempt"] for s in run["steps"]] == [1, 2, 3]
     assert run["steps"][-1]["final"] is True
     assert run["error"]["name"] == "ValueError"
     assert run["error"]["message"] == "nope"

@@ -283,28 +283,31 @@ def _run_counts(db: Path) -> tuple[int, int]:
 
 
 def dashboard_rows(sizes: list[int], tmp: Path, requests: int = 60) -> list[Row]:
-    """Median latency of the sessions list and a session page at each DB size."""
+    """Median latency of the sessions list, a session page (with its timeline) and the runs
+    list at each DB size."""
     from devserver.store.schema import seed_runs
 
-    medians: dict[int, tuple[float, float]] = {}
+    medians: dict[int, tuple[float, ...]] = {}
     for runs in sizes:
         db = tmp / f"dash{runs}.sqlite3"
         seed_runs(db, runs=runs, sessions=max(1, runs // 10))
         port = free_port()
         with child(devserver_args(port, db), port) as url:
             pages = (f"{url}/sessions?identifier=conversation_id",
-                     f"{url}/session?identifier=conversation_id&value=conv_{runs // 20}")
-            timings: list[list[float]] = [[], []]
+                     f"{url}/session?identifier=conversation_id&value=conv_{runs // 20}",
+                     f"{url}/runs")
+            timings: list[list[float]] = [[] for _ in pages]
             for _ in range(requests):
                 for index, page in enumerate(pages):
                     began = time.perf_counter()
                     with urllib.request.urlopen(page, timeout=10) as resp:
                         resp.read()
                     timings[index].append((time.perf_counter() - began) * 1000)
-            medians[runs] = (statistics.median(timings[0]), statistics.median(timings[1]))
+            medians[runs] = tuple(statistics.median(t) for t in timings)
     small, big = min(sizes), max(sizes)
     rows = []
-    for index, name in enumerate(("/sessions?identifier=", "/session?identifier=&value=")):
+    for index, name in enumerate(("/sessions?identifier=", "/session?identifier=&value=",
+                                  "/runs")):
         for runs in sizes:
             value = medians[runs][index]
             flat = value <= 2 * medians[small][index] or runs == small

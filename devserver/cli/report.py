@@ -123,11 +123,11 @@ def describe_pending(run: dict[str, Any]) -> str:
         what = "the function" if last.get("step_id") is None else f"step {last['step_id']!r}"
         error = _error_text(last.get("error"))
         return (f"{head}  retrying {what} at {run.get('next_at')} (attempt "
-                f"{int(last.get('attempt') or 0) + 1} failed" + (f": {_cell(error, 120)})"
+                f"{int(last.get('attempt') or 1)} failed" + (f": {_cell(error, 120)})"
                                                                  if error else ")"))
     if run.get("status") == QUEUED:
         return f"{head}  queued, not started yet"
-    return f"{head}  running (attempt {int(run.get('attempt') or 0) + 1})"
+    return f"{head}  running (attempt {int(run.get('attempt') or 1)})"
 
 
 def apply_followed(report: Report, runs: dict[str, dict[str, Any]], finished: bool) -> None:

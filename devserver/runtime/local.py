@@ -36,6 +36,7 @@ from typing import Any
 from devserver.app import NonRetriableError
 from devserver.context import Context, Event, Step, SyncContext, SyncStep, ThreadAbandoned
 from devserver.runtime.invocation import Invocation
+from devserver.runtime.runlog import log_sink
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,8 @@ class LocalExecutor:
         events = [Event.from_stored(ev) for ev in inv.events]
         fields: dict[str, Any] = {
             "event": events[0], "events": events, "run_id": inv.run_id, "function_id": fn.id,
-            "env": inv.env, "sessions": dict(inv.sessions), "invocation": inv}
+            "env": inv.env, "sessions": dict(inv.sessions), "invocation": inv,
+            "log_sink": log_sink(inv.store, inv.clock, inv.run_id)}
         # The decorator can't tell the two handler types apart statically; is_async can.
         handler: Callable[[Any], Any] = fn.handler
         loop = asyncio.get_running_loop()

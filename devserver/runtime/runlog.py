@@ -4,13 +4,20 @@ logger. Each names the function, the run, its sessions and the error's first lin
 the run's dashboard page when the server has a URL.
 
 These lines are never rate-limited (cli/logs.py): each is about a run of its own.
+
+`log_sink` keeps what a run writes with `ctx.logger` in the database, for the run's page.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from devserver.clock import Clock
 
 RUNS_LOGGER = "devserver.runs"
 log = logging.getLogger(RUNS_LOGGER)
@@ -54,3 +61,36 @@ def will_retry(*, run_id: str, function_id: str, step_id: str | None, attempt: i
     log.debug("run %s of %s: attempt %d of %s failed (%s); retrying at %s%s", run_id,
               function_id, attempt + 1, what, error_line(error), when.replace("+00:00", "Z"),
               run_link(base_url, run_id))
+
+
+class LogLines(Protocol):
+    """The store's one method a log sink needs."""
+
+    def add_log_lines(self, lines: list[tuple[str, int, str, str]]) -> asyncio.Future[None]:
+        ...
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("a ctx.logger line was not kept: %s", future.exception())
+
+
+def log_sink(store: LogLines, clock: Clock, run_id: str) -> Callable[[int, str], None]:
+    """A `RunLogger` sink that queues each line for the store (from the loop's thread or a
+    sync function's worker thread alike); the store keeps a bounded number per run."""
+    loop = asyncio.get_running_loop()
+    loop_thread = threading.get_ident()
+
+    def write(line: tuple[str, int, str, str]) -> None:
+        try:
+            store.add_log_lines([line]).add_done_callback(_consume)
+        except RuntimeError:  # the store closed meanwhile (the server is stopping)
+            log.debug("a ctx.logger line came after the store closed")
+
+    def sink(level: int, text: str) -> None:
+        line = (run_id, clock.now_ms(), logging.getLevelName(level), text)
+        if threading.get_ident() == loop_thread:
+            write(line)
+        else:
+            loop.call_soon_threadsafe(write, line)
+    return sink

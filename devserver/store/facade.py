@@ -69,7 +69,7 @@ from devserver.model.records import (
     StoredEvent,
     WaitSpec,
 )
-from devserver.store import flow_queries, queries
+from devserver.store import flow_queries, listing, queries
 from devserver.store.schema import BUSY_TIMEOUT_MS, connect_pragmas, migrate
 from devserver.store.schema import SCHEMA as SCHEMA
 from devserver.store.schema import SCHEMA_VERSION as SCHEMA_VERSION
@@ -132,6 +132,11 @@ class _FaultLog:
         self._message: str | None = None
         self._at = 0.0
         self._refused = 0
+
+    @property
+    def message(self) -> str | None:
+        """The fault that refused the latest writes, None once writes succeed again."""
+        return self._message
 
     def refused(self, error: StoreUnavailable, writes: int) -> None:
         self._refused += writes
@@ -696,6 +701,95 @@ class Store:
         """Every event that carried a session, in the order they were received."""
         return await self._read(
             lambda db: queries.read_session_events(db, env, identifier, value))
+
+    # -- the dashboard's lists (store.listing) -----------------------------------------------
+
+    @property
+    def fault(self) -> str | None:
+        """The database fault that refused the latest writes, until writes succeed again."""
+        return self._gone or self._faults.message
+
+    async def runs_page(self, env: str, *, status: str | None = None,
+                        function_id: str | None = None, q: str | None = None,
+                        window: listing.Window = listing.ALL_TIME, limit: int = 50,
+                        cursor: str | None = None) -> Page:
+        """A page of every run of `env`, newest first (rows are `RunRecord`)."""
+        return await self._read(lambda db: listing.read_runs_page(
+            db, env, status=status, function_id=function_id, q=q, window=window, limit=limit,
+            cursor=cursor))
+
+    async def events_page(self, env: str, *, q: str | None = None,
+                          window: listing.Window = listing.ALL_TIME, limit: int = 50,
+                          cursor: str | None = None) -> tuple[Page, dict[str, list[RunRecord]]]:
+        """A page of every event of `env`, newest first, and the runs each started."""
+        def read(db: sqlite3.Connection) -> tuple[Page, dict[str, list[RunRecord]]]:
+            page = listing.read_events_page(db, env, q=q, window=window, limit=limit,
+                                            cursor=cursor)
+            return page, listing.read_runs_of_events(db, [e.internal_id for e in page.rows])
+        return await self._read(read)
+
+    async def function_figures(self, env: str, function_ids: list[str], *, recent: int = 5,
+                               window: int = 100) -> dict[str, listing.FunctionFigures]:
+        """Each function's latest runs and failures among its `window` latest runs."""
+        return await self._read(lambda db: listing.read_function_figures(
+            db, env, function_ids, recent, window))
+
+    async def run_links(self, run: RunRecord, *, limit: int = 200) -> listing.RunLinks:
+        """The run that started `run`, its reruns and the runs it started."""
+        return await self._read(lambda db: listing.read_run_links(db, run, limit))
+
+    async def rerun(self, run_id: str, new_run_id: str, now: int) -> RunRecord | None:
+        """Create a rerun of `run_id` (Queued); None if there is no such run."""
+        return await self._write(lambda db: listing.rerun(db, run_id, new_run_id, now))
+
+    async def identifier_figures(self, env: str, identifiers: list[str],
+                                 ) -> dict[str, listing.IdentifierFigures]:
+        """Failure figures of each identifier."""
+        return await self._read(
+            lambda db: listing.read_identifier_figures(db, env, identifiers))
+
+    async def sessions_page(
+        self, env: str, identifier: str, *, q: str | None = None, sort: str = "last_active",
+        failing: bool = False, window: listing.Window = listing.ALL_TIME, limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[Page, dict[str, RunRecord]]:
+        """A page of an identifier's sessions and the latest failed run of each."""
+        def read(db: sqlite3.Connection) -> tuple[Page, dict[str, RunRecord]]:
+            page = listing.read_sessions_page(db, env, identifier, q=q, sort=sort,
+                                              failing=failing, window=window, limit=limit,
+                                              cursor=cursor)
+            return page, listing.read_latest_errors(
+                db, env, identifier, [s.value for s in page.rows if s.failed_runs])
+        return await self._read(read)
+
+    async def session_runs(
+        self, env: str, identifier: str, value: str, *, status: str | None = None,
+        window: listing.Window = listing.ALL_TIME, limit: int = 50, cursor: str | None = None,
+    ) -> tuple[SessionStats, Page, listing.Timeline] | None:
+        """A session's figures, a page of its runs of one status and time range, and its
+        timeline, all from one snapshot."""
+        def read(db: sqlite3.Connection) -> tuple[SessionStats, Page, listing.Timeline] | None:
+            found = queries.read_session(db, env, identifier, value, 1, None)
+            if found is None:
+                return None
+            return found[0], listing.read_session_runs(
+                db, env, identifier, value, status=status, window=window, limit=limit,
+                cursor=cursor), listing.read_timeline(db, env, identifier, value)
+        return await self._read(read)
+
+    async def session_failed_run_ids(self, env: str, identifier: str, value: str, *,
+                                     limit: int) -> list[str]:
+        """A session's failed runs not rerun yet, oldest first."""
+        return await self._read(lambda db: listing.read_session_failed_run_ids(
+            db, env, identifier, value, limit))
+
+    def add_log_lines(self, lines: list[tuple[str, int, str, str]]) -> asyncio.Future[None]:
+        """Queue `ctx.logger` lines (run id, at, level, message) for the next commit."""
+        return self._write(lambda db: listing.add_log_lines(db, lines))
+
+    async def log_lines(self, run_id: str) -> list[listing.LogLine]:
+        """A run's stored `ctx.logger` lines."""
+        return await self._read(lambda db: listing.read_log_lines(db, run_id))
 
 
 def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -240,6 +240,8 @@ def create_run(db: sqlite3.Connection, env: str, now: int, run_id: str, function
                    "VALUES (?, ?, ?, ?)", ((env, i, v, run_id) for i, v in pairs))
     db.executemany("UPDATE sessions SET runs = runs + 1 WHERE env = ? AND identifier = ? "
                    "AND value = ?", ((env, i, v) for i, v in pairs))
+    db.executemany("UPDATE identifiers SET runs = runs + 1 WHERE env = ? AND identifier = ?",
+                   ((env, i) for i, _ in pairs))  # the identifiers' sums of their sessions'
     db.executemany("INSERT OR IGNORE INTO session_functions (env, identifier, value, "
                    "function_id) VALUES (?, ?, ?, ?)",
                    ((env, i, v, function_id) for i, v in pairs))

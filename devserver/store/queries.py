@@ -253,6 +253,15 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
             "last_active = max(last_active, excluded.last_active), "
             "runs = runs + excluded.runs",
             (row for row in session_rows.values() if row[5]))
+        identifier_runs: dict[tuple[str, str], int] = {}
+        for row_env, row_ident, _, _, _, count in session_rows.values():
+            if count:
+                key2 = (row_env, row_ident)
+                identifier_runs[key2] = identifier_runs.get(key2, 0) + count
+        # The identifiers' sums, one UPDATE an identifier (a handful a batch).
+        db.executemany(
+            "UPDATE identifiers SET runs = runs + ? WHERE env = ? AND identifier = ?",
+            ((count, *key) for key, count in identifier_runs.items()))
         db.executemany(
             "INSERT INTO event_sessions (env, identifier, value, internal_id) "
             "VALUES (?, ?, ?, ?)", event_session_rows)
@@ -502,6 +511,14 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
         "UPDATE sessions SET last_active = max(last_active, ?), failed_runs = failed_runs + ? "
         "WHERE env = ? AND identifier = ? AND value = ?",
         ((last, failed, *key) for key, (last, failed) in activity.items() if failed))
+    identifier_failed: dict[tuple[str, str], int] = {}
+    for (row_env, row_ident, _), (_, failed) in activity.items():
+        if failed:
+            key2 = (row_env, row_ident)
+            identifier_failed[key2] = identifier_failed.get(key2, 0) + failed
+    db.executemany(
+        "UPDATE identifiers SET failed_runs = failed_runs + ? WHERE env = ? AND identifier = ?",
+        ((failed, *key) for key, failed in identifier_failed.items()))
     if emitted:
         created = ingest_many(db, [write for _, write in emitted])
         for (index, _), runs in zip(emitted, created, strict=True):

@@ -72,7 +72,7 @@ CREATE TABLE runs (
     output TEXT,
     error TEXT,
     sessions TEXT NOT NULL
-, restarts INTEGER NOT NULL DEFAULT 0, tree TEXT);
+, restarts INTEGER NOT NULL DEFAULT 0, tree TEXT, rerun_of TEXT);
 CREATE INDEX runs_by_event ON runs (event_id);
 CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
 CREATE INDEX runs_unfinished_by_function ON runs (env, function_id)
@@ -119,7 +119,8 @@ CREATE INDEX waits_by_child ON waits (child_run_id) WHERE child_run_id IS NOT NU
 CREATE TABLE identifiers (
     env TEXT NOT NULL,
     identifier TEXT NOT NULL,
-    sessions INTEGER NOT NULL DEFAULT 0,
+    sessions INTEGER NOT NULL DEFAULT 0, runs INTEGER NOT NULL DEFAULT 0,
+    failed_runs INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (env, identifier)
 ) WITHOUT ROWID;
 
@@ -247,6 +248,23 @@ CREATE TABLE run_notes (
     at INTEGER NOT NULL,
     PRIMARY KEY (run_id, kind)
 ) WITHOUT ROWID;
+
+-- The dashboard (version 9). `runs.rerun_of`: the run a rerun repeats (its reruns are found
+-- by the index); `identifiers.runs` and `.failed_runs`: sums over its sessions, kept by the
+-- writes that change theirs; runs by function for /functions and /runs?function=; sessions
+-- by failed runs for that sort; `run_logs`: the lines a run wrote with `ctx.logger`, bounded
+-- per run.
+CREATE INDEX runs_by_rerun_of ON runs (rerun_of) WHERE rerun_of IS NOT NULL;
+CREATE INDEX runs_by_function ON runs (env, function_id, run_id);
+CREATE INDEX sessions_by_failed_runs ON sessions (env, identifier, failed_runs, value);
+CREATE TABLE run_logs (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
 
@@ -353,6 +371,27 @@ CREATE TABLE run_notes (
     text TEXT NOT NULL,
     at INTEGER NOT NULL,
     PRIMARY KEY (run_id, kind)
+) WITHOUT ROWID;
+""",
+    9: """
+ALTER TABLE runs ADD COLUMN rerun_of TEXT;
+-- An identifier's runs and failed runs (summed over its sessions), kept by the writes that
+-- change its sessions' counters, so /sessions reads them without scanning sessions.
+ALTER TABLE identifiers ADD COLUMN runs INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE identifiers ADD COLUMN failed_runs INTEGER NOT NULL DEFAULT 0;
+UPDATE identifiers SET (runs, failed_runs) = (SELECT coalesce(sum(runs), 0),
+    coalesce(sum(failed_runs), 0) FROM sessions s WHERE s.env = identifiers.env
+    AND s.identifier = identifiers.identifier);
+CREATE INDEX runs_by_rerun_of ON runs (rerun_of) WHERE rerun_of IS NOT NULL;
+CREATE INDEX runs_by_function ON runs (env, function_id, run_id);
+CREATE INDEX sessions_by_failed_runs ON sessions (env, identifier, failed_runs, value);
+CREATE TABLE run_logs (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
 """,
 }
@@ -480,6 +519,10 @@ def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
             "coalesce(sum(r.status = 'Failed'), 0) FROM run_sessions rs "
             "JOIN runs r ON r.run_id = rs.run_id WHERE rs.env = sessions.env "
             "AND rs.identifier = sessions.identifier AND rs.value = sessions.value)")
+        db.execute(
+            "UPDATE identifiers SET (runs, failed_runs) = (SELECT coalesce(sum(runs), 0), "
+            "coalesce(sum(failed_runs), 0) FROM sessions s WHERE s.env = identifiers.env "
+            "AND s.identifier = identifiers.identifier)")
         db.execute(
             "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
             "SELECT DISTINCT rs.env, rs.identifier, rs.value, r.function_id "

@@ -20,12 +20,21 @@ from devserver import __version__
 from devserver.clock import iso as iso
 from devserver.errors import DevserverError, NotFound, PayloadTooLarge, UserError
 from devserver.model.events import MAX_BODY_BYTES, parse_body
-from devserver.model.records import RunDetail, RunRecord, SessionStats, StepAttempt, StoredEvent
+from devserver.model.records import (
+    FAILED,
+    UNFINISHED,
+    RunDetail,
+    RunRecord,
+    SessionStats,
+    StepAttempt,
+    StoredEvent,
+)
 from devserver.runtime.reload import AppReloader
 from devserver.runtime.runner import DEFAULT_ENV as DEFAULT_ENV
 from devserver.runtime.runner import Runner
 from devserver.sdk.protocol import EVENT_ID_SEED_HEADER, seeded_ids
 from devserver.store.facade import Store
+from devserver.web import filters, timeline
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +196,7 @@ def step_doc(step: StepAttempt) -> dict[str, Any]:
     return {
         "step_id": step.step_id,
         "kind": step.kind,
-        "attempt": step.attempt,
+        "attempt": step.attempt + 1,  # 1-based everywhere people read it
         "status": step.status,
         "started_at": iso(step.started_at),
         "ended_at": iso(step.ended_at),
@@ -204,11 +213,19 @@ def step_doc(step: StepAttempt) -> dict[str, Any]:
 def run_detail_doc(detail: RunDetail) -> dict[str, Any]:
     """Everything the run page shows."""
     run = detail.run
+    live = run.status in UNFINISHED
+    last = detail.steps[-1] if detail.steps else None
+    retrying = (live and last is not None and last.status == FAILED and not last.final)
     return {
         **run_summary_doc(run),
         "env": run.env,
-        "attempt": run.attempt,
+        # The most attempts any step (or the function) has had, 1-based, counting the one
+        # a live run is on or will retry with.
+        "attempt": max([step.attempt + 1 for step in detail.steps]
+                       + [run.attempt + 1 if live else 1]),
         "next_at": iso(run.next_at),
+        # When a failed attempt is retried (None: no retry pending).
+        "retry_at": iso(run.next_at) if retrying else None,
         "sessions": run.sessions,
         "output": run.output,
         "error": run.error,
@@ -327,17 +344,24 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def sessions_doc(request: web.Request) -> dict[str, Any]:
-    """`/sessions`: the identifiers seen, or one identifier's sessions."""
+    """`/sessions`: the identifiers seen (with their failure figures), or one identifier's
+    sessions: searchable (`q`), sorted (`sort`), failing only (`status=failing`), in a time
+    range of last activity (`last`, `start`, `end`), paged, each failing one with its latest
+    error."""
     store = request.app[STORE]
     env = env_of(request)
     identifier = request.query.get("identifier")
     if identifier is None:
         listed = await store.identifiers_page(env, limit=limit_param(request),
                                               cursor=request.query.get("cursor") or None)
+        figures = await store.identifier_figures(env, [i.identifier for i in listed.rows])
         return {
             "env": env,
             "identifiers": [
                 {"identifier": i.identifier, "sessions": i.sessions,
+                 "runs": figures[i.identifier].runs,
+                 "failed_runs": figures[i.identifier].failed_runs,
+                 "failing_sessions": figures[i.identifier].failing_sessions,
                  "last_active": iso(i.last_active)}
                 for i in listed.rows
             ],
@@ -346,37 +370,59 @@ async def sessions_doc(request: web.Request) -> dict[str, Any]:
     if not identifier:
         raise UserError("query parameter 'identifier' must not be empty")
     sort = request.query.get("sort") or "last_active"
-    page = await store.sessions(env, identifier, q=request.query.get("q") or None, sort=sort,
-                                limit=limit_param(request),
-                                cursor=request.query.get("cursor") or None)
+    status = request.query.get("status") or None
+    if status not in (None, "failing"):
+        raise UserError(f"status must be 'failing' (sessions with a failed run) or absent, "
+                        f"got {status[:40]!r}")
+    window, echo = filters.window_param(request, request.app[RUNNER].clock.now_ms())
+    page, latest = await store.sessions_page(
+        env, identifier, q=request.query.get("q") or None, sort=sort,
+        failing=status == "failing", window=window, limit=limit_param(request),
+        cursor=request.query.get("cursor") or None)
     if not page.rows and not await store.identifier_known(env, identifier):
         raise NotFound(f"no session with identifier {identifier!r} in environment {env!r}")
     return {
         "env": env,
         "identifier": identifier,
         "sort": sort,
-        "sessions": [{"value": s.value, **stats_doc(s)} for s in page.rows],
+        "filters": {"q": request.query.get("q") or None, "status": status, **echo},
+        "sessions": [{"value": s.value, **stats_doc(s),
+                      "latest_error": _latest_error(latest.get(s.value))}
+                     for s in page.rows],
         "next_cursor": page.next_cursor,
     }
 
 
+def _latest_error(run: RunRecord | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {"run_id": run.run_id, "function_id": run.function_id,
+            "error": filters.error_line(run.error), "ended_at": iso(run.ended_at)}
+
+
 async def session_doc(request: web.Request) -> dict[str, Any]:
-    """`/session`: one session's figures and its runs, newest first."""
+    """`/session`: one session's figures and its runs, newest first, of one status and time
+    range (queued), each with its error's first line."""
     env = env_of(request)
     identifier = required_param(request, "identifier")
     value = required_param(request, "value")
-    found = await request.app[STORE].session(
-        env, identifier, value, limit=limit_param(request),
+    status = filters.status_param(request)
+    window, echo = filters.window_param(request, request.app[RUNNER].clock.now_ms())
+    found = await request.app[STORE].session_runs(
+        env, identifier, value, status=status, window=window, limit=limit_param(request),
         cursor=request.query.get("cursor") or None)
     if found is None:
         raise NotFound(f"no session {identifier}={value!r} in environment {env!r}")
-    stats, page = found
+    stats, page, drawn = found
     return {
         "env": env,
         "identifier": identifier,
         "value": value,
         "stats": stats_doc(stats),
-        "runs": [run_summary_doc(run) for run in page.rows],
+        "timeline": timeline.timeline_doc(drawn, request.app[RUNNER].clock.now_ms()),
+        "filters": {"status": status, **echo},
+        "runs": [{**run_summary_doc(run), "error": filters.error_line(run.error)}
+                 for run in page.rows],
         "next_cursor": page.next_cursor,
     }
 
@@ -388,24 +434,24 @@ async def run_doc(request: web.Request) -> dict[str, Any]:
     detail = await store.run_detail(run_id)
     if detail is None:
         raise NotFound(f"no run with id {run_id!r}")
-    doc = run_detail_doc(detail)
-    # Why flow control queued the run (concurrency, throttle) or cancelled it (singleton,
-    # timeouts): `{"queued": "...", "cancelled": "..."}`, empty when it did neither.
-    doc["flow"] = await store.run_notes(run_id)
-    return doc
-
-
-async def event_page_doc(request: web.Request) -> dict[str, Any]:
-    """`/api/events/{id}`: an event, the runs it started and what each function's flow
-    control did with it (`flow`: function_id, action, run_id, detail)."""
-    internal_id = request.match_info["event_id"]
-    store = request.app[STORE]
-    ev = await store.event(internal_id)
-    if ev is None:
-        raise NotFound(f"no event with id {internal_id!r}")
-    return {"env": ev.env, "event": event_doc(ev),
-            "runs": [run_summary_doc(r) for r in await store.event_runs(internal_id)],
-            "flow": await store.flow_outcomes(internal_id)}
+    links = await store.run_links(detail.run)
+    logs = await store.log_lines(run_id)
+    return {
+        **run_detail_doc(detail),
+        # Cause and effect: the run that sent (or invoked) this run's event, the run this one
+        # reruns, its reruns, and the runs its events started.
+        "parent_run_id": links.parent_run_id,
+        "trigger_source": links.source,
+        "rerun_of": links.rerun_of,
+        "reruns": links.reruns,
+        "child_runs": [{"run_id": r, "function_id": f, "status": s, "event_name": e}
+                       for r, f, s, e in links.children],
+        "logs": [{"at": iso(line.at), "level": line.level, "message": line.message}
+                 for line in logs],
+        # Why flow control queued the run (concurrency, throttle) or cancelled it (singleton,
+        # timeouts): `{"queued": "...", "cancelled": "..."}`, empty when it did neither.
+        "flow": await store.run_notes(run_id),
+    }
 
 
 @routes.get("/api/sessions")
@@ -424,21 +470,6 @@ async def api_session(request: web.Request) -> web.Response:
 async def api_run(request: web.Request) -> web.Response:
     """JSON twin of `/runs/{run_id}`."""
     return json_ok(await run_doc(request))
-
-
-@routes.get("/api/events/{event_id}")
-async def api_event(request: web.Request) -> web.Response:
-    """An event with its runs and its flow-control outcomes."""
-    return json_ok(await event_page_doc(request))
-
-
-@routes.get("/api/runs")
-async def api_runs(request: web.Request) -> web.Response:
-    """Recent runs, newest first, optionally `?function_id=` and `?status=`."""
-    runs = await request.app[STORE].runs(
-        env_of(request), function_id=request.query.get("function_id") or None,
-        status=request.query.get("status") or None, limit=limit_param(request))
-    return json_ok({"env": env_of(request), "runs": [run_summary_doc(r) for r in runs]})
 
 
 @routes.get("/api/environments")
@@ -467,17 +498,6 @@ async def api_status(request: web.Request) -> web.Response:
     runner = request.app[RUNNER]
     return json_ok({"status": 200, "version": __version__, "functions": len(runner.functions),
                     "busy_runs": runner.busy, "reload": reload_doc})
-
-
-@routes.get("/api/functions")
-async def api_functions(request: web.Request) -> web.Response:
-    """The registered functions and their triggers."""
-    return json_ok({"functions": [
-        {"id": fn.id, "name": fn.name, "app_id": fn.app_id, "retries": fn.retries,
-         "triggers": [t.doc() for t in fn.triggers], "sdk_url": fn.remote,
-         "flow": None if fn.flow is None else fn.flow.doc()}
-        for fn in request.app[RUNNER].functions
-    ]})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,12 +36,15 @@ from devserver.model.records import FINISHED, UNFINISHED, WAITING
 from devserver.model.records import format_percent as format_percent  # the CLI's too
 from devserver.model.triggers import EventTrigger
 from devserver.web import api
+from devserver.web.filters import LAST_CHOICES
+from devserver.web.page_parts import NAV, banners, list_filters, nav_section
+from devserver.web.page_parts import make_link as make_link
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STRICT_ENV_VAR = "DEVSERVER_STRICT_TEMPLATES"
 """Set to 1 to render templates with `jinja2.StrictUndefined` (the tests do)."""
-CSP = "default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 LIVE_FAST_MS, LIVE_SLOW_MS = 1000, 2000
 """Page refresh intervals: while runs are in flight or the page waits for a first event (empty
 state, unknown session), and otherwise (new events may still arrive)."""
@@ -49,8 +52,8 @@ STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
                 ".svg": "image/svg+xml"}
 STATIC_MAX_AGE = 365 * 24 * 3600
 EXAMPLE_EVENT = "app/message.created"
-SORTS = (("value", "Value"), ("runs", "Runs"), ("failure_rate", "Failure rate"),
-         ("last_active", "Last active"))
+SORTS = (("value", "Value"), ("runs", "Runs"), ("failed_runs", "Failed"),
+         ("failure_rate", "Failure rate"), ("last_active", "Last active"))
 DEFAULT_SORT = "last_active"
 STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (*UNFINISHED, *FINISHED, WAITING)}
 API_PREFIXES = ("/api/", "/e/", "/v1/", "/static/")
@@ -159,16 +162,6 @@ def _clock_filter(context: jinja2.runtime.Context, stamp: str | int | None) -> s
 # Links, fixtures, the curl example
 
 
-def make_link(env: str) -> Callable[..., str]:
-    """`link(path, **params)`: a URL with a properly encoded query that keeps `env`."""
-    def link(path: str, /, **params: object) -> str:
-        query = [(k, str(v)) for k, v in params.items() if v is not None and v != ""]
-        if env != api.DEFAULT_ENV:
-            query.append(("env", env))
-        return path + ("?" + urlencode(query, quote_via=quote) if query else "")
-    return link
-
-
 def run_path(run_id: str) -> str:
     """The path of a run's page."""
     return "/runs/" + quote(run_id, safe="")
@@ -229,6 +222,7 @@ def make_environment(directory: Path, *, strict: bool = False) -> jinja2.Environ
     env.filters.update(
         absolute=format_absolute, ago=_ago_filter, clock=_clock_filter,
         duration=format_duration, iso=iso_stamp, percent=format_percent, pretty=pretty_json,
+        pathpart=lambda text: quote(str(text), safe=""),
         status_class=status_class,
     )
     return env
@@ -309,6 +303,7 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
         return f"/static/{quote(name)}?v={dash.assets[name].version}"
 
     return {
+        "banners": banners(request), "nav": nav_section(request.path), "nav_items": NAV,
         "env": env, "default_env": api.DEFAULT_ENV,
         "environments": environments if len(environments) > 1 else [],  # the selector
         "env_link": lambda name: make_link(name)("/sessions"),
@@ -438,16 +433,24 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
             "next_url": here(cursor=doc["next_cursor"]) if doc["next_cursor"] else None,
         })
     q, limit = request.query.get("q") or "", request.query.get("limit") or None
+    filters = doc["filters"]
+    kept = {"status": filters["status"], "last": filters["last"],
+            "start": None if filters["last"] else filters["start"],
+            "end": None if filters["last"] else filters["end"]}
+    filtered = any(kept.values())
     here = functools.partial(link, "/sessions", identifier=identifier, limit=limit)
     sort, next_cursor = doc["sort"], doc["next_cursor"]
     sort_param = None if sort == DEFAULT_SORT else sort
     return render(request, "sessions.html", {
         **ctx, "doc": doc, "q": q, "limit": limit, "sort_param": sort_param,
-        "sorts": [(key, label, key == sort, here(q=q, sort=None if key == DEFAULT_SORT else key))
+        "filters": filters, "filtered": filtered, "last_choices": LAST_CHOICES,
+        "sorts": [(key, label, key == sort,
+                   here(q=q, sort=None if key == DEFAULT_SORT else key, **kept))
                   for key, label in SORTS],
         "clear_url": here(sort=sort_param),
-        "first_url": here(q=q, sort=sort_param) if request.query.get("cursor") else None,
-        "next_url": here(q=q, sort=sort_param, cursor=next_cursor) if next_cursor else None,
+        "first_url": here(q=q, sort=sort_param, **kept) if request.query.get("cursor") else None,
+        "next_url": here(q=q, sort=sort_param, cursor=next_cursor, **kept)
+        if next_cursor else None,
     })
 
 
@@ -463,16 +466,17 @@ async def session_page(request: web.Request) -> web.StreamResponse:
     except NotFound as exc:
         return await error_page(request, 404, "Unknown session", exc.message, env=env,
                                 identifier=identifier, value=value)
-    in_flight = _busy(request) or any(r["status"] in UNFINISHED for r in doc["runs"])
+    in_flight = (_busy(request) or doc["timeline"]["live"]
+                 or any(r["status"] in UNFINISHED for r in doc["runs"]))
     ctx = await _context(request, env, live_ms=LIVE_FAST_MS if in_flight else LIVE_SLOW_MS)
-    here = functools.partial(link, "/session", identifier=identifier, value=value,
-                             limit=request.query.get("limit"))
-    next_cursor = doc["next_cursor"]
     return render(request, "session.html", {
         **ctx, "doc": doc,
         "fixture_url": link("/session/fixture", identifier=identifier, value=value),
-        "first_url": here() if request.query.get("cursor") else None,
-        "next_url": here(cursor=next_cursor) if next_cursor else None,
+        "rerun_failed_url": link("/api/session/rerun-failed", identifier=identifier,
+                                 value=value),
+        "offer_q": False, "offer_status": True, "functions": [],
+        **list_filters(request, "/session", doc, keys=("status", "last", "start", "end"),
+                       identifier=identifier, value=value),
     })
 
 

@@ -30,7 +30,17 @@ from devserver.sdk import apps as sdk
 from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
 from devserver.store.facade import Store
-from devserver.web import api, dashboard, gql_routes, guard, sdk_routes, sdk_state
+from devserver.web import (
+    actions,
+    api,
+    dashboard,
+    gql_routes,
+    guard,
+    lists,
+    pages,
+    sdk_routes,
+    sdk_state,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8288
@@ -158,9 +168,12 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         app.cleanup_ctx.append(reload_ctx)
     app.add_routes(api.routes)
     app.add_routes(sdk_state.routes)
+    app.add_routes(lists.routes)
+    app.add_routes(actions.routes)
     app.add_routes(sdk_routes.routes)
     app.add_routes(gql_routes.routes)
     dashboard.setup(app)
+    pages.setup(app)
     return app
 
 

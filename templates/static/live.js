@@ -27,7 +27,7 @@
   function show(text, state) {
     if (!statusEl || !toggle) { return; }
     var live = interval() > 0;
-    statusEl.hidden = !live && state !== "offline";
+    statusEl.hidden = !live && state !== "offline" && state !== "problem";
     toggle.hidden = !live;
     statusEl.textContent = text;
     statusEl.setAttribute("data-state", state);
@@ -65,6 +65,15 @@
       enhance(region, openIds);
     });
     body.setAttribute("data-live-ms", fresh.body.getAttribute("data-live-ms") || "0");
+    body.setAttribute("data-problems", fresh.body.getAttribute("data-problems") || "0");
+  }
+
+  /* "Live" is green only while nothing is wrong: a banner (a failed reload or sync, a
+   * database problem) turns it into a warning. */
+  function showLive() {
+    var problems = parseInt(body.getAttribute("data-problems") || "0", 10);
+    if (problems > 0) { show("Live, see the warning above", "problem"); }
+    else { show("Live", "live"); }
   }
 
   function refresh() {
@@ -82,7 +91,7 @@
         }
         swap(new DOMParser().parseFromString(html, "text/html"));
         failures = 0;
-        show("Live", "live");
+        showLive();
       });
     }).catch(function (problem) {
       failures += 1;  // keep showing the last good page, and look again a little later
@@ -113,7 +122,7 @@
   if (toggle) {
     toggle.addEventListener("click", function () {
       paused = !paused;
-      show(paused ? "Paused" : "Live", paused ? "paused" : "live");
+      if (paused) { show("Paused", "paused"); } else { showLive(); }
       if (paused) { schedule(); } else { refresh(); }
     });
   }
@@ -122,6 +131,6 @@
     if (!document.hidden && !timer && !inFlight && !paused && interval() > 0) { refresh(); }
   });
 
-  show("Live", "live");
+  showLive();
   schedule();
 })();
