@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ import aiohttp
 import pytest
 from playwright.sync_api import Browser as PlaywrightBrowser
 from playwright.sync_api import Page, Playwright, expect, sync_playwright
+from werkzeug.serving import BaseWSGIServer, make_server
 
 from devserver.app import App, FunctionDef
 from devserver.clock import Clock, VirtualClock
@@ -307,3 +309,35 @@ class Browser:
             context.close()
         assert not problems, problems
         return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Python SDK apps
+
+
+class ServedFlask:
+    """A Flask app (an Inngest SDK app's) served by werkzeug on 127.0.0.1 from a thread."""
+
+    def __init__(self, app: Any, name: str, port: int = 0) -> None:
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True, name=name)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        """The SDK's serve endpoint."""
+        return f"http://127.0.0.1:{self._server.server_port}/api/inngest"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+async def close_sdk_client(client: Any) -> None:
+    """Close an `inngest.Inngest` client's HTTP clients: the SDK never closes them itself, and
+    their sockets would leak."""
+    http = client._http_client
+    await http._http_client.aclose()
+    http._http_client_sync.close()

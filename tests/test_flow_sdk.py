@@ -6,7 +6,6 @@ throttle and timeouts, on the server's virtual time."""
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -17,12 +16,21 @@ import aiohttp
 import flask
 import pytest
 import pytest_asyncio
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from devserver.clock import WallClock
 from devserver.web.server import Server
 
-from .helpers import eventually, get, idle, run_doc, runs_of_function, sdk_server, send
+from .helpers import (
+    ServedFlask,
+    close_sdk_client,
+    eventually,
+    get,
+    idle,
+    run_doc,
+    runs_of_function,
+    sdk_server,
+    send,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -107,22 +115,15 @@ class FlowApp:
                                       api_base_url=base_url, event_api_base_url=base_url)
         self.flask = flask.Flask(app_id)
         inngest.flask.serve(self.flask, self.client, functions(self.client))
-        self._server: BaseWSGIServer = make_server("127.0.0.1", 0, self.flask, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True, name="flask-flow-app")
-        self._thread.start()
+        self._served = ServedFlask(self.flask, "flask-flow-app", 0)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/api/inngest"
+        return self._served.url
 
     async def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-        http = self.client._http_client
-        await http._http_client.aclose()
-        http._http_client_sync.close()
+        self._served.stop()
+        await close_sdk_client(self.client)
 
 
 @pytest_asyncio.fixture

@@ -20,11 +20,20 @@ import aiohttp
 import flask
 import pytest
 import pytest_asyncio
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from devserver.web.server import Server
 
-from .helpers import eventually, free_port, idle, run_doc, runs_of_event, sdk_server, the_run
+from .helpers import (
+    ServedFlask,
+    close_sdk_client,
+    eventually,
+    free_port,
+    idle,
+    run_doc,
+    runs_of_event,
+    sdk_server,
+    the_run,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # pydantic v1-style models
@@ -58,14 +67,11 @@ class ParallelApp:
         self.flask.config["MAX_CONTENT_LENGTH"] = BODY_LIMIT
         self.flask.before_request(self._record)
         inngest.flask.serve(self.flask, self.client, self._functions())
-        self._server: BaseWSGIServer = make_server("127.0.0.1", 0, self.flask, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True, name="flask-parallel-app")
-        self._thread.start()
+        self._served = ServedFlask(self.flask, "flask-parallel-app", 0)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/api/inngest"
+        return self._served.url
 
     def _record(self) -> None:
         if flask.request.method != "POST":
@@ -142,12 +148,8 @@ class ParallelApp:
         self.parts.abort()
         self.a2_started.set()
         self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-        http = self.client._http_client
-        await http._http_client.aclose()
-        http._http_client_sync.close()
+        self._served.stop()
+        await close_sdk_client(self.client)
 
 
 @pytest_asyncio.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import threading
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,6 @@ import aiohttp
 import flask
 import pytest
 import pytest_asyncio
-from werkzeug.serving import BaseWSGIServer, make_server
 
 import devserver
 from devserver.clock import VirtualClock
@@ -31,7 +29,9 @@ from devserver.model.records import COMPLETED
 from devserver.web.server import Server
 
 from .helpers import (
+    ServedFlask,
     attempts,
+    close_sdk_client,
     eventually,
     free_port,
     get,
@@ -141,23 +141,15 @@ class FlaskApp:
                                           api_base_url=base_url, event_api_base_url=base_url)
         self.flask = flask.Flask(app_id)
         inngest.flask.serve(self.flask, self.client, build_functions(self.client, self.state))
-        self._server: BaseWSGIServer = make_server("127.0.0.1", port, self.flask, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True, name="flask-sdk-app")
-        self._thread.start()
+        self._served = ServedFlask(self.flask, "flask-sdk-app", port)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/api/inngest"
+        return self._served.url
 
     async def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-        # The SDK client never closes its HTTP clients itself; their sockets would leak.
-        http = self.client._http_client
-        await http._http_client.aclose()
-        http._http_client_sync.close()
+        self._served.stop()
+        await close_sdk_client(self.client)
 
 
 @pytest_asyncio.fixture

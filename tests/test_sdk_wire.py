@@ -26,13 +26,22 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from aiohttp import web
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from devserver.clock import Clock, WallClock
 from devserver.model.records import FAILED
 from devserver.web.server import Server
 
-from .helpers import attempts, eventually, get, idle, run_doc, runs_of_function, sdk_server
+from .helpers import (
+    ServedFlask,
+    attempts,
+    close_sdk_client,
+    eventually,
+    get,
+    idle,
+    run_doc,
+    runs_of_function,
+    sdk_server,
+)
 
 with warnings.catch_warnings():
     # inngest 0.5.19 declares pydantic models with v1-style `class Config` (deprecated).
@@ -239,13 +248,6 @@ def _client(base_url: str) -> inngest.Inngest:
                            event_api_base_url=base_url)
 
 
-async def _close_client(client: inngest.Inngest) -> None:
-    # The SDK client never closes its HTTP clients itself; their sockets would leak.
-    http = client._http_client
-    await http._http_client.aclose()
-    http._http_client_sync.close()
-
-
 class FlaskApp:
     """Sync functions in a Flask app, served by werkzeug on 127.0.0.1 from a thread."""
 
@@ -253,20 +255,15 @@ class FlaskApp:
         self.client = _client(base_url)
         app = flask.Flask(APP)
         inngest.flask.serve(app, self.client, build_functions(self.client, is_async=False))
-        self._server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
-                                        daemon=True, name="flask-wire-app")
-        self._thread.start()
+        self._served = ServedFlask(app, "flask-wire-app", 0)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/api/inngest"
+        return self._served.url
 
     async def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-        await _close_client(self.client)
+        self._served.stop()
+        await close_sdk_client(self.client)
 
 
 class FastApiApp:
