@@ -194,8 +194,8 @@ async def fill_report(report: Report, store: Store, env: str) -> None:
     for summary in await store.identifiers(env):
         cursor: str | None = None
         while True:
-            page = await store.sessions(env, summary.identifier, sort="value", limit=500,
-                                        cursor=cursor)
+            page, _ = await store.sessions_page(env, summary.identifier, sort="value",
+                                                limit=500, cursor=cursor)
             report.sessions.extend(
                 SessionRow(s.identifier, s.value, s.runs, s.failed_runs, list(s.functions))
                 for s in page.rows)

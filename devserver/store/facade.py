@@ -681,14 +681,6 @@ class Store:
         """Whether sessions with this identifier were seen in `env`."""
         return await self._read(lambda db: queries.read_identifier_known(db, env, identifier))
 
-    async def sessions(
-        self, env: str, identifier: str, *, q: str | None = None, sort: str = "last_active",
-        limit: int = 50, cursor: str | None = None,
-    ) -> Page:
-        """A page of an identifier's sessions (rows are `SessionStats`)."""
-        return await self._read(
-            lambda db: queries.read_sessions(db, env, identifier, q, sort, limit, cursor))
-
     async def session(
         self, env: str, identifier: str, value: str, *, limit: int = 50,
         cursor: str | None = None,

@@ -46,7 +46,6 @@ T = TypeVar("T")
 
 
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
-SESSION_SORTS = ("last_active", "runs", "failure_rate", "value")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,44 +639,6 @@ def _session_stats(row: sqlite3.Row, functions: list[str]) -> SessionStats:
         identifier=row["identifier"], value=row["value"], runs=row["runs"],
         failed_runs=row["failed_runs"], last_active=row["last_active"], functions=functions,
     )
-
-
-def read_sessions(
-    db: sqlite3.Connection, env: str, ident: str, q: str | None, sort: str, limit: int,
-    cursor: str | None,
-) -> Page:
-    if sort not in SESSION_SORTS:
-        raise UserError(f"sort must be one of {', '.join(SESSION_SORTS)}, got {sort!r}")
-    # The f-strings below interpolate only `sort` (checked against SESSION_SORTS just above:
-    # a column name) and fixed SQL fragments; every value from a request is a `?` parameter.
-    # Keyset pagination over an index (env, identifier, <sort>, value): O(page), never OFFSET.
-    where = ["env = ?", "identifier = ?"]
-    params: list[Any] = [env, ident]
-    if q:
-        escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        where.append("value LIKE ? ESCAPE '\\'")
-        params.append(f"%{escaped}%")
-    if sort == "value":
-        order, key_cols = "value ASC", ["value"]
-        if cursor is not None:
-            where.append("value > ?")
-            params.extend(decode_cursor(cursor, 1))
-    else:
-        order, key_cols = f"{sort} DESC, value DESC", [sort, "value"]
-        if cursor is not None:
-            where.append(f"({sort}, value) < (?, ?)")
-            params.extend(decode_cursor(cursor, 2))
-    rows = db.execute(
-        f"SELECT identifier, value, runs, failed_runs, last_active, failure_rate "
-        f"FROM sessions WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?",
-        (*params, limit + 1),
-    ).fetchall()
-    stats = [_session_stats(r, _functions_of(db, env, ident, r["value"])) for r in rows[:limit]]
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor([last[c] for c in key_cols])
-    return Page(rows=stats, next_cursor=next_cursor)
 
 
 def read_session(
