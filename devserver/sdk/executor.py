@@ -343,8 +343,10 @@ class _CallTrace:
             return False
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             return isinstance(exc.message, str)  # no partial answer parsed
+        # Reset or broken pipe; or no errno: aiohttp found the transport already closing and
+        # could not write the request ("Can not write request body"), so nothing was sent.
         return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET,
-                                                                         errno.EPIPE)
+                                                                         errno.EPIPE, None)
 
 
 async def _on_reuse(session: aiohttp.ClientSession, context: SimpleNamespace,
