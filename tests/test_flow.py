@@ -162,6 +162,15 @@ async def test_batch_runs_full_batches_at_once_and_the_rest_at_the_timeout(
         # Every event of a batch lists the run among those it started.
         assert [r["run_id"] for r in await runs_of_event(http, server, event_id)] == [
             first["run_id"]]
+    # The events list and GraphQL's stream too (one read for a page of events).
+    listed = {e["internal_id"]: [r["run_id"] for r in e["runs"]]
+              for e in (await get(http, server, "/api/events"))["events"]}
+    async with http.post(f"{server.url}/v0/gql", json={
+            "query": "{ stream(query: {limit: 20}) { id runs { id } } }"}) as resp:
+        stream = {i["id"]: [r["id"] for r in i["runs"]]
+                  for i in (await resp.json())["data"]["stream"]}
+    for event_id in ids[:3]:
+        assert listed[event_id] == stream[event_id] == [first["run_id"]]
     # A batched run counts once in each session any of its events carries.
     figures = {}
     for ident, value in [("shop", "s1"), ("user", "u0"), ("user", "u1")]:

@@ -659,6 +659,10 @@ class Store:
         """The runs an event started, oldest first."""
         return await self._read(lambda db: queries.read_event_runs(db, internal_id))
 
+    async def runs_of_events(self, internal_ids: list[str]) -> dict[str, list[RunRecord]]:
+        """`event_runs` of many events in one read."""
+        return await self._read(lambda db: listing.read_runs_of_events(db, internal_ids))
+
     async def environments(self) -> list[EnvironmentSummary]:
         """Every environment with data, most recently active first."""
         return await self._read(queries.read_environments)

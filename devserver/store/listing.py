@@ -194,14 +194,18 @@ def read_events_page(
 
 
 def read_runs_of_events(db: sqlite3.Connection, event_ids: list[str]) -> dict[str, list[RunRecord]]:
-    """The runs each event started (oldest first)."""
+    """The runs each event started, oldest first (a batched run counts for each of its
+    events, as in `queries.read_event_runs`)."""
     found: dict[str, list[RunRecord]] = {ev: [] for ev in event_ids}
-    for start in range(0, len(event_ids), 500):
-        chunk = event_ids[start:start + 500]
+    for start in range(0, len(event_ids), 250):  # two parameters an id, well under the limit
+        chunk = event_ids[start:start + 250]
         marks = ", ".join("?" * len(chunk))
         for row in db.execute(
-                f"SELECT * FROM runs WHERE event_id IN ({marks}) ORDER BY run_id", chunk):
-            found[row["event_id"]].append(run_from_row(row))
+                f"SELECT r.event_id AS of_event, r.* FROM runs r WHERE r.event_id IN ({marks}) "
+                "UNION SELECT re.internal_id, r.* FROM run_events re JOIN runs r "
+                f"ON r.run_id = re.run_id WHERE re.internal_id IN ({marks}) ORDER BY run_id",
+                (*chunk, *chunk)):
+            found[row["of_event"]].append(run_from_row(row))
     return found
 
 

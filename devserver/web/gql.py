@@ -383,21 +383,16 @@ async def _recent(info: Info, limit: int, internal: bool, *, before: str | None 
     or after (newer than) the event `before`/`after`; internal (`inngest/...`) ones only when
     asked for."""
     store = _store(info)
-    out = []
     # Internal events are filtered here: read extra to fill the page.
     read = limit if internal else min(limit * 4, MAX_LIST * 4)
     events = await store.recent_events(read, before=before, after=after)
     if after is not None:
         events.reverse()  # the page is the events just after `after`: take them oldest first
-    for ev in events:
-        if not internal and ev.name.startswith("inngest/"):
-            continue
-        out.append((ev, (await store.event_runs(ev.internal_id))[:MAX_RUNS_PER_EVENT]))
-        if len(out) >= limit:
-            break
+    page = [ev for ev in events if internal or not ev.name.startswith("inngest/")][:limit]
     if after is not None:
-        out.reverse()
-    return out
+        page.reverse()
+    runs = await store.runs_of_events([ev.internal_id for ev in page])
+    return [(ev, runs[ev.internal_id][:MAX_RUNS_PER_EVENT]) for ev in page]
 
 
 def _cursor(query: dict[str, Any], name: str) -> str | None:
