@@ -106,8 +106,10 @@ class SlowPost:
         host, port = url.removeprefix("http://").split(":")
         self.body = __import__("json").dumps([event]).encode()
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.sock.sendall(b"POST /e/key HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n" % len(self.body))
+        # The Host a client of this server sends (the guard refuses any other with a 403).
+        self.sock.sendall(b"POST /e/key HTTP/1.1\r\nHost: %s:%d\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                          % (host.encode(), int(port), len(self.body)))
         self.sent_first = threading.Event()
         self.answer: bytes | None = None
         self.chunks, self.pause = chunks, pause
