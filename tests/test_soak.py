@@ -24,7 +24,7 @@ import pytest
 
 import devserver
 
-from .helpers import MakeServer, get_json, idle, post_events
+from .helpers import MakeServer, eventually, get_json, idle, post_events
 from .procs import Http, Spawn
 
 pytestmark = pytest.mark.slow  # a timed soak with a devserver child
@@ -251,6 +251,14 @@ async def test_a_session_answer_is_one_snapshot_while_its_runs_finish(
                      "sessions": {"snap": values[(n + i) % len(values)]}} for i in range(20)]
             status, doc = await post_events(http, server, body)
             assert status == 200, doc
+            # Pace the writer by the readers, not by the clock: a few answers are read while
+            # this post's runs finish, however fast or slow the machine is.
+            target = reads + 2
+
+            async def read_enough() -> bool:
+                return reads >= target
+
+            await eventually(read_enough, "the readers to answer between two posts")
 
     async def read(stop: asyncio.Event) -> None:
         nonlocal reads
