@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import http.client
 import os
 import random
@@ -253,12 +254,11 @@ async def test_a_session_answer_is_one_snapshot_while_its_runs_finish(
             assert status == 200, doc
             # Pace the writer by the readers, not by the clock: a few answers are read while
             # this post's runs finish, however fast or slow the machine is.
-            target = reads + 2
+            await eventually(functools.partial(read_past, reads + 2),
+                             "the readers to answer between two posts")
 
-            async def read_enough() -> bool:
-                return reads >= target
-
-            await eventually(read_enough, "the readers to answer between two posts")
+    async def read_past(target: int) -> bool:
+        return reads >= target
 
     async def read(stop: asyncio.Event) -> None:
         nonlocal reads
