@@ -84,6 +84,23 @@ const endpoints = {
     if (calls["/throws-once"] === 1) throw new Error("the first request fails");
     return json({ second: true });
   },
+  // Parallel steps: the SDK hands them to the server, which calls each planned step.
+  "/parallel": async () => {
+    const [x, y] = await Promise.all([
+      step.run("x", () => "x"), step.run("y", () => "y"),
+    ]);
+    return json({ x, y });
+  },
+  // Streams, then fails its step once: the retry's chunk replaces the rolled-back one.
+  "/stream-retry": async () => {
+    const n = await step.run("shaky", () => {
+      attempts.shaky = (attempts.shaky || 0) + 1;
+      stream.push(`partial ${attempts.shaky}`);
+      if (attempts.shaky === 1) throw new Error("boom");
+      return attempts.shaky;
+    });
+    return json({ n });
+  },
   // Streams a chunk in each half, around a sleep.
   "/streamy": async () => {
     await step.run("first", () => { stream.push("chunk a"); return 1; });

@@ -349,3 +349,31 @@ async def test_a_synchronous_run_gone_quiet_is_continued_by_the_server(
             assert (await app.calls(http))["/hang"] >= 2
         finally:
             hanging.cancel()
+
+
+async def test_parallel_steps_in_an_endpoint_are_called_by_the_server(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
+    log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, \
+            endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
+        location = await redirected(http, app, "/parallel")
+        await idle(server)
+        assert response_of(await output(http, location)) == {"x": "x", "y": "y"}
+        run = await a_run_ended(http, server, run_id_of(location))
+        assert sorted(s["step_id"] for s in run["steps"]) == ["x", "y"]
+
+
+async def test_a_streamed_step_retried_by_the_server_streams_again(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
+    log_on_failure: None,
+) -> None:
+    async with sdk_server(tmp_path) as server, \
+            endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
+        async with http.get(app.url("/via-client?path=/stream-retry")) as resp:
+            got = await resp.json()
+        await idle(server)
+        assert got["status"] == 200, got
+        assert json.loads(got["body"]) == {"n": 2}
+        # The client saw the failed attempt's chunk (and its rollback), then the retry's.
+        assert got["chunks"] == ["partial 1", "partial 2"]
