@@ -12,6 +12,10 @@ leave as the exceptions the runner already understands: `Reschedule` to wait, `S
 (retried), `SdkNonRetriableError`, `SdkRetryAfterError`; the error body the app sent is kept
 verbatim.
 
+A durable endpoint's run (`FunctionDef.endpoint`) is continued the same way, except that
+each call is the request that started the run, made again with the headers that tell the SDK
+it comes from the server (`devserver.sdk.endpoint_calls`).
+
 Each call carries Inngest's call headers (`x-request-id`, `x-inngest-job-id`, `x-run-id`). A
 call that went out on a pooled connection the app had just closed while idle (uvicorn does
 after its keep-alive timeout) is sent once more on a fresh one: nothing reached the app, so it
@@ -284,7 +288,9 @@ class SdkExecutor:
             max_attempts=inv.function.max_attempts, disable_immediate_execution=force_plan,
             fn_id=function_uuid(inv.function.id), qi_id=call_id)
         method, target_url, body, extra = "POST", call_url(url, target), _body(data), {}
-        if inv.function.endpoint:
+        follow = True
+        if inv.function.endpoint:  # the request that started the run, once more
+            follow = False  # an endpoint's redirect is its answer to read, not to follow
             try:
                 request = endpoint_request(event_data(inv), target, force_plan=force_plan)
             except ValueError as exc:
@@ -302,7 +308,7 @@ class SdkExecutor:
                 try:
                     async with self._session.request(
                             method, target_url, data=body, headers=headers,
-                            allow_redirects=False, trace_request_ctx=trace) as resp:
+                            allow_redirects=follow, trace_request_ctx=trace) as resp:
                         trace.answered = True
                         raw = await read_capped(resp, self.max_reply_bytes)
                         return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
