@@ -32,8 +32,8 @@ Choices where Inngest is silent or differs:
   `quiet_ms` (15 minutes) passed since its last checkpoint, so it ends with the outcome the
   endpoint gives (Inngest plans to fail such runs after an hour). The deadline is stored,
   so a restart keeps it.
-- The output endpoint waits for the run to end up to `OUTPUT_WAIT_S` (5 minutes, as
-  Inngest), then answers `{"status": "running", ...}`; a completed run answers `{"data":
+- The output endpoint waits for the run to end up to 5 minutes, as Inngest does
+  (`streams.WAIT_S`), then answers `{"status": "running", ...}`; a completed run answers `{"data":
   <the endpoint's response>}`, a failed one the error as stored (`devserver.web.endpoint_routes`).
 """
 

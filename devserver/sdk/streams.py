@@ -28,6 +28,9 @@ from devserver.model.records import COMPLETED, RunRecord
 
 log = logging.getLogger(__name__)
 
+WAIT_S = 300.0
+"""How long a reader (of a run's output or its stream) waits for the run to end: 5 minutes,
+as Inngest's output endpoint does."""
 MAX_CHANNELS = 256
 MAX_CHANNEL_BYTES = 16 * 1024 * 1024
 RESULT_EVENT = "inngest.response"
@@ -46,8 +49,9 @@ class _Channel:
 class RunStreams:
     """The SSE bytes each asynchronous durable endpoint run has streamed, and their readers."""
 
-    def __init__(self, *, max_channels: int = MAX_CHANNELS,
+    def __init__(self, *, wait_s: float = WAIT_S, max_channels: int = MAX_CHANNELS,
                  max_bytes: int = MAX_CHANNEL_BYTES) -> None:
+        self.wait_s = wait_s
         self.max_channels = max_channels
         self.max_bytes = max_bytes
         self._channels: OrderedDict[str, _Channel] = OrderedDict()

@@ -2,7 +2,8 @@
 (`devserver.sdk.endpoints`).
 
 - `GET /v1/http/runs/{run_id}/output?token=` (also under `/v1/checkpoint/`): where the SDK
-  redirects the caller (302). Waits for the run to end, up to `OUTPUT_WAIT_S`; answers
+  redirects the caller (302). Waits for the run to end, up to `RunStreams.wait_s` (5 minutes,
+  as Inngest); answers
   `{"data": <the endpoint's response: status, headers, body>}` for a completed run, the
   error as stored for a failed one, `{"status": "cancelled", ...}` for a cancelled one,
   and `{"status": "running", ...}` when it is still going (all 200, as Inngest answers).
@@ -27,11 +28,8 @@ from devserver.sdk.streams import RunStreams, result_event
 from devserver.web.api import STORE, error_response, json_ok
 
 STREAMS = web.AppKey("run_streams", RunStreams)
-OUTPUT_WAIT_S = 300.0
-"""How long the output endpoint waits for a run to end (Inngest waits 5 minutes too)."""
 POLL_S = 0.05
 """How often a waiting reader looks at the run again."""
-OUTPUT_WAIT = web.AppKey("endpoint_output_wait", float)
 routes = web.RouteTableDef()
 
 
@@ -74,7 +72,7 @@ def output_doc(run: RunRecord, wait_s: float) -> dict[str, Any]:
 async def _output(request: web.Request) -> web.Response:
     run_id = request.match_info["run_id"]
     _run_of(request, run_id)
-    wait_s = request.app.get(OUTPUT_WAIT, OUTPUT_WAIT_S)
+    wait_s = request.app[STREAMS].wait_s
     run = await _ended(request, run_id, wait_s)
     assert run is not None
     return json_ok(output_doc(run, wait_s))
@@ -109,19 +107,30 @@ async def realtime_sse(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
+    try:
+        await _relay(request, response, run_id)
+        await response.write_eof()
+    except ConnectionResetError:  # the caller went away: nothing is lost, the run goes on
+        pass
+    return response
+
+
+async def _relay(request: web.Request, response: web.StreamResponse, run_id: str) -> None:
+    """Write the run's stream until its result event, the run's end, or the deadline."""
+    store = request.app[STORE]
     streams = request.app[STREAMS]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + request.app.get(OUTPUT_WAIT, OUTPUT_WAIT_S)
+    deadline = loop.time() + streams.wait_s
     offset = 0
     while True:
         chunk, offset, answered = streams.read(run_id, offset)
         if chunk:
             await response.write(chunk)
         if answered:
-            break
+            return
         run = await store.run(run_id)
         if run is None or loop.time() >= deadline:
-            break
+            return
         if run.status not in UNFINISHED and not streams.open(run_id):
             # Ended without the SDK's result event (failed by the server, cancelled...).
             chunk, offset, answered = streams.read(run_id, offset)
@@ -129,7 +138,5 @@ async def realtime_sse(request: web.Request) -> web.StreamResponse:
                 await response.write(chunk)
             if not answered:
                 await response.write(result_event(run))
-            break
+            return
         await streams.wait(run_id, POLL_S)
-    await response.write_eof()
-    return response
