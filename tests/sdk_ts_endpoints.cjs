@@ -33,6 +33,8 @@ const endpoints = {
     const b = await step.run("after", () => "b");
     return json({ a, b, method: req.method }, 201);
   },
+  // Ends within the request (no switch to async).
+  "/quick": async () => json({ quick: await step.run("one", () => 1) }),
   // A POST with a JSON body (which the SDK reads itself: a handler can't read it, in
   // 4.24), then a sleep: the continuation is the same request again.
   "/echo": async (req) => {

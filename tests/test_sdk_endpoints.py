@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import devserver
 from devserver.clock import VirtualClock
 from devserver.sdk.endpoint_calls import run_token
 from devserver.sdk.endpoints import QUIET_MS
@@ -377,3 +378,29 @@ async def test_a_streamed_step_retried_by_the_server_streams_again(
         assert json.loads(got["body"]) == {"n": 2}
         # The client saw the failed attempt's chunk (and its rollback), then the retry's.
         assert got["chunks"] == ["partial 1", "partial 2"]
+
+
+async def test_an_endpoint_run_ends_like_any_run_and_can_be_cancelled(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
+    log_on_failure: None,
+) -> None:
+    watcher = devserver.App("watch")
+    seen: list[dict[str, Any]] = []
+
+    @watcher.function(trigger="inngest/function.finished")
+    async def finished(ctx: devserver.Context) -> None:
+        seen.append(dict(ctx.event.data))
+
+    async with sdk_server(tmp_path, functions=watcher.functions) as server, \
+            endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
+        async with http.get(app.url("/quick")) as resp:  # ends within the request
+            assert resp.status == 200
+            assert await resp.json() == {"quick": 1}
+        location = await redirected(http, app, "/sleepy?q=4")
+        run_id = run_id_of(location)
+        async with http.delete(f"{server.url}/v1/runs/{run_id}") as resp:
+            assert resp.status == 200, await resp.text()
+        assert (await output(http, location))["status"] == "cancelled"
+        await idle(server)
+        ended = {(doc["function_id"], "result" in doc) for doc in seen}
+        assert ended == {("GET /quick", True), ("GET /sleepy", False)}

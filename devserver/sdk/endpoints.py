@@ -197,7 +197,7 @@ class DurableEndpoints:
             uid = step_uid(op)
             if op.op == OP_RUN_COMPLETE:
                 self._settled(run_id)
-                await self.store.finish_run(run_id, COMPLETED, now, output=_output(op.data))
+                await self.runner.complete(state, _output(op.data))
                 return
             if op.op == OP_STEP_RUN:
                 if uid not in inv.memo:
