@@ -3,8 +3,9 @@ real SDK in a Node app (`sdk_ts_endpoints.cjs`) against a real devserver: a slee
 the run to async and the caller is redirected to the run's output, which the server
 produces by continuing the run (calling the endpoint again with its memo); step retries,
 a step failing for good, a NonRetriableError, a waitForEvent fulfilled by an event, the
-SDK's streaming client following the redirect, a restart in the middle, and a synchronous
-run the SDK went quiet on.
+SDK's streaming client following the redirect, parallel steps, a restart in the middle, a
+synchronous run the SDK went quiet on (before and across a restart), cancelling, and the
+lifecycle event an endpoint's run emits.
 
 Uses the `inngest@4` install of `test_sdk_ts.py` (npm, cached).
 """
@@ -404,3 +405,32 @@ async def test_an_endpoint_run_ends_like_any_run_and_can_be_cancelled(
         await idle(server)
         ended = {(doc["function_id"], "result" in doc) for doc in seen}
         assert ended == {("GET /quick", True), ("GET /sleepy", False)}
+
+
+async def test_a_quiet_synchronous_runs_deadline_survives_a_restart(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
+    log_on_failure: None,
+) -> None:
+    port = free_port()
+    db = tmp_path / "kept"
+    db.mkdir()
+    async with endpoint_app(node_modules, f"http://127.0.0.1:{port}",
+                            tmp_path / "node.log") as app:
+        hanging = asyncio.create_task(http.get(app.url("/hang")))
+        try:
+            async with sdk_server(db, port=port) as server:
+                async def first_step() -> str | None:
+                    for listed in (await get(http, server, "/api/runs"))["runs"]:
+                        steps = (await run_doc(http, server, listed["run_id"]))["steps"]
+                        if [s["status"] for s in steps] == ["Completed"]:
+                            return str(listed["run_id"])
+                    return None
+                run_id = await eventually(first_step, "the hanging endpoint's first step")
+            clock = VirtualClock()
+            async with sdk_server(db, port=port, clock=clock) as again:
+                assert (await run_doc(http, again, run_id))["status"] == "Running"
+                clock.advance(QUIET_MS)  # the stored deadline has passed on this clock
+                run = await a_run_ended(http, again, run_id)
+                assert run["status"] == "Completed", run
+        finally:
+            hanging.cancel()
