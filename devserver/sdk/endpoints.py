@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from devserver.app import FunctionDef
 from devserver.clock import Clock, TimerHandle
-from devserver.errors import NotFound, Reschedule, UserError
+from devserver.errors import NotFound, Reschedule, RunEnded, UserError
 from devserver.ids import is_ulid, new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.records import COMPLETED, UNFINISHED, NewEvent, NewRun, StepAttempt
@@ -218,6 +218,9 @@ class DurableEndpoints:
                 due.append(now)  # done at once (a failed step memoized): call again now
             except Reschedule as wait:  # sleeping, waiting, or a step retry's backoff
                 due.append(wait.at_ms)
+            except RunEnded:  # cancelled meanwhile: nothing more to record or continue
+                self._settled(run_id)
+                return
         if handover:
             self._settled(run_id)
             at = _earliest(due)
