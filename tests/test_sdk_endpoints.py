@@ -18,6 +18,7 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,8 @@ async def test_a_failed_step_is_retried_by_the_server_then_succeeds(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
     log_on_failure: None,
 ) -> None:
-    async with sdk_server(tmp_path) as server, \
+    # Inngest's backoff (virtual time): the retry comes 15 s (plus jitter) after the failure.
+    async with sdk_server(tmp_path, retry_interval=None) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
         location = await redirected(http, app, "/flaky")
         await idle(server)
@@ -190,6 +192,8 @@ async def test_a_failed_step_is_retried_by_the_server_then_succeeds(
         assert [(s["step_id"], s["status"], s["attempt"]) for s in run["steps"]] == [
             ("flaky", "Failed", 1), ("flaky", "Completed", 2)]
         assert run["steps"][0]["error"]["message"] == "not yet"
+        failed, retried = (datetime.fromisoformat(s["started_at"]) for s in run["steps"])
+        assert 15 <= (retried - failed).total_seconds() <= 46
 
 
 async def test_a_step_failing_for_good_fails_the_run_with_its_error(
