@@ -144,6 +144,9 @@ class FunctionDef:
     `steps.step.runtime.url`); runs go through the SDK call protocol. None for local ones."""
     flow: FlowConfig | None = None
     """Flow control (SPEC 3.3): concurrency, throttle, debounce, batching...; None: none."""
+    endpoint: bool = False
+    """A durable endpoint of a TypeScript SDK app (`inngest.endpoint`): its runs start in
+    the app, and are continued by calling the endpoint again (`devserver.sdk.endpoints`)."""
 
     @property
     def event_triggers(self) -> list[EventTrigger]:

@@ -105,7 +105,7 @@ async def executor() -> AsyncIterator[SdkExecutor]:
 def invocation() -> Any:
     """What a call reads of an invocation."""
     return SimpleNamespace(events=[], memo={}, run_id="01RUN", attempt=0,
-                           function=SimpleNamespace(max_attempts=1, id="app-fn"))
+                           function=SimpleNamespace(max_attempts=1, id="app-fn", endpoint=False))
 
 
 async def call(sdk: SdkExecutor, url: str) -> Reply:

@@ -766,7 +766,7 @@ async def test_a_durable_endpoint_records_its_run_and_steps_through_checkpoints(
         assert [(s["step_id"], s["status"], s["output"]) for s in run["steps"]] == [
             ("look-up", "Completed", 20), ("add", "Completed", 21)]
         assert run["output"]["status"] == 200
-        assert run["function_id"] == "endpoint /endpoint"
+        assert run["function_id"] == "GET /endpoint"  # named as Inngest names it
         trigger = run["events"][0]["data"]  # the request, as the SDK described it
         assert (trigger["method"], trigger["path"], trigger["query_params"]) == (
             "GET", "/endpoint", "q=1")

@@ -429,6 +429,11 @@ class Runner:
             return
         await self.after_ingest(DEFAULT_ENV, [event], created)
 
+    async def complete(self, state: RunState, output: Any) -> None:
+        """End a run its SDK ran to the end itself (a durable endpoint's, synchronously) as
+        if an invocation had: its end recorded with the lifecycle events it emits."""
+        await self._finish(state.run, state.events, COMPLETED, output_json=dump_json(output))
+
     # -- cancelling --------------------------------------------------------------------------
 
     async def cancel(self, run_id: str, *, reason: str | None = None) -> RunRecord:

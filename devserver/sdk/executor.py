@@ -12,6 +12,10 @@ leave as the exceptions the runner already understands: `Reschedule` to wait, `S
 (retried), `SdkNonRetriableError`, `SdkRetryAfterError`; the error body the app sent is kept
 verbatim.
 
+A durable endpoint's run (`FunctionDef.endpoint`) is continued the same way, except that
+each call is the request that started the run, made again with the headers that tell the SDK
+it comes from the server (`devserver.sdk.endpoint_calls`).
+
 Each call carries Inngest's call headers (`x-request-id`, `x-inngest-job-id`, `x-run-id`). A
 call that went out on a pooled connection the app had just closed while idle (uvicorn does
 after its keep-alive timeout) is sent once more on a fresh one: nothing reached the app, so it
@@ -40,6 +44,7 @@ from devserver.model.metadata import op_metadata
 from devserver.runtime.invocation import Invocation
 from devserver.sdk.callbody import encode_call, function_uuid
 from devserver.sdk.calls import CallPlan, earliest
+from devserver.sdk.endpoint_calls import endpoint_request
 from devserver.sdk.gateway import gateway_request, perform
 from devserver.sdk.protocol import (
     OP_DEFER_ADD,
@@ -282,18 +287,28 @@ class SdkExecutor:
             events=inv.events, memo=inv.memo, run_id=inv.run_id, attempt=attempt,
             max_attempts=inv.function.max_attempts, disable_immediate_execution=force_plan,
             fn_id=function_uuid(inv.function.id), qi_id=call_id)
-        target_url = call_url(url, target)
+        method, target_url, body, extra = "POST", call_url(url, target), _body(data), {}
+        follow = True
+        if inv.function.endpoint:  # the request that started the run, once more
+            follow = False  # an endpoint's redirect is its answer to read, not to follow
+            try:
+                request = endpoint_request(event_data(inv), target, force_plan=force_plan)
+            except ValueError as exc:
+                raise SdkNonRetriableError(stored_error("SdkProtocolError", str(exc))) from None
+            method, target_url, extra = request.method, request.url, request.headers
+            body = request.body if request.body is not None else b""
         log.debug("run %s: calling %s (attempt %d%s)", inv.run_id, target_url, attempt,
                   ", state through the API" if use_api else "")
         try:
             for retry in (False, True):
                 headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
                            **call_headers(run_id=inv.run_id, step_id=target,
-                                          request_id=new_ulid())}
+                                          request_id=new_ulid()), **extra}
                 trace = _CallTrace(asyncio.get_running_loop().time())
                 try:
-                    async with self._session.post(target_url, data=_body(data), headers=headers,
-                                                  trace_request_ctx=trace) as resp:
+                    async with self._session.request(
+                            method, target_url, data=body, headers=headers,
+                            allow_redirects=follow, trace_request_ctx=trace) as resp:
                         trace.answered = True
                         raw = await read_capped(resp, self.max_reply_bytes)
                         return read_reply(resp.status, resp.headers, raw, self.clock.now_ms())
@@ -390,6 +405,12 @@ async def read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
             raise ReplyTooLarge(f"the reply passed the {_size(cap)} cap on SDK replies "
                                 f"({size:,} bytes had arrived)")
         chunks.append(chunk)
+
+
+def event_data(inv: Invocation) -> dict[str, Any]:
+    """The data of a run's trigger event (for an endpoint: the request that started it)."""
+    data = inv.events[0].data if inv.events else None
+    return data if isinstance(data, dict) else {}
 
 
 def _body(raw: bytes) -> bytes | io.BytesIO:

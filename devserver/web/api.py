@@ -66,6 +66,10 @@ def error_response(status: int, message: str, *, event_api: bool = False) -> web
     return web.json_response(body, status=status, dumps=_dumps)
 
 
+STREAMED_BODIES = frozenset({"/v1/realtime/publish/tee"})
+"""Paths whose handler reads the body as it arrives (a durable endpoint's stream, relayed
+live, for as long as the endpoint runs; `devserver.web.endpoint_routes`), instead of it
+being read up front within `BODY_DEADLINE`."""
 BODY_DEADLINE: web.AppKey[float] = web.AppKey("body_deadline", float)
 """Seconds a request body may take to arrive (`Config.body_timeout`)."""
 
@@ -79,7 +83,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     connections and descriptors for ever (handlers then read it from memory)."""
     event_api = request.path.startswith("/e/") or request.path == "/e"
     try:
-        if request.body_exists and not request.content.is_eof():  # else it has all arrived
+        if request.body_exists and not request.content.is_eof() \
+                and request.path not in STREAMED_BODIES:  # else it has all arrived
             deadline = request.app[BODY_DEADLINE]
             try:
                 async with asyncio.timeout(deadline):

@@ -29,11 +29,13 @@ from devserver.runtime.watchdog import DEFAULT_THRESHOLD, LoopWatchdog
 from devserver.sdk import apps as sdk
 from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import MAX_REPLY_BYTES, SdkExecutor
+from devserver.sdk.streams import RunStreams
 from devserver.store.facade import Store
 from devserver.web import (
     actions,
     api,
     dashboard,
+    endpoint_routes,
     gql_routes,
     guard,
     lists,
@@ -124,7 +126,9 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     app[api.RUNNER] = runner
     app[sdk_routes.SDK_APPS] = apps
     app[sdk_state.SDK_EXECUTOR] = remote
-    app[sdk_state.ENDPOINTS] = DurableEndpoints(store, clock)
+    endpoints = DurableEndpoints(store, clock, runner, remote)
+    app[sdk_state.ENDPOINTS] = endpoints
+    app[endpoint_routes.STREAMS] = RunStreams()
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -146,8 +150,10 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         local.close()
 
     async def runner_ctx(app: web.Application) -> AsyncIterator[None]:
+        await endpoints.restore()  # their runs resume like any run
         await runner.start()
         yield
+        endpoints.stop()
         await runner.stop()
 
     async def sdk_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -168,6 +174,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
         app.cleanup_ctx.append(reload_ctx)
     app.add_routes(api.routes)
     app.add_routes(sdk_state.routes)
+    app.add_routes(endpoint_routes.routes)
     app.add_routes(lists.routes)
     app.add_routes(actions.routes)
     app.add_routes(sdk_routes.routes)
