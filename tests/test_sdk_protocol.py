@@ -28,7 +28,7 @@ from devserver.model.records import COMPLETED, FAILED, StepAttempt, StoredEvent
 from devserver.model.triggers import CronTrigger
 from devserver.sdk.apps import normalize_url
 from devserver.sdk.callbody import call_body, encode_call, function_uuid
-from devserver.sdk.gateway import gateway_answer, gateway_request
+from devserver.sdk.gateway import canonical_header, gateway_answer, gateway_request
 from devserver.sdk.protocol import (
     Op,
     ProtocolError,
@@ -444,9 +444,12 @@ def test_an_ai_gateway_opcode_becomes_the_request_inngest_makes() -> None:
     request = gateway_request(opts)
     assert (request.url, request.body) == ("https://models.test/v1/chat",
                                            b'{"model": "m", "messages": []}')
-    assert request.headers == {"content-type": "application/json", "Authorization": "Bearer k",
-                               "x-extra": "1"}
-    assert gateway_request({**opts, "format": "anthropic"}).headers["x-api-key"] == "k"
+    assert request.headers == {"Content-Type": "application/json", "Authorization": "Bearer k",
+                               "X-Extra": "1"}
+    assert gateway_request({**opts, "format": "anthropic"}).headers["X-Api-Key"] == "k"
+    # Names as Go's net/http writes them; a name that is not a token is left alone.
+    assert [canonical_header(n) for n in ("x-my-header", "ANTHROPIC-VERSION", "etag", "a b")] \
+        == ["X-My-Header", "Anthropic-Version", "Etag", "a b"]
     assert gateway_request({**opts, "format": "bedrock"}).headers["Authorization"] == "k"
     gemini = gateway_request({**opts, "url": "https://g.test/m?alt=sse", "format": "gemini"})
     assert gemini.url == "https://g.test/m?alt=sse&key=k"

@@ -497,11 +497,14 @@ async def test_step_ai_infer_is_made_by_the_server(
     framework: str, tmp_path: Path, apps: list[SdkApp], http: aiohttp.ClientSession,
 ) -> None:
     """AIGateway from the Python SDK (Anthropic's format: the key in `x-api-key`), against a
-    local mock of the model's API."""
+    local mock of the model's API. Header names arrive as Inngest's Go client writes them
+    (`X-Api-Key`): the SDK's own suite looks them up with that spelling."""
     seen: list[tuple[str, dict[str, str], Any]] = []
 
     async def model(request: web.Request) -> web.Response:
-        seen.append((request.path, dict(request.headers), await request.json()))
+        # The names exactly as they came over the wire (request.headers ignores case).
+        raw = {name.decode(): value.decode() for name, value in request.raw_headers}
+        seen.append((request.path, raw, await request.json()))
         return web.json_response({"content": [{"type": "text", "text": "because"}]})
 
     mock = web.Application()
@@ -519,7 +522,9 @@ async def test_step_ai_infer_is_made_by_the_server(
             assert (run["status"], run["output"]) == (
                 "Completed", {"content": [{"type": "text", "text": "because"}]})
             [(path, headers, body)] = seen
-            assert (path, headers["x-api-key"]) == ("/v1/messages", "sk-ant-test")
+            assert (path, headers["X-Api-Key"]) == ("/v1/messages", "sk-ant-test")
+            assert headers["Anthropic-Version"]  # the adapter's own header, canonicalised
+            assert headers["Content-Type"] == "application/json"
             assert body["model"] == "claude-test"
             assert body["messages"] == [{"role": "user", "content": "why?"}]
     finally:

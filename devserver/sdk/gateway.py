@@ -4,7 +4,10 @@ the opcode describes, and the answer becomes the step's result, as Inngest does.
 `opts` carries `url`, `body` (sent as JSON with a POST), `headers`, `auth_key` and `format`:
 the key goes where the provider expects it (`gemini`: the `key` query parameter; `bedrock`:
 `Authorization` as given; `anthropic`: `x-api-key`; anything else: `Authorization: Bearer`),
-then the opcode's own headers are added. A 2xx answer is the step's data (its JSON, or its
+then the opcode's own headers are added. Header names go out in the canonical form Inngest's
+Go HTTP client gives them (`X-Api-Key`, `Anthropic-Version`): header names are
+case-insensitive, but a mock of the model's API (the Python SDK's suite has one) may compare
+them as it receives them. A 2xx answer is the step's data (its JSON, or its
 text when it is not JSON); any other answer, or no answer, is a step error named as Inngest
 names it (`Error making AI request: ...`, the body as the message), retried with the step's
 attempts like any step error.
@@ -51,7 +54,7 @@ def gateway_request(opts: dict[str, Any]) -> GatewayRequest:
     url = opts.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ProtocolError(f"AIGateway needs opts.url, an http(s) URL; got {url!r}")
-    headers = {"content-type": "application/json"}
+    headers = {"Content-Type": "application/json"}
     key = opts.get("auth_key")
     key = key if isinstance(key, str) else ""
     fmt = opts.get("format")
@@ -62,19 +65,31 @@ def gateway_request(opts: dict[str, Any]) -> GatewayRequest:
     elif fmt == FORMAT_BEDROCK:
         headers["Authorization"] = key
     elif fmt == FORMAT_ANTHROPIC:
-        headers["x-api-key"] = key
+        headers["X-Api-Key"] = key
     else:
         headers["Authorization"] = f"Bearer {key}"
     extra = opts.get("headers")
     if extra is not None and not isinstance(extra, dict):
         raise ProtocolError("AIGateway opts.headers must be an object of strings")
     for name, value in (extra or {}).items():
-        headers[str(name)] = str(value)
+        headers[canonical_header(str(name))] = str(value)
     try:
         body = json.dumps(opts.get("body"), ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"AIGateway opts.body is not JSON: {exc}") from None
     return GatewayRequest(url, headers, body)
+
+
+def canonical_header(name: str) -> str:
+    """A header name as Go's net/http writes it: each hyphen-separated word capitalised
+    (`x-my-header` -> `X-My-Header`); a name with a character outside a token is left as is."""
+    if not name or any(not (ch.isascii() and (ch.isalnum() or ch in _TOKEN_PUNCTUATION))
+                       for ch in name):
+        return name
+    return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
+
+
+_TOKEN_PUNCTUATION = frozenset("!#$%&'*+-.^_`|~")
 
 
 def gateway_answer(status: int | None, text: str, reason: str | None = None) -> GatewayAnswer:
