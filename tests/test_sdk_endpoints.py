@@ -160,10 +160,19 @@ async def test_a_sleep_redirects_the_caller_and_the_server_finishes_the_run(
         # The request, then the continuation: a call that runs "after", one that returns.
         assert (await app.calls(http))["/sleepy"] == 3
         listed = (await get(http, server, "/api/functions"))["functions"]
-        assert "GET /sleepy" in [fn["id"] for fn in listed]
+        endpoint = next(fn for fn in listed if fn["id"] == "GET /sleepy")
+        assert endpoint["endpoint"] is True
         async with http.get(f"{server.url}/runs/{run_id}") as resp:
             assert resp.status == 200
             assert "nap" in await resp.text()
+        # Its runs start at its URL: no Invoke form, and the API refuses to invoke it.
+        async with http.get(f"{server.url}/functions") as resp:
+            page = await resp.text()
+        assert "A durable endpoint: its runs start when its URL is requested" in page
+        async with http.post(f"{server.url}/api/functions/GET%20%2Fsleepy/invoke",
+                             json={"data": {}}) as resp:
+            assert resp.status == 400
+            assert "durable endpoint" in (await resp.json())["error"]
 
 
 async def test_the_continuation_is_the_same_request_again(

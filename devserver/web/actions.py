@@ -87,6 +87,9 @@ async def _start(request: web.Request, name: str, body: dict[str, Any],
     fn = next((f for f in runner.functions if f.id == function_id), None)
     if fn is None:
         raise NotFound(f"no function with id {function_id!r}")
+    if fn.endpoint:
+        raise UserError(f"function {fn.id!r} is a durable endpoint: its runs start when its URL "
+                        "is requested, so it cannot be invoked or triggered from here")
     # Validated as an event would be (a stand-in name: the real one is reserved).
     checked = validate_event({"name": "dashboard/invoke", **body}, 0)
     env = env_of(request)

@@ -126,7 +126,7 @@ async def functions_doc(request: web.Request) -> dict[str, Any]:
         docs.append({
             "id": fn.id, "name": fn.name, "app_id": fn.app_id, "retries": fn.retries,
             "triggers": [t.doc() for t in fn.triggers], "sdk_url": fn.remote,
-            "cron": bool(fn.crons),
+            "cron": bool(fn.crons), "endpoint": fn.endpoint,
             "options": {"retries": fn.retries, "timeout": fn.timeout,
                         "cancel_on": [c.event.doc() for c in fn.cancel_on]},
             "flow": None if fn.flow is None else fn.flow.doc(),
