@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from devserver.store import queries
+from devserver.store import ingest, run_ends
 from devserver.store.faults import is_fault
 
 log = logging.getLogger("devserver.store.facade")  # the name operators' filters know
@@ -38,21 +38,21 @@ def apply_batch(db: sqlite3.Connection, *, batch: list[Write]) -> list[Any]:
     in its own savepoint like every other write, so only a bad one fails.
     """
     results: list[Any] = [None] * len(batch)
-    ingests = [i for i, (fn, _) in enumerate(batch) if isinstance(fn, queries.Ingest)]
+    ingests = [i for i, (fn, _) in enumerate(batch) if isinstance(fn, ingest.Ingest)]
     ends: list[int] = []  # consecutive run ends not applied yet
     if db.in_transaction:  # left open by a ROLLBACK that failed
         db.execute("ROLLBACK")
     db.execute("BEGIN IMMEDIATE")
     try:
         if len(ingests) > 1:
-            _apply_together(db, batch, ingests, queries.ingest_many, results)
+            _apply_together(db, batch, ingests, ingest.ingest_many, results)
         else:
             ingests = []
         applied = set(ingests)
         for index, (fn, _) in enumerate(batch):
             if index in applied:
                 continue
-            if isinstance(fn, queries.Finish):
+            if isinstance(fn, run_ends.Finish):
                 ends.append(index)
                 continue
             _apply_ends(db, batch, ends, results)
@@ -89,7 +89,7 @@ def _apply_ends(db: sqlite3.Connection, batch: list[Write], ends: list[int],
                 results: list[Any]) -> None:
     """Apply the pending run ends (together when there are several) and forget them."""
     if len(ends) > 1:
-        _apply_together(db, batch, ends, queries.finish_many, results)
+        _apply_together(db, batch, ends, run_ends.finish_many, results)
     elif ends:
         results[ends[0]] = _apply_one(db, batch[ends[0]][0])
     ends.clear()

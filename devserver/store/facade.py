@@ -1,7 +1,8 @@
 """SQLite storage: the async API over the database, what the runtime and the web layer call.
 
-All SQL in the project lives in the store: the schema and migrations in `schema`, the queries
-in `queries`, `flow_queries` and `listing`, the connections and the batching writer in
+All SQL in the project lives in the store: the schema and migrations in `schema`, the writes
+in `ingest`, `steps` and `run_ends`, the reads in `queries`, flow control's and the dashboard's
+in `flow_queries` and `listing`, the connections and the batching writer in
 `database` (group commit in `batch`, the file's and disk's faults in `faults`). Callers pass
 and get plain dataclasses, never cursors. The only statements outside the query modules are
 the writer's and reader's own transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT) and
@@ -38,7 +39,7 @@ from devserver.model.records import (
     StoredEvent,
     WaitSpec,
 )
-from devserver.store import flow_queries, listing, queries
+from devserver.store import flow_queries, ingest, listing, queries, run_ends, steps
 from devserver.store.database import LOCK_WAIT as LOCK_WAIT
 from devserver.store.database import Database
 from devserver.store.schema import SCHEMA as SCHEMA
@@ -55,14 +56,14 @@ class Store(Database):
     ) -> asyncio.Future[list[str]]:
         """Store a request's events atomically and create their runs; resolves to the new
         run ids once committed."""
-        return self._write(queries.Ingest(env, received_at, events))
+        return self._write(ingest.Ingest(env, received_at, events))
 
     async def ingest_once(
         self, env: str, received_at: int, events: list[NewEvent],
     ) -> list[str] | None:
         """`ingest` for a request whose event ids came from an SDK's id seed: None (and
         nothing stored) when its first event is already stored, i.e. the SDK sent it again."""
-        return await self._write(lambda db: queries.ingest_once(db, env, received_at, events))
+        return await self._write(lambda db: ingest.ingest_once(db, env, received_at, events))
 
     async def start_run(self, run_id: str, now: int) -> bool:
         """Mark a queued run Running; False when it was not Queued."""
@@ -73,7 +74,7 @@ class Store(Database):
         if self._writer_task is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((functools.partial(queries.start_run, run_id=run_id, now=now),
+        self._queue.put_nowait((functools.partial(steps.start_run, run_id=run_id, now=now),
                                 future))
         return future
 
@@ -85,13 +86,13 @@ class Store(Database):
         False (and nothing stored) when the run has ended meanwhile, e.g. was cancelled.
         """
         return await self._write(
-            lambda db: queries.record_attempt(db, run_id, attempt, next_attempt, next_at))
+            lambda db: steps.record_attempt(db, run_id, attempt, next_attempt, next_at))
 
     async def begin_wait(
         self, env: str, run_id: str, step: StepAttempt, wait: WaitSpec | None = None,
     ) -> bool:
         """Store a step that waits (sleep, event, invoke) and the run's wake time."""
-        return await self._write(lambda db: queries.begin_wait(db, env, run_id, step, wait))
+        return await self._write(lambda db: steps.begin_wait(db, env, run_id, step, wait))
 
     async def end_wait(
         self, run_id: str, step_id: str, status: str, now: int, *, output: Any = None,
@@ -101,7 +102,7 @@ class Store(Database):
         output_json = None if error is not None else dump_json(output)
         error_json = None if error is None else dump_json(error)
         return await self._write(
-            lambda db: queries.end_wait(db, run_id, step_id, status, now, output_json, error_json))
+            lambda db: steps.end_wait(db, run_id, step_id, status, now, output_json, error_json))
 
     async def send_events(
         self, env: str, now: int, events: list[NewEvent], run_id: str, step: StepAttempt,
@@ -114,7 +115,7 @@ class Store(Database):
         runs past `max_tree_runs`.
         """
         return await self._write(
-            lambda db: queries.send_events(db, env, now, events, run_id, step, max_tree_runs))
+            lambda db: steps.send_events(db, env, now, events, run_id, step, max_tree_runs))
 
     async def invoke(
         self, env: str, now: int, event: NewEvent, run_id: str, step: StepAttempt,
@@ -123,10 +124,10 @@ class Store(Database):
         """An `invoke` step: the child's event and run, and the parent's wait, in one commit
         (`RunTreeTooLarge` as for `send_events`)."""
         def write(db: sqlite3.Connection) -> list[str] | None:
-            if not queries.begin_wait(db, env, run_id, step, wait):
+            if not steps.begin_wait(db, env, run_id, step, wait):
                 return None
-            created = queries.ingest(db, env, now, [event])
-            queries.grow_tree(db, run_id, created, max_tree_runs)
+            created = ingest.ingest(db, env, now, [event])
+            ingest.grow_tree(db, run_id, created, max_tree_runs)
             return created
 
         return await self._write(write)
@@ -134,11 +135,11 @@ class Store(Database):
     async def note_restarts(self, run_ids: list[str]) -> dict[str, int]:
         """At start-up, for runs about to execute at once: one more restart each; returns
         each one's count of restarts without progress."""
-        return await self._write(lambda db: queries.note_restarts(db, run_ids))
+        return await self._write(lambda db: steps.note_restarts(db, run_ids))
 
     async def clear_restarts(self) -> None:
         """At a clean shutdown: the runs it interrupted did not end the process."""
-        await self._write(queries.clear_restarts)
+        await self._write(steps.clear_restarts)
 
     async def finish_run(
         self, run_id: str, status: str, now: int, *, output: Any = None,
@@ -157,13 +158,13 @@ class Store(Database):
         elif output_json is None:
             output_json = dump_json(output)
         error_json = None if error is None else dump_json(error)
-        return await self._write(queries.Finish(
+        return await self._write(run_ends.Finish(
             run_id, status, now, output_json, error_json, attempt, emitted or [], started_at,
             max_tree_runs))
 
     async def add_metadata(self, run_id: str, updates: list[MetadataUpdate], now: int) -> bool:
         """Attach metadata an SDK reported to a run; False when there is no such run."""
-        return await self._write(lambda db: queries.add_metadata(db, run_id, updates, now))
+        return await self._write(lambda db: steps.add_metadata(db, run_id, updates, now))
 
     async def waiting_for_events(self, env: str, names: list[str]) -> list[str]:
         """Runs with a `wait_for_event` step waiting for one of these event names."""
