@@ -1,12 +1,12 @@
 """SQLite storage: the async API over the database, what the runtime and the web layer call.
 
-All SQL in the project lives in the store: the schema and migrations in `schema`, the writes
-in `ingest`, `steps` and `run_ends`, the reads in `queries`, flow control's and the dashboard's
-in `flow_queries` and `listing`, the connections and the batching writer in
-`database` (group commit in `batch`, the file's and disk's faults in `faults`). Callers pass
-and get plain dataclasses, never cursors. The only statements outside the query modules are
-the writer's and reader's own transaction control (BEGIN, COMMIT, ROLLBACK, SAVEPOINT) and
-the connections' PRAGMAs.
+All SQL in the project lives in the store: the schema in `tables`, its upgrades in
+`migrations`, applied by `schema`; the writes in `ingest`, `steps` and `run_ends`, the reads in
+`queries`, flow control's and the dashboard's in `flow_queries` and `listing`; the connections
+and the batching writer in `database` (group commit in `batch`, the file's and disk's faults in
+`faults`). Callers pass and get plain dataclasses, never cursors. The only statements outside
+the query modules are the writer's and reader's own transaction control (BEGIN, COMMIT,
+ROLLBACK, SAVEPOINT) and the connections' PRAGMAs.
 
 Every write here returns once it is committed (or hands back the future that resolves then);
 every read sees one commit (a snapshot), so figures and rows read together agree.
