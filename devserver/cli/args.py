@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 
 from devserver import __version__
-from devserver.cli.replay import (
-    DEFAULT_MAX_GAP,
-    TIMINGS,
-)
+from devserver.cli.fixture_files import TIMINGS
+from devserver.cli.sending import DEFAULT_MAX_GAP
 from devserver.errors import UserError
 from devserver.runtime.runner import DEFAULT_ENV
 from devserver.sdk.apps import DEFAULT_POLL_INTERVAL

@@ -13,19 +13,11 @@ from typing import Any
 import aiohttp
 
 from devserver.cli.args import parse_session
+from devserver.cli.fixture_files import human_ms, read_all, span_ms
 from devserver.cli.progress import Progress
-from devserver.cli.replay import (
-    ReplayError,
-    event_endpoint,
-    export_session,
-    follow_runs,
-    human_ms,
-    read_all,
-    run_in_process,
-    send_to_server,
-    span_ms,
-)
+from devserver.cli.replay import export_session, run_in_process
 from devserver.cli.report import apply_followed, print_report, server_report
+from devserver.cli.sending import ReplayError, event_endpoint, follow_runs, send_to_server
 from devserver.errors import UserError
 from devserver.model.fixtures import to_jsonl
 from devserver.runtime.loader import load_app

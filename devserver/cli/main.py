@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from devserver.cli import commands, logs
 from devserver.cli.args import COMMANDS, build_parser
-from devserver.cli.replay import ReplayError
+from devserver.cli.sending import ReplayError
 from devserver.cli.serve import exposure_warning as exposure_warning
 from devserver.cli.serve import serve
 from devserver.errors import UserError

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from devserver import __version__
 from devserver.app import FunctionDef
+from devserver.cli.fixture_files import batches, read_all
 from devserver.cli.progress import Progress, cumulative
-from devserver.cli.replay import batches, read_all
 from devserver.model.events import validate_event
 from devserver.runtime.loader import load_app
 from devserver.runtime.runner import DEFAULT_ENV
