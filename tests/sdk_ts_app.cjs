@@ -12,7 +12,7 @@
 
 const http = require("node:http");
 const { Readable } = require("node:stream");
-const { Inngest, NonRetriableError, RetryAfterError, step } = require("inngest");
+const { Inngest, NonRetriableError, RetryAfterError, referenceFunction, step } = require("inngest");
 const { endpointAdapter, serve, serveEndpoint } = require("inngest/node");
 const { createDefer, metadataMiddleware } = require("inngest/experimental");
 
@@ -283,12 +283,18 @@ const invoker = inngest.createFunction(
   { id: "invoker", retries: 0, triggers: [{ event: "shop/invoker" }] },
   async ({ step }) => {
     const seen = await step.invoke("child", { function: echo, data: { total: 7 } });
+    let missing = null; // a function no app registered: the invoke fails, as Inngest words it
+    try {
+      await step.invoke("nobody", { function: referenceFunction({ functionId: "nobody" }) });
+    } catch (err) {
+      missing = [err.name, err.message];
+    }
     try {
       await step.invoke("late", { function: slowChild, data: {}, timeout: "1s" });
     } catch (err) {
-      return { seen, timeout: [err.name, err.message] };
+      return { seen, missing, timeout: [err.name, err.message] };
     }
-    return { seen, timeout: null };
+    return { seen, missing, timeout: null };
   },
 );
 

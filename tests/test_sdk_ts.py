@@ -461,6 +461,13 @@ async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
         assert seen["_inngest"]["correlation_id"].startswith(f"{invoked['run_id']}.")
         assert invoked["output"]["timeout"] == [
             "InngestInvokeTimeoutError", "Timed out waiting for invoked function to complete"]
+        # An invoke of a function no app registered fails its step at once, with the error
+        # Inngest resolves it with (no stack), which the SDK raises as it is.
+        missing = "could not find function with ID: shop-nobody"
+        assert invoked["output"]["missing"] == ["Error", missing]
+        assert attempts(invoked, "nobody") == [(0, "Failed")]
+        [nobody] = [s for s in invoked["steps"] if s["step_id"] == "nobody"]
+        assert nobody["error"] == {"name": "Error", "message": missing}
 
 
 async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_document(

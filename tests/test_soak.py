@@ -255,7 +255,7 @@ async def test_a_session_answer_is_one_snapshot_while_its_runs_finish(
             # this post's runs finish, however fast or slow the machine is.
             target = reads + 2
 
-            async def read_enough() -> bool:
+            async def read_enough(target: int = target) -> bool:
                 return reads >= target
 
             await eventually(read_enough, "the readers to answer between two posts")
