@@ -166,6 +166,15 @@ const racer = inngest.createFunction(
   },
 );
 
+// A parallel group that ends when its sleep ends: the step after it is planned first.
+const nappingGroup = inngest.createFunction(
+  { id: "napping-group", retries: 0, triggers: [{ event: "shop/napping-group" }] },
+  async ({ step }) => {
+    const [work] = await Promise.all([step.run("work", () => "worked"), step.sleep("nap", "1h")]);
+    return step.run("after-nap", () => `${work}, then napped`);
+  },
+);
+
 // Three steps in a row: with checkpointing, all run within one call, each checkpointed.
 const inARowHandler = async ({ step }) => {
   const a = await step.run("a", () => "a");
@@ -348,7 +357,7 @@ const batched = inngest.createFunction(
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
   coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
-  fanOut, fanOutPlain, racer, inARow, inARowPlain, holder, big,
+  fanOut, fanOutPlain, racer, inARow, inARowPlain, holder, big, nappingGroup,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);
