@@ -12,7 +12,7 @@
 
 const http = require("node:http");
 const { Readable } = require("node:stream");
-const { Inngest, NonRetriableError, RetryAfterError, step } = require("inngest");
+const { Inngest, NonRetriableError, RetryAfterError, referenceFunction, step } = require("inngest");
 const { endpointAdapter, serve, serveEndpoint } = require("inngest/node");
 const { createDefer, metadataMiddleware } = require("inngest/experimental");
 
@@ -166,6 +166,15 @@ const racer = inngest.createFunction(
   },
 );
 
+// A parallel group that ends when its sleep ends: the step after it is planned first.
+const nappingGroup = inngest.createFunction(
+  { id: "napping-group", retries: 0, triggers: [{ event: "shop/napping-group" }] },
+  async ({ step }) => {
+    const [work] = await Promise.all([step.run("work", () => "worked"), step.sleep("nap", "1h")]);
+    return step.run("after-nap", () => `${work}, then napped`);
+  },
+);
+
 // Three steps in a row: with checkpointing, all run within one call, each checkpointed.
 const inARowHandler = async ({ step }) => {
   const a = await step.run("a", () => "a");
@@ -283,12 +292,18 @@ const invoker = inngest.createFunction(
   { id: "invoker", retries: 0, triggers: [{ event: "shop/invoker" }] },
   async ({ step }) => {
     const seen = await step.invoke("child", { function: echo, data: { total: 7 } });
+    let missing = null; // a function no app registered: the invoke fails, as Inngest words it
+    try {
+      await step.invoke("nobody", { function: referenceFunction({ functionId: "nobody" }) });
+    } catch (err) {
+      missing = [err.name, err.message];
+    }
     try {
       await step.invoke("late", { function: slowChild, data: {}, timeout: "1s" });
     } catch (err) {
-      return { seen, timeout: [err.name, err.message] };
+      return { seen, missing, timeout: [err.name, err.message] };
     }
-    return { seen, timeout: null };
+    return { seen, missing, timeout: null };
   },
 );
 
@@ -342,7 +357,7 @@ const batched = inngest.createFunction(
 const functions = [
   checkout, receipt, charge, ship, bundle, later, refund, refundRequest, cancellable, batched,
   coded, caused, stepNoRetry, callData, echo, slowChild, invoker, ask, scorer, deferring, measured,
-  fanOut, fanOutPlain, racer, inARow, inARowPlain, holder, big,
+  fanOut, fanOutPlain, racer, inARow, inARowPlain, holder, big, nappingGroup,
 ];
 if (version === "1") functions.push(strict);
 else functions.push(added);

@@ -366,8 +366,8 @@ async def test_an_app_that_restarts_with_new_code_is_resynced(
                 ids = await function_ids()
                 return "shop-added" in ids and "shop-strict" not in ids
             await eventually(replaced, "version 2 to replace version 1")
-            # 29 functions and the onFailure handlers of ship and coded
-            assert len(await function_ids()) == 31
+            # 30 functions and the onFailure handlers of ship and coded
+            assert len(await function_ids()) == 32
             [event_id] = await app.send(http, {"name": "shop/added"})
             await idle(server)
             assert (await the_run(http, server, event_id))["output"] == "new in version 2"
@@ -461,6 +461,13 @@ async def test_errors_verbatim_non_retriable_steps_call_data_and_invoke(
         assert seen["_inngest"]["correlation_id"].startswith(f"{invoked['run_id']}.")
         assert invoked["output"]["timeout"] == [
             "InngestInvokeTimeoutError", "Timed out waiting for invoked function to complete"]
+        # An invoke of a function no app registered fails its step at once, with the error
+        # Inngest resolves it with (no stack), which the SDK raises as it is.
+        missing = "could not find function with ID: shop-nobody"
+        assert invoked["output"]["missing"] == ["Error", missing]
+        assert attempts(invoked, "nobody") == [(0, "Failed")]
+        [nobody] = [s for s in invoked["steps"] if s["step_id"] == "nobody"]
+        assert nobody["error"] == {"name": "Error", "message": missing}
 
 
 async def test_metadata_the_sdk_attaches_to_a_run_and_a_step_is_in_the_run_document(
@@ -647,6 +654,29 @@ async def test_planned_steps_run_at_once_each_with_the_memo_of_their_planning(
             [last] = calls[5:]
             assert (last["stepId"], set(last["steps"])) == ("step", {*parts, _hash("join")})
         assert all(c["ctxFnId"] and c["useApi"] is False for c in calls)
+
+
+async def test_a_group_that_ends_with_its_sleep_keeps_planning_until_the_next_step_is_done(
+    node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession, log_on_failure: None,
+) -> None:
+    # As Inngest's ForceStepPlan: a group's step result that ends the group lets the SDK run
+    # steps at once again, but a group that ends when its sleep ends does not, and the flag
+    # outlives the pause (the run's next invocation).
+    async with sdk_server(tmp_path) as server, node_app(node_modules, server, tmp_path) as app:
+        [event_id] = await app.send(http, {"name": "shop/napping-group"})
+        await idle(server)
+        run = await the_run(http, server, event_id)
+        assert (run["status"], run["output"]) == ("Completed", "worked, then napped"), run
+        calls = [(c["stepId"], c["disable"], set(c["steps"]))
+                 for c in await app.calls(http) if c["fnId"] == "shop-napping-group"]
+        work, nap, after = _hash("work"), _hash("nap"), _hash("after-nap")
+        assert calls == [
+            ("step", False, set()),  # plans the group: "work" and the sleep
+            (work, True, set()),  # "work" on its own; the sleep still pending
+            ("step", True, {work, nap}),  # the sleep is over: "after-nap" is planned...
+            (after, True, {work, nap}),  # ... and run on its own
+            ("step", False, {work, nap, after}),  # a step ended the group: back to normal
+        ]
 
 
 async def test_race_mode_goes_on_as_soon_as_the_first_branch_is_done(

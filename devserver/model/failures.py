@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from devserver.app import StepError
+from devserver.app import NonRetriableError, StepError
 from devserver.model.records import StepAttempt
 
 
@@ -120,6 +120,11 @@ class ReportedError(Exception):
         # Not super(): a subclass may mix in an exception whose __init__ wants more arguments.
         Exception.__init__(self, f"{error.get('name', 'Error')}: {error.get('message', '')}")
         self.error = error
+
+
+class FinalReportedError(ReportedError, NonRetriableError):
+    """An error in Inngest's shape that ends its step at once, stored as given (e.g. the
+    `{name: "Error", message}` an invoke of an unknown function resolves with)."""
 
 
 def error_info(exc: BaseException) -> dict[str, Any]:

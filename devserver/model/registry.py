@@ -108,4 +108,16 @@ class Registry:
         for fn in self._functions.values():
             if ref is fn or ref is fn.handler or ref == fn.id:
                 return fn
-        raise UserError(f"no registered function {getattr(ref, '__name__', ref)!r} to invoke")
+        raise FunctionNotFound(ref)
+
+
+class FunctionNotFound(UserError):
+    """An invoke names no registered function. For an id, the message is the one Inngest
+    resolves such an invoke with (the SDKs raise it into the function as it is)."""
+
+    def __init__(self, ref: object) -> None:
+        if isinstance(ref, str):
+            message = f"could not find function with ID: {ref}"
+        else:
+            message = f"no registered function {getattr(ref, '__name__', ref)!r} to invoke"
+        super().__init__(message)

@@ -38,6 +38,7 @@ from devserver.model.expressions import compile_expression
 from devserver.model.failures import (
     INVOKE_TIMEOUT_MESSAGE,
     INVOKE_TIMEOUT_NAME,
+    FinalReportedError,
     error_info,
     step_error,
     stored_error,
@@ -57,6 +58,7 @@ from devserver.model.records import (
     WaitSpec,
     event_dict,
 )
+from devserver.model.registry import FunctionNotFound
 from devserver.model.retry import Backoff
 from devserver.runtime import runlog
 
@@ -455,6 +457,11 @@ class Invocation:
                     raise UserError("invoke data must be a JSON object")
                 payload = to_json_value(data or {}, "invoke data")
                 expires = None if timeout is None else started + parse_duration(timeout)
+            except FunctionNotFound as exc:
+                # As Inngest resolves it: `{name: "Error", message}`, no stack, no retry.
+                return await self.step_failed(
+                    uid, FinalReportedError(stored_error("Error", exc.message)), started,
+                    kind="invoke")
             except (UserError, TypeError, ValueError) as exc:
                 message = exc.message if isinstance(exc, UserError) else str(exc)
                 return await self.step_failed(uid, NonRetriableError(message), started,

@@ -9,9 +9,10 @@ As Inngest's executor does it:
 - Once an answer holds more than one op, calls carry `disable_immediate_execution: true`, so
   the SDK plans every new step instead of running it inside a discovery call. SDKs of
   execution version 2 and up (both official SDKs today) coalesce: the discovery after a group
-  waits until every step of the group is done, and it is sent with
-  `disable_immediate_execution: false` again. Older ones get a discovery after each step, and
-  the flag stays on for the rest of the invocation.
+  waits until every step of the group is done, and once a step's result ends the group it is
+  sent with `disable_immediate_execution: false` again. A group that ends when a sleep (or a
+  wait) in it ends keeps the flag on, across the pause, until the next step's result. Older
+  SDKs get a discovery after each step, and the flag stays on for the rest of the run.
 - A planned step in race mode (`opts.parallelMode: "race"`) gets a discovery as soon as it is
   done, while its siblings still run, so the function continues at once (`Promise.race`). If
   that discovery finishes the run, calls still running are abandoned.
@@ -87,7 +88,8 @@ class _Finished(Exception):
 class CallPlan:
     """Drives one invocation of an SDK function: makes its calls, commits their answers."""
 
-    def __init__(self, executor: SdkExecutor, inv: Invocation, url: str) -> None:
+    def __init__(self, executor: SdkExecutor, inv: Invocation, url: str, *,
+                 force: bool = False) -> None:
         self.executor = executor
         self.inv = inv
         self.url = url
@@ -95,7 +97,7 @@ class CallPlan:
         self.group: set[str] = set()  # planned steps launched and not yet done
         self.retries: list[tuple[Op, Reply, int, int]] = []
         self.waits: list[int | None] = []
-        self.force = False  # Inngest's ForceStepPlan
+        self.force = force  # Inngest's ForceStepPlan, as the run's previous invocation left it
         self.coalesce = True
         self.calls = 0
         self.rediscover = False  # a discovery is wanted once the one in flight is done
@@ -136,8 +138,6 @@ class CallPlan:
             return
         self.calls += 1
         if target == ROOT_STEP:
-            if self.coalesce and not self.group:
-                self.force = False  # the group is over: the SDK may run steps at once again
             self.rediscover = False
         started = self.executor.clock.now_ms()
         call = Call(target, attempt, self.force, races, started, new_ulid())
@@ -255,6 +255,13 @@ class CallPlan:
             self._launch(op.id, call.attempt, races=op.races)
         if call.target != ROOT_STEP:
             self.group.discard(call.target)
+            if finished_step and self.coalesce and not (self.group or self.waits
+                                                        or self.retries):
+                # The group is over with a step's result: the SDK may run steps at once
+                # again. While a sleep, a wait or a retry of the group is pending the flag
+                # stays on, across the pause, until the next step's result (as Inngest's
+                # ForceStepPlan does).
+                self.force = False
             if finished_step and (call.races or not self.coalesce):
                 self._discover()  # race mode: the function goes on at once
         elif finished_step and not self.group:

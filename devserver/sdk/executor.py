@@ -78,6 +78,8 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 4 MiB per step output and 32 MiB per run); checked while reading, so a reply claiming or
 streaming gigabytes fails its attempt instead of filling memory."""
 READ_CHUNK = 256 * 1024
+MAX_FORCED = 10_000
+"""Paused runs whose ForceStepPlan flag is remembered (see `SdkExecutor._forced`)."""
 USER_AGENT = f"devserver/{__version__}"
 
 
@@ -91,6 +93,11 @@ class SdkExecutor:
         self.max_reply_bytes = max_reply_bytes
         self._session: aiohttp.ClientSession | None = None
         self._plans: dict[str, CallPlan] = {}  # the invocations being driven, by run id
+        self._forced: dict[str, bool] = {}
+        """Runs that paused (a sleep, a wait, a retry) with Inngest's ForceStepPlan on: their
+        next invocation's calls carry `disable_immediate_execution` too. In memory only
+        (after a restart the SDK may run a step at once, which changes no outcome) and
+        bounded (MAX_FORCED runs, oldest forgotten first)."""
 
     async def open(self) -> None:
         """Open the HTTP client."""
@@ -110,10 +117,16 @@ class SdkExecutor:
         url = inv.function.remote
         assert url is not None
         await self._settle(inv)
-        plan = CallPlan(self, inv, url)
+        plan = CallPlan(self, inv, url, force=self._forced.pop(inv.run_id, False))
         self._plans[inv.run_id] = plan
         try:
             return await plan.run()
+        except Reschedule:
+            if plan.force:
+                self._forced[inv.run_id] = True
+                if len(self._forced) > MAX_FORCED:
+                    del self._forced[next(iter(self._forced))]
+            raise
         finally:
             if self._plans.get(inv.run_id) is plan:
                 del self._plans[inv.run_id]
