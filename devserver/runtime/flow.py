@@ -26,6 +26,7 @@ from devserver.model.records import QUEUED, UNFINISHED, NewEvent, RunState, even
 from devserver.store.flow_queries import CANCELLED_NOTE, QUEUED_NOTE
 
 if TYPE_CHECKING:
+    from devserver.runtime.intake import Intake
     from devserver.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ class FlowRuntime:
         self._deadlines.clear()
 
 
-async def note_cancel(runner: Runner, run_id: str, reason: str) -> None:
+async def note_cancel(runner: Intake, run_id: str, reason: str) -> None:
     """Write why a run is being cancelled (before its end is written)."""
     try:
         await runner.store.note_run(run_id, CANCELLED_NOTE, reason, runner.clock.now_ms())
