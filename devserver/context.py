@@ -2,10 +2,10 @@
 
 `ctx.step` offers `run`, `sleep`, `sleep_until`, `wait_for_event`, `send_event`, `invoke` and
 `parallel` (branches of steps run at once); their durable logic lives in
-`devserver.runtime.invocation`. Async functions get `Step`; sync
-functions, which run in a worker thread, get `SyncStep`, whose methods block that thread while
-the event loop commits. Only `run` executes user code itself: a sync body from an async
-function goes to a worker thread so it never blocks the event loop.
+`devserver.runtime.invocation` (and the step kinds' modules it is built from). Async functions
+get `Step`; sync functions, which run in a worker thread, get `SyncStep`, whose methods block
+that thread while the event loop commits. Only `run` executes user code itself: a sync body
+from an async function goes to a worker thread so it never blocks the event loop.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from devserver.model.lifecycle import deferred_events
 from devserver.model.records import COMPLETED, FAILED, QUEUED, UNFINISHED, RunRecord, StepAttempt
 from devserver.model.retry import Backoff
 from devserver.runtime import runlog
-from devserver.runtime.invocation import FunctionExecutor, Invocation, encode_output
+from devserver.runtime.invocation import FunctionExecutor, Invocation
+from devserver.runtime.outputs import encode_output
 from devserver.runtime.run_ends import RunEnds
 
 if TYPE_CHECKING:
