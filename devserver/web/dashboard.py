@@ -30,12 +30,13 @@ from urllib.parse import quote, urlencode
 import jinja2
 from aiohttp import web
 
+from devserver.clock import iso
 from devserver.errors import ConfigError, DevserverError, NotFound, UserError
 from devserver.model.fixtures import export_events, to_jsonl
 from devserver.model.records import FINISHED, UNFINISHED, WAITING
 from devserver.model.records import format_percent as format_percent  # the CLI's too
 from devserver.model.triggers import EventTrigger
-from devserver.web import api
+from devserver.web import api, params, responses
 from devserver.web.filters import LAST_CHOICES
 from devserver.web.page_parts import NAV, banners, list_filters, nav_section
 from devserver.web.page_parts import make_link as make_link
@@ -67,7 +68,7 @@ MAX_ENVIRONMENTS = 100
 
 
 def to_ms(stamp: str | int | None) -> int | None:
-    """Milliseconds since the epoch from an `api.iso` string (or ms already), or None."""
+    """Milliseconds since the epoch from a `clock.iso` string (or ms already), or None."""
     if stamp is None or isinstance(stamp, int):
         return stamp
     return round(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
@@ -139,8 +140,8 @@ def pretty_json(value: Any) -> str:
 
 
 def iso_stamp(stamp: str | int | None) -> str | None:
-    """An `api.iso` string from milliseconds (strings pass through): for `<time datetime>`."""
-    return api.iso(stamp) if isinstance(stamp, int) else stamp
+    """A `clock.iso` string from milliseconds (strings pass through): for `<time datetime>`."""
+    return iso(stamp) if isinstance(stamp, int) else stamp
 
 
 def status_class(status: str) -> str:
@@ -179,8 +180,8 @@ def curl_command(base_url: str, env: str, identifier: str, value: str, event: st
     body = {"name": event, "data": {"text": "hello"}, "sessions": {identifier: value}}
     parts = [f"curl -X POST {shlex.quote(base_url + '/e/dev-key')}",
              "-H 'Content-Type: application/json'"]
-    if env != api.DEFAULT_ENV:
-        parts.append(f"-H {shlex.quote(f'{api.ENV_HEADER}: {env}')}")
+    if env != params.DEFAULT_ENV:
+        parts.append(f"-H {shlex.quote(f'{params.ENV_HEADER}: {env}')}")
     parts.append(f"-d {shlex.quote(json.dumps(body, ensure_ascii=False))}")
     return " \\\n  ".join(parts)
 
@@ -273,7 +274,7 @@ def setup(app: web.Application, *, strict: bool | None = None) -> None:
     directory = templates_dir()
     app[DASHBOARD] = Dashboard(make_environment(directory, strict=strict),
                                load_assets(directory / "static"), __version__)
-    app[api.NOT_FOUND_PAGE] = html_not_found
+    app[responses.NOT_FOUND_PAGE] = html_not_found
     app.router.add_get("/", index)
     app.router.add_get("/sessions", sessions_page)
     app.router.add_get("/session", session_page)
@@ -304,7 +305,7 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
 
     return {
         "banners": banners(request), "nav": nav_section(request.path), "nav_items": NAV,
-        "env": env, "default_env": api.DEFAULT_ENV,
+        "env": env, "default_env": params.DEFAULT_ENV,
         "environments": environments if len(environments) > 1 else [],  # the selector
         "env_link": lambda name: make_link(name)("/sessions"),
         "link": make_link(env), "run_link": lambda run_id: make_link(env)(run_path(run_id)),
@@ -318,7 +319,7 @@ def _host(request: web.Request) -> str:
     """The Host the browser used (for the curl examples); bytes that are not UTF-8 shown
     escaped, so the page can still be encoded."""
     host = request.host
-    return host if api.encodes(host) else host.encode("utf-8", "backslashreplace").decode()
+    return host if responses.encodes(host) else host.encode("utf-8", "backslashreplace").decode()
 
 
 def _busy(request: web.Request) -> bool:
@@ -354,9 +355,9 @@ async def error_page(
     """
     if env is None:
         try:
-            env = api.env_of(request)
+            env = params.env_of(request)
         except UserError:
-            env = api.DEFAULT_ENV
+            env = params.DEFAULT_ENV
     ctx = await _context(request, env, live_ms=LIVE_FAST_MS if identifier is not None else 0)
     if not twin:
         ctx["json_url"] = None
@@ -389,7 +390,7 @@ def page(handler: Handler) -> Handler:
 async def html_not_found(request: web.Request) -> web.StreamResponse | None:
     """A browser asking for a page that doesn't exist gets HTML; API clients keep JSON (None).
 
-    Called by `api.error_middleware` (one middleware on every request instead of two)."""
+    Called by `responses.error_middleware` (one middleware on every request instead of two)."""
     if (request.method not in ("GET", "HEAD") or request.path.startswith(API_PREFIXES)
             or "text/html" not in request.headers.get("Accept", "")):
         return None
@@ -404,13 +405,13 @@ async def html_not_found(request: web.Request) -> web.StreamResponse | None:
 
 async def index(request: web.Request) -> web.StreamResponse:
     """`/` → `/sessions` (keeping `?env=`)."""
-    raise web.HTTPFound(make_link(request.query.get("env") or api.DEFAULT_ENV)("/sessions"))
+    raise web.HTTPFound(make_link(request.query.get("env") or params.DEFAULT_ENV)("/sessions"))
 
 
 @page
 async def sessions_page(request: web.Request) -> web.StreamResponse:
     """The identifiers seen; with `?identifier=`, that identifier's sessions."""
-    env = api.env_of(request)
+    env = params.env_of(request)
     link = make_link(env)
     identifier = request.query.get("identifier")
     if identifier == "":  # the search box submitted empty
@@ -457,10 +458,10 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
 @page
 async def session_page(request: web.Request) -> web.StreamResponse:
     """One session: its figures and its runs, newest first."""
-    env = api.env_of(request)
+    env = params.env_of(request)
     link = make_link(env)
-    identifier = api.required_param(request, "identifier")
-    value = api.required_param(request, "value")
+    identifier = params.required_param(request, "identifier")
+    value = params.required_param(request, "value")
     try:
         doc = await api.session_doc(request)
     except NotFound as exc:
@@ -483,9 +484,9 @@ async def session_page(request: web.Request) -> web.StreamResponse:
 @page
 async def session_fixture(request: web.Request) -> web.StreamResponse:
     """A session's events as a JSONL fixture that `POST /e/{key}` and `replay` accept."""
-    env = api.env_of(request)
-    identifier = api.required_param(request, "identifier")
-    value = api.required_param(request, "value")
+    env = params.env_of(request)
+    identifier = params.required_param(request, "identifier")
+    value = params.required_param(request, "value")
     store = request.app[api.STORE]
     if await store.session(env, identifier, value, limit=1) is None:
         return await error_page(
