@@ -143,9 +143,10 @@ def test_only_the_store_talks_to_sqlite() -> None:
 
 FILE_CALLS = {"open", "read_bytes", "read_text", "write_bytes", "write_text", "unlink",
               "rmtree", "mkdir", "FileResponse", "add_static", "iterdir", "glob"}
-REQUEST_MODULES = ("web/api.py", "web/dashboard.py", "web/sdk_routes.py", "sdk/apps.py",
-                   "sdk/protocol.py", "sdk/registration.py", "sdk/executor.py",
-                   "model/fixtures.py", "model/events.py")
+REQUEST_MODULES = ("web/api.py", "web/inngest_api.py", "web/responses.py", "web/params.py",
+                   "web/documents.py", "web/dashboard.py", "web/templating.py",
+                   "web/sdk_routes.py", "sdk/apps.py", "sdk/protocol.py", "sdk/registration.py",
+                   "sdk/executor.py", "model/fixtures.py", "model/events.py")
 STARTUP_ONLY = {("web/dashboard.py", "load_assets")}
 """Functions allowed to touch files: they run once at start, on the package's own folder."""
 

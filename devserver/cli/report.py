@@ -21,7 +21,7 @@ import aiohttp
 from devserver.model.events import validate_event
 from devserver.model.records import FAILED, QUEUED, RUNNING, RunRecord, format_percent
 from devserver.store.facade import Store
-from devserver.web.api import run_detail_doc
+from devserver.web.documents import run_detail_doc
 
 FAILED_LISTED = 20
 """Failed runs described in a report; the count goes on beyond it."""

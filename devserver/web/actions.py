@@ -1,7 +1,7 @@
 """The dashboard's actions as JSON endpoints (SPEC 5: every button is a JSON endpoint first):
 rerun a run, rerun a session's failed runs, invoke a function with a payload, trigger a cron
-function now. Cancel is Inngest's `DELETE /v1/runs/{id}` (`api`), Send is `POST /e/{key}` and
-Sync is `POST /api/apps/sync` (`sdk_routes`).
+function now. Cancel is Inngest's `DELETE /v1/runs/{id}` and Send is `POST /e/{key}`
+(`inngest_api`); Sync is `POST /api/apps/sync` (`sdk_routes`).
 
 Every one changes state, so `web.guard` refuses it when a browser sends it from another origin;
 the dashboard's own pages call them same-origin. Bad input is one clear JSON error, nothing
@@ -20,7 +20,10 @@ from devserver.ids import new_ulid
 from devserver.jsontext import dump_json
 from devserver.model.events import loads, validate_event
 from devserver.model.records import NewEvent, NewRun
-from devserver.web.api import RUNNER, STORE, env_of, json_ok, required_param, run_summary_doc
+from devserver.web.api import RUNNER, STORE
+from devserver.web.documents import run_summary_doc
+from devserver.web.params import env_of, required_param
+from devserver.web.responses import json_ok
 
 routes = web.RouteTableDef()
 

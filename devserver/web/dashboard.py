@@ -1,8 +1,9 @@
 """The Sessions dashboard: server-rendered HTML pages, their static files and fixture downloads.
 
 Owns the browser-facing routes (`/`, `/sessions`, `/session`, `/session/fixture`,
-`/runs/{run_id}`, `/static/{name}`) and the Jinja2 environment that renders the top-level
-`templates/` folder. A page is rendered from the very dict its `/api` twin returns
+`/runs/{run_id}`, `/static/{name}`) and what every page shares: the rendering with its headers,
+the context, the HTML error page (the Jinja2 environment and its filters are `web.templating`;
+the other pages `web.pages`). A page is rendered from the very dict its `/api` twin returns
 (`api.sessions_doc`, `api.session_doc`, `api.run_doc`) plus presentation-only context (links,
 the environment list, the clock), so a page and its JSON twin cannot disagree; each page names
 its twin in a `Link` header.
@@ -14,7 +15,6 @@ the HTML is written once, in the templates.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 import json
@@ -30,20 +30,25 @@ from urllib.parse import quote, urlencode
 import jinja2
 from aiohttp import web
 
-from devserver.errors import ConfigError, DevserverError, NotFound, UserError
+from devserver.errors import DevserverError, NotFound, UserError
 from devserver.model.fixtures import export_events, to_jsonl
-from devserver.model.records import FINISHED, UNFINISHED, WAITING
-from devserver.model.records import format_percent as format_percent  # the CLI's too
+from devserver.model.records import UNFINISHED
 from devserver.model.triggers import EventTrigger
-from devserver.web import api
+from devserver.web import api, params, responses
 from devserver.web.filters import LAST_CHOICES
 from devserver.web.page_parts import NAV, banners, list_filters, nav_section
 from devserver.web.page_parts import make_link as make_link
+from devserver.web.templating import STRICT_ENV_VAR, make_environment, templates_dir
+
+# The formatters, re-exported where the tests have always found them:
+from devserver.web.templating import format_absolute as format_absolute
+from devserver.web.templating import format_ago as format_ago
+from devserver.web.templating import format_clock as format_clock
+from devserver.web.templating import format_duration as format_duration
+from devserver.web.templating import format_percent as format_percent
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-STRICT_ENV_VAR = "DEVSERVER_STRICT_TEMPLATES"
-"""Set to 1 to render templates with `jinja2.StrictUndefined` (the tests do)."""
 CSP = ("default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 LIVE_FAST_MS, LIVE_SLOW_MS = 1000, 2000
 """Page refresh intervals: while runs are in flight or the page waits for a first event (empty
@@ -55,107 +60,10 @@ EXAMPLE_EVENT = "app/message.created"
 SORTS = (("value", "Value"), ("runs", "Runs"), ("failed_runs", "Failed"),
          ("failure_rate", "Failure rate"), ("last_active", "Last active"))
 DEFAULT_SORT = "last_active"
-STATUS_CLASSES = {s: f"status-{s.lower()}" for s in (*UNFINISHED, *FINISHED, WAITING)}
 API_PREFIXES = ("/api/", "/e/", "/v1/", "/static/")
 MAX_SUGGESTIONS = 20
 MAX_ENVIRONMENTS = 100
 """Environments the selector lists (the most recently active; the current one always)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting (pure; used as Jinja filters)
-
-
-def to_ms(stamp: str | int | None) -> int | None:
-    """Milliseconds since the epoch from an `api.iso` string (or ms already), or None."""
-    if stamp is None or isinstance(stamp, int):
-        return stamp
-    return round(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
-
-
-def _utc(ms: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-
-
-def format_absolute(stamp: str | int | None) -> str:
-    """`2025-01-02 14:03:12.345 UTC`, or an em dash."""
-    ms = to_ms(stamp)
-    return "—" if ms is None else _utc(ms).strftime("%Y-%m-%d %H:%M:%S.") + f"{ms % 1000:03d} UTC"
-
-
-def format_clock(stamp: str | int | None, now_ms: int) -> str:
-    """A short absolute time (UTC): `14:03:12` today, `Jan 02 14:03` on other days."""
-    ms = to_ms(stamp)
-    if ms is None:
-        return "—"
-    same_day = _utc(ms).date() == _utc(now_ms).date()
-    return _utc(ms).strftime("%H:%M:%S" if same_day else "%b %d %H:%M")
-
-
-def format_ago(stamp: str | int | None, now_ms: int) -> str:
-    """`just now`, `12 s ago`, `5 min ago`, `3 h ago`, `2 d ago`, or the date when older."""
-    ms = to_ms(stamp)
-    if ms is None:
-        return "never"
-    seconds = (now_ms - ms) // 1000
-    for limit, unit, size in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600),
-                              (30 * 86400, "d", 86400)):
-        if seconds < limit:
-            return "just now" if seconds < 1 else f"{seconds // size} {unit} ago"
-    return _utc(ms).strftime("%Y-%m-%d")
-
-
-def format_duration(ms: int | None) -> str:
-    """`850 ms`, `1.25 s`, `2 min 05 s`, `1 h 02 min`, `3 d 4 h`; an em dash for None."""
-    if ms is None:
-        return "—"
-    if ms < 1000:
-        return f"{ms} ms"
-    if ms < 60_000:
-        return f"{ms / 1000:.2f}".rstrip("0").rstrip(".") + " s"
-    minutes, seconds = divmod(ms // 1000, 60)
-    if minutes < 60:
-        return f"{minutes} min {seconds:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes:02d} min"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h"
-
-
-def pretty_json(value: Any) -> str:
-    """JSON indented for reading, non-ASCII kept (escaping is the template's job).
-
-    Indenting recurses in Python; a value nested deeper than that allows (user code can
-    return one) is shown compact, or as a note, rather than failing the page.
-    """
-    try:
-        return json.dumps(value, indent=2, ensure_ascii=False)
-    except RecursionError:
-        try:
-            return json.dumps(value, ensure_ascii=False)
-        except RecursionError:
-            return "(nested too deeply to show)"
-
-
-def iso_stamp(stamp: str | int | None) -> str | None:
-    """An `api.iso` string from milliseconds (strings pass through): for `<time datetime>`."""
-    return api.iso(stamp) if isinstance(stamp, int) else stamp
-
-
-def status_class(status: str) -> str:
-    """The CSS class of a run or step status."""
-    return STATUS_CLASSES.get(status, "status-unknown")
-
-
-@jinja2.pass_context
-def _ago_filter(context: jinja2.runtime.Context, stamp: str | int | None) -> str:
-    return format_ago(stamp, context["now_ms"])
-
-
-@jinja2.pass_context
-def _clock_filter(context: jinja2.runtime.Context, stamp: str | int | None) -> str:
-    return format_clock(stamp, context["now_ms"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +87,8 @@ def curl_command(base_url: str, env: str, identifier: str, value: str, event: st
     body = {"name": event, "data": {"text": "hello"}, "sessions": {identifier: value}}
     parts = [f"curl -X POST {shlex.quote(base_url + '/e/dev-key')}",
              "-H 'Content-Type: application/json'"]
-    if env != api.DEFAULT_ENV:
-        parts.append(f"-H {shlex.quote(f'{api.ENV_HEADER}: {env}')}")
+    if env != params.DEFAULT_ENV:
+        parts.append(f"-H {shlex.quote(f'{params.ENV_HEADER}: {env}')}")
     parts.append(f"-d {shlex.quote(json.dumps(body, ensure_ascii=False))}")
     return " \\\n  ".join(parts)
 
@@ -195,37 +103,7 @@ def _example_event(request: web.Request) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Templates and static files
-
-
-def templates_dir() -> Path:
-    """The templates: inside the installed package, else the checkout's top-level folder."""
-    package = Path(__file__).resolve().parent.parent
-    candidates = (package / "templates", package.parent / "templates")
-    for candidate in candidates:
-        if (candidate / "base.html").is_file():
-            return candidate
-    raise ConfigError(
-        f"devserver's templates are missing (looked in {' and '.join(map(str, candidates))}); "
-        "reinstall devserver")
-
-
-@functools.cache
-def make_environment(directory: Path, *, strict: bool = False) -> jinja2.Environment:
-    """The Jinja2 environment: autoescaped, with the dashboard's filters.
-
-    Shared by every app in the process, so templates compile once, not once per test server.
-    """
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(directory), autoescape=True, trim_blocks=True,
-        lstrip_blocks=True, undefined=jinja2.StrictUndefined if strict else jinja2.Undefined)
-    env.filters.update(
-        absolute=format_absolute, ago=_ago_filter, clock=_clock_filter,
-        duration=format_duration, iso=iso_stamp, percent=format_percent, pretty=pretty_json,
-        pathpart=lambda text: quote(str(text), safe=""),
-        status_class=status_class,
-    )
-    return env
+# Static files
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +151,7 @@ def setup(app: web.Application, *, strict: bool | None = None) -> None:
     directory = templates_dir()
     app[DASHBOARD] = Dashboard(make_environment(directory, strict=strict),
                                load_assets(directory / "static"), __version__)
-    app[api.NOT_FOUND_PAGE] = html_not_found
+    app[responses.NOT_FOUND_PAGE] = html_not_found
     app.router.add_get("/", index)
     app.router.add_get("/sessions", sessions_page)
     app.router.add_get("/session", session_page)
@@ -304,7 +182,7 @@ async def _context(request: web.Request, env: str, *, live_ms: int) -> dict[str,
 
     return {
         "banners": banners(request), "nav": nav_section(request.path), "nav_items": NAV,
-        "env": env, "default_env": api.DEFAULT_ENV,
+        "env": env, "default_env": params.DEFAULT_ENV,
         "environments": environments if len(environments) > 1 else [],  # the selector
         "env_link": lambda name: make_link(name)("/sessions"),
         "link": make_link(env), "run_link": lambda run_id: make_link(env)(run_path(run_id)),
@@ -318,7 +196,7 @@ def _host(request: web.Request) -> str:
     """The Host the browser used (for the curl examples); bytes that are not UTF-8 shown
     escaped, so the page can still be encoded."""
     host = request.host
-    return host if api.encodes(host) else host.encode("utf-8", "backslashreplace").decode()
+    return host if responses.encodes(host) else host.encode("utf-8", "backslashreplace").decode()
 
 
 def _busy(request: web.Request) -> bool:
@@ -354,9 +232,9 @@ async def error_page(
     """
     if env is None:
         try:
-            env = api.env_of(request)
+            env = params.env_of(request)
         except UserError:
-            env = api.DEFAULT_ENV
+            env = params.DEFAULT_ENV
     ctx = await _context(request, env, live_ms=LIVE_FAST_MS if identifier is not None else 0)
     if not twin:
         ctx["json_url"] = None
@@ -389,7 +267,7 @@ def page(handler: Handler) -> Handler:
 async def html_not_found(request: web.Request) -> web.StreamResponse | None:
     """A browser asking for a page that doesn't exist gets HTML; API clients keep JSON (None).
 
-    Called by `api.error_middleware` (one middleware on every request instead of two)."""
+    Called by `responses.error_middleware` (one middleware on every request instead of two)."""
     if (request.method not in ("GET", "HEAD") or request.path.startswith(API_PREFIXES)
             or "text/html" not in request.headers.get("Accept", "")):
         return None
@@ -404,13 +282,13 @@ async def html_not_found(request: web.Request) -> web.StreamResponse | None:
 
 async def index(request: web.Request) -> web.StreamResponse:
     """`/` → `/sessions` (keeping `?env=`)."""
-    raise web.HTTPFound(make_link(request.query.get("env") or api.DEFAULT_ENV)("/sessions"))
+    raise web.HTTPFound(make_link(request.query.get("env") or params.DEFAULT_ENV)("/sessions"))
 
 
 @page
 async def sessions_page(request: web.Request) -> web.StreamResponse:
     """The identifiers seen; with `?identifier=`, that identifier's sessions."""
-    env = api.env_of(request)
+    env = params.env_of(request)
     link = make_link(env)
     identifier = request.query.get("identifier")
     if identifier == "":  # the search box submitted empty
@@ -457,10 +335,10 @@ async def sessions_page(request: web.Request) -> web.StreamResponse:
 @page
 async def session_page(request: web.Request) -> web.StreamResponse:
     """One session: its figures and its runs, newest first."""
-    env = api.env_of(request)
+    env = params.env_of(request)
     link = make_link(env)
-    identifier = api.required_param(request, "identifier")
-    value = api.required_param(request, "value")
+    identifier = params.required_param(request, "identifier")
+    value = params.required_param(request, "value")
     try:
         doc = await api.session_doc(request)
     except NotFound as exc:
@@ -483,9 +361,9 @@ async def session_page(request: web.Request) -> web.StreamResponse:
 @page
 async def session_fixture(request: web.Request) -> web.StreamResponse:
     """A session's events as a JSONL fixture that `POST /e/{key}` and `replay` accept."""
-    env = api.env_of(request)
-    identifier = api.required_param(request, "identifier")
-    value = api.required_param(request, "value")
+    env = params.env_of(request)
+    identifier = params.required_param(request, "identifier")
+    value = params.required_param(request, "value")
     store = request.app[api.STORE]
     if await store.session(env, identifier, value, limit=1) is None:
         return await error_page(

@@ -25,7 +25,8 @@ from devserver.errors import NotFound, UserError
 from devserver.model.records import CANCELLED, COMPLETED, UNFINISHED, RunRecord
 from devserver.sdk.endpoint_calls import token_run
 from devserver.sdk.streams import RunStreams, result_event
-from devserver.web.api import STORE, error_response, json_ok
+from devserver.web.api import STORE
+from devserver.web.responses import error_response, json_ok
 
 STREAMS = web.AppKey("run_streams", RunStreams)
 POLL_S = 0.05

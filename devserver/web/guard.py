@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from devserver.web.api import error_response
+from devserver.web.responses import error_response
 
 log = logging.getLogger(__name__)
 

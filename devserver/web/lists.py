@@ -12,19 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
+from devserver.clock import iso
 from devserver.errors import NotFound
 from devserver.model.records import RunRecord
-from devserver.web.api import (
-    RUNNER,
-    STORE,
-    env_of,
-    event_doc,
-    iso,
-    json_ok,
-    limit_param,
-    run_summary_doc,
-)
+from devserver.web.api import RUNNER, STORE
+from devserver.web.documents import event_doc, run_summary_doc
 from devserver.web.filters import error_line, status_param, window_param
+from devserver.web.params import env_of, limit_param
+from devserver.web.responses import json_ok
 from devserver.web.sdk_routes import SDK_APPS
 
 routes = web.RouteTableDef()

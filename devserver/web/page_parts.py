@@ -14,6 +14,7 @@ from aiohttp import web
 
 from devserver.web import api
 from devserver.web.filters import LAST_CHOICES, STATUSES
+from devserver.web.params import DEFAULT_ENV, env_of
 from devserver.web.sdk_routes import SDK_APPS
 
 
@@ -21,7 +22,7 @@ def make_link(env: str) -> Callable[..., str]:
     """`link(path, **params)`: a URL with a properly encoded query that keeps `env`."""
     def link(path: str, /, **params: object) -> str:
         query = [(k, str(v)) for k, v in params.items() if v is not None and v != ""]
-        if env != api.DEFAULT_ENV:
+        if env != DEFAULT_ENV:
             query.append(("env", env))
         return path + ("?" + urlencode(query, quote_via=quote) if query else "")
     return link
@@ -63,7 +64,7 @@ def banners(request: web.Request) -> list[dict[str, str]]:
 def list_filters(request: web.Request, path: str, doc: dict[str, Any], *,
                  keys: tuple[str, ...], **fixed: str) -> dict[str, Any]:
     """The filter form, pager and "clear" links of a list page."""
-    link = make_link(api.env_of(request))
+    link = make_link(env_of(request))
     limit = request.query.get("limit") or None
     filters = doc["filters"]
     kept = {k: filters.get(k) for k in keys}

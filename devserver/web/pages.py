@@ -9,7 +9,7 @@ from aiohttp import web
 
 from devserver.errors import NotFound
 from devserver.model.records import UNFINISHED
-from devserver.web import api, lists
+from devserver.web import lists, params
 from devserver.web.dashboard import (
     LIVE_FAST_MS,
     LIVE_SLOW_MS,
@@ -87,5 +87,5 @@ async def functions_page(request: web.Request) -> web.StreamResponse:
 async def apps_page(request: web.Request) -> web.StreamResponse:
     """The SDK apps and their sync state, with Sync."""
     doc = lists.apps_page_doc(request)
-    ctx = await _context(request, api.env_of(request), live_ms=LIVE_SLOW_MS)
+    ctx = await _context(request, params.env_of(request), live_ms=LIVE_SLOW_MS)
     return render(request, "apps.html", {**ctx, "doc": doc})

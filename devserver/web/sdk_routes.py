@@ -15,7 +15,8 @@ from devserver.model.events import loads
 from devserver.model.metadata import parse_metadata_request
 from devserver.sdk.apps import SdkApps
 from devserver.sdk.protocol import EXPECTED_SERVER_KIND_HEADER, SERVER_KIND, SERVER_KIND_HEADER
-from devserver.web.api import RUNNER, STORE, json_ok
+from devserver.web.api import RUNNER, STORE
+from devserver.web.responses import json_ok
 
 SDK_APPS = web.AppKey("sdk_apps", SdkApps)
 routes = web.RouteTableDef()

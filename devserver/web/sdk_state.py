@@ -27,7 +27,8 @@ from devserver.sdk.callbody import memo_steps
 from devserver.sdk.endpoints import DurableEndpoints
 from devserver.sdk.executor import SdkExecutor
 from devserver.sdk.protocol import ProtocolError, parse_ops, sdk_event
-from devserver.web.api import STORE, error_response, json_ok
+from devserver.web.api import STORE
+from devserver.web.responses import error_response, json_ok
 
 SDK_EXECUTOR = web.AppKey("sdk_executor", SdkExecutor)
 ENDPOINTS = web.AppKey("durable_endpoints", DurableEndpoints)

@@ -38,8 +38,10 @@ from devserver.web import (
     endpoint_routes,
     gql_routes,
     guard,
+    inngest_api,
     lists,
     pages,
+    responses,
     sdk_routes,
     sdk_state,
 )
@@ -109,9 +111,9 @@ class Config:
 def create_app(config: Config, clock: Clock | None = None) -> web.Application:
     """The aiohttp application; the store opens and the runner starts when it starts."""
     app = web.Application(
-        middlewares=[guard.guard_middleware, api.error_middleware],
+        middlewares=[guard.guard_middleware, responses.error_middleware],
         client_max_size=MAX_BODY_BYTES)
-    app[api.BODY_DEADLINE] = config.body_timeout
+    app[responses.BODY_DEADLINE] = config.body_timeout
     app[guard.GUARD] = guard.Guard(DEFAULT_HOST, config.allowed_hosts, config.allowed_origins)
     store = Store(config.db)
     clock = clock or WallClock()
@@ -172,6 +174,7 @@ def create_app(config: Config, clock: Clock | None = None) -> web.Application:
             await reloader.stop()
 
         app.cleanup_ctx.append(reload_ctx)
+    app.add_routes(inngest_api.routes)
     app.add_routes(api.routes)
     app.add_routes(sdk_state.routes)
     app.add_routes(endpoint_routes.routes)
