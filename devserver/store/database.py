@@ -83,6 +83,7 @@ class Database:
         # writer's own (blocking) checkpoint is a rare backstop (schema.connect_pragmas).
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._checkpoint_work: asyncio.Future[bool] | None = None
         self._committed = asyncio.Event()
         self._identity: tuple[int, int] | None = None  # the file's (device, inode) at open
         self._gone: str | None = None  # set once the file is found deleted or replaced
@@ -154,6 +155,10 @@ class Database:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoint_task
             self._checkpoint_task = None
+        if self._checkpoint_work is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpoint_work  # a checkpoint in flight in its thread
+            self._checkpoint_work = None
         if self._checkpointer is not None:
             await self._checkpointer.close()
             self._checkpointer = None
@@ -236,19 +241,29 @@ class Database:
         while True:
             await self._committed.wait()
             self._committed.clear()
-            try:
-                if self._checkpointer is None:  # opened at the first commit: a quick start
-                    if self._gone is not None or self._check_file() is not None:
-                        return  # never create or touch another file at the path
-                    self._checkpointer = await aiosqlite.connect(
-                        self.path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
-                        timeout=BUSY_TIMEOUT_MS / 1000)
-                    await self._call(self._checkpointer, _checkpointer_pragmas)
-                await self._call(self._checkpointer,
-                                 lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
-            except sqlite3.Error:
-                log.debug("background checkpoint failed", exc_info=True)
+            # Shielded: the work runs in the connection's thread, which a cancellation would
+            # not stop; `close` waits for it instead, so no thread outlives the store.
+            self._checkpoint_work = asyncio.ensure_future(self._checkpoint_once())
+            if not await asyncio.shield(self._checkpoint_work):
+                return
             await asyncio.sleep(CHECKPOINT_EVERY)
+
+    async def _checkpoint_once(self) -> bool:
+        """One background checkpoint (opening its connection the first time); False when
+        the file is gone or replaced, and the checkpointer stops."""
+        try:
+            if self._checkpointer is None:  # opened at the first commit: a quick start
+                if self._gone is not None or self._check_file() is not None:
+                    return False  # never create or touch another file at the path
+                self._checkpointer = await aiosqlite.connect(
+                    self.path.resolve().as_uri() + "?mode=rw", uri=True, isolation_level=None,
+                    timeout=BUSY_TIMEOUT_MS / 1000)
+                await self._call(self._checkpointer, _checkpointer_pragmas)
+            await self._call(self._checkpointer,
+                             lambda db: db.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+        except sqlite3.Error:
+            log.debug("background checkpoint failed", exc_info=True)
+        return True
 
     async def _commit(self, batch: list[Write]) -> tuple[list[Any], bool]:
         """Apply a batch: its writes' results, or the one error every write of it gets
