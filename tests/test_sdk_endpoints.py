@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -32,79 +30,42 @@ from devserver.sdk.endpoints import QUIET_MS
 from devserver.web.server import Server
 
 from .helpers import eventually, free_port, get, idle, run_doc, sdk_server
-from .test_sdk_ts import _append, _tool, node_modules  # noqa: F401 - the npm install fixture
+from .test_sdk_ts import (  # noqa: F401 - fixtures: the npm install, the app's log
+    NodeApp,
+    log_on_failure,
+    node_modules,
+)
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow, pytest.mark.timeout(300),
+              pytest.mark.usefixtures("log_on_failure")]
 APP_SCRIPT = Path(__file__).with_name("sdk_ts_endpoints.cjs")
 
 
-class EndpointApp:
-    """The Node app serving the endpoints, its output in a log file."""
+class EndpointApp(NodeApp):
+    """The Node app serving the endpoints (`sdk_ts_endpoints.cjs`), its output in a log file."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, log: Path) -> None:
-        self.proc = proc
-        self.port = port
-        self.log = log
-
-    def url(self, path: str) -> str:
+    def at(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
     async def calls(self, http: aiohttp.ClientSession) -> dict[str, int]:
-        async with http.get(self.url("/calls")) as resp:
+        async with http.get(self.at("/calls")) as resp:
             return dict(await resp.json())
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
 
 
 @asynccontextmanager
 async def endpoint_app(modules: Path, server_url: str, log: Path) -> AsyncIterator[EndpointApp]:
-    port = free_port()
-    env = {**os.environ, "NODE_PATH": str(modules), "DEVSERVER_URL": server_url,
-           "PORT": str(port), "NODE_ENV": "development"}
-    for name in ("INNGEST_DEV", "INNGEST_BASE_URL", "INNGEST_SIGNING_KEY"):
-        env.pop(name, None)
-    out = _append(log)
+    app = await EndpointApp.start(modules, server_url, log, script=APP_SCRIPT)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            _tool("node"), str(APP_SCRIPT), env=env, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT)
-    finally:
-        out.close()
-    app = EndpointApp(proc, port, log)
-    try:
-        async def listening() -> bool:
-            if proc.returncode is not None:
-                pytest.fail(f"the node app exited with {proc.returncode}:\n{app.output()}")
-            return f"listening on {port}" in app.output()
-        await eventually(listening, f"the node app to listen on {port}")
         yield app
     finally:
         await app.stop()
-
-
-@pytest.fixture
-def log_on_failure(tmp_path: Path) -> Iterator[None]:
-    yield
-    log = tmp_path / "node.log"
-    if log.exists():
-        print(f"--- node app output ---\n{log.read_text()[-20_000:]}")
 
 
 async def redirected(http: aiohttp.ClientSession, app: EndpointApp, path: str,
                      **kwargs: Any) -> str:
     """Request an endpoint that goes async; the URL it redirects to."""
     method = "POST" if "json" in kwargs else "GET"
-    async with http.request(method, app.url(path), allow_redirects=False, **kwargs) as resp:
+    async with http.request(method, app.at(path), allow_redirects=False, **kwargs) as resp:
         text = await resp.text()
         assert resp.status == 302, (resp.status, text, app.output())
         return resp.headers["Location"]
@@ -140,7 +101,6 @@ def response_of(doc: dict[str, Any]) -> Any:
 
 async def test_a_sleep_redirects_the_caller_and_the_server_finishes_the_run(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -177,7 +137,6 @@ async def test_a_sleep_redirects_the_caller_and_the_server_finishes_the_run(
 
 async def test_the_continuation_is_the_same_request_again(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -189,7 +148,6 @@ async def test_the_continuation_is_the_same_request_again(
 
 async def test_a_failed_step_is_retried_by_the_server_then_succeeds(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     # Inngest's backoff (virtual time): the retry comes 15 s (plus jitter) after the failure.
     async with sdk_server(tmp_path, retry_interval=None) as server, \
@@ -207,7 +165,6 @@ async def test_a_failed_step_is_retried_by_the_server_then_succeeds(
 
 async def test_a_step_failing_for_good_fails_the_run_with_its_error(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -226,7 +183,6 @@ async def test_a_step_failing_for_good_fails_the_run_with_its_error(
 
 async def test_a_non_retriable_error_after_the_switch_fails_the_run_at_once(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -238,7 +194,6 @@ async def test_a_non_retriable_error_after_the_switch_fails_the_run_at_once(
 
 async def test_a_wait_for_event_is_fulfilled_by_an_event(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -259,11 +214,10 @@ async def test_a_wait_for_event_is_fulfilled_by_an_event(
 
 async def test_the_sdk_client_streams_across_the_switch_to_async(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
-        calling = asyncio.create_task(http.get(app.url("/via-client?path=/streamy")))
+        calling = asyncio.create_task(http.get(app.at("/via-client?path=/streamy")))
 
         async def napping() -> bool:
             for listed in (await get(http, server, "/api/runs"))["runs"]:
@@ -282,7 +236,6 @@ async def test_the_sdk_client_streams_across_the_switch_to_async(
 
 async def test_an_async_run_survives_a_devserver_restart(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     port = free_port()  # the app knows the server by this URL only
     db = tmp_path / "kept"
@@ -308,7 +261,6 @@ async def test_an_async_run_survives_a_devserver_restart(
 
 async def test_the_output_needs_the_runs_token(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -327,7 +279,6 @@ async def test_the_output_needs_the_runs_token(
 
 async def test_a_function_error_in_the_request_hands_the_run_over(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -339,12 +290,11 @@ async def test_a_function_error_in_the_request_hands_the_run_over(
 
 async def test_a_synchronous_run_gone_quiet_is_continued_by_the_server(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     clock = VirtualClock()
     async with sdk_server(tmp_path, clock=clock) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
-        hanging = asyncio.create_task(http.get(app.url("/hang")))
+        hanging = asyncio.create_task(http.get(app.at("/hang")))
         try:
             async def first_step() -> str | None:
                 for listed in (await get(http, server, "/api/runs"))["runs"]:
@@ -368,7 +318,6 @@ async def test_a_synchronous_run_gone_quiet_is_continued_by_the_server(
 
 async def test_parallel_steps_in_an_endpoint_are_called_by_the_server(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
@@ -381,11 +330,10 @@ async def test_parallel_steps_in_an_endpoint_are_called_by_the_server(
 
 async def test_a_streamed_step_retried_by_the_server_streams_again(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     async with sdk_server(tmp_path) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
-        async with http.get(app.url("/via-client?path=/stream-retry")) as resp:
+        async with http.get(app.at("/via-client?path=/stream-retry")) as resp:
             got = await resp.json()
         await idle(server)
         assert got["status"] == 200, got
@@ -396,7 +344,6 @@ async def test_a_streamed_step_retried_by_the_server_streams_again(
 
 async def test_an_endpoint_run_ends_like_any_run_and_can_be_cancelled(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     watcher = devserver.App("watch")
     seen: list[dict[str, Any]] = []
@@ -407,7 +354,7 @@ async def test_an_endpoint_run_ends_like_any_run_and_can_be_cancelled(
 
     async with sdk_server(tmp_path, functions=watcher.functions) as server, \
             endpoint_app(node_modules, server.url, tmp_path / "node.log") as app:
-        async with http.get(app.url("/quick")) as resp:  # ends within the request
+        async with http.get(app.at("/quick")) as resp:  # ends within the request
             assert resp.status == 200
             assert await resp.json() == {"quick": 1}
         location = await redirected(http, app, "/sleepy?q=4")
@@ -422,14 +369,13 @@ async def test_an_endpoint_run_ends_like_any_run_and_can_be_cancelled(
 
 async def test_a_quiet_synchronous_runs_deadline_survives_a_restart(
     node_modules: Path, tmp_path: Path, http: aiohttp.ClientSession,  # noqa: F811
-    log_on_failure: None,
 ) -> None:
     port = free_port()
     db = tmp_path / "kept"
     db.mkdir()
     async with endpoint_app(node_modules, f"http://127.0.0.1:{port}",
                             tmp_path / "node.log") as app:
-        hanging = asyncio.create_task(http.get(app.url("/hang")))
+        hanging = asyncio.create_task(http.get(app.at("/hang")))
         try:
             async with sdk_server(db, port=port) as server:
                 async def first_step() -> str | None:

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import aiohttp
 import pytest
@@ -106,10 +106,11 @@ class NodeApp:
         return f"http://127.0.0.1:{self.port}/api/inngest"
 
     @classmethod
-    async def start(cls, node_modules: Path, server: Server, log: Path, *, port: int = 0,
-                    version: str = "1") -> NodeApp:
+    async def start(cls, node_modules: Path, server_url: str, log: Path, *, port: int = 0,
+                    version: str = "1", script: Path = APP_SCRIPT) -> Self:
+        """Start `script` (the test app, or another) knowing the server at `server_url`."""
         port = port or free_port()
-        env = {**os.environ, "NODE_PATH": str(node_modules), "DEVSERVER_URL": server.url,
+        env = {**os.environ, "NODE_PATH": str(node_modules), "DEVSERVER_URL": server_url,
                "PORT": str(port), "APP_VERSION": version, "NODE_ENV": "development"}
         for name in ("INNGEST_DEV", "INNGEST_BASE_URL", "INNGEST_EVENT_KEY",
                      "INNGEST_SIGNING_KEY"):
@@ -117,7 +118,7 @@ class NodeApp:
         out = _append(log)
         try:
             proc = await asyncio.create_subprocess_exec(
-                _tool("node"), str(APP_SCRIPT), env=env, stdin=subprocess.DEVNULL,
+                _tool("node"), str(script), env=env, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT)
         finally:
             out.close()
@@ -164,7 +165,7 @@ def _append(path: Path) -> IO[str]:
 @contextlib.asynccontextmanager
 async def node_app(node_modules: Path, server: Server, tmp_path: Path, *, sync: bool = True,
                    port: int = 0, version: str = "1") -> AsyncIterator[NodeApp]:
-    app = await NodeApp.start(node_modules, server, tmp_path / "node.log", port=port,
+    app = await NodeApp.start(node_modules, server.url, tmp_path / "node.log", port=port,
                               version=version)
     try:
         if sync:
@@ -382,7 +383,7 @@ async def test_a_run_waiting_in_an_sdk_function_survives_a_devserver_restart(
     db = tmp_path / "kept"
     db.mkdir()
     async with sdk_server(db, port=port) as server:
-        app = await NodeApp.start(node_modules, server, tmp_path / "node.log")
+        app = await NodeApp.start(node_modules, server.url, tmp_path / "node.log")
         try:
             assert (await server.sdk.sync(app.url)).ok
             [hold_id] = await app.send(http, {"name": "shop/hold", "data": {"order_id": "o9"}})
@@ -725,7 +726,7 @@ async def test_a_checkpointed_step_survives_a_devserver_restart_mid_call(
     app = None
     try:
         async with sdk_server(db, port=port) as server:
-            app = await NodeApp.start(node_modules, server, tmp_path / "node.log")
+            app = await NodeApp.start(node_modules, server.url, tmp_path / "node.log")
             assert (await server.sdk.sync(app.url)).ok
             [event_id] = await app.send(http, {"name": "shop/hold-checkpoint"})
             run_id = (await runs_of_event(http, server, event_id))[0]["run_id"]
