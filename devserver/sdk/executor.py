@@ -296,20 +296,23 @@ class SdkExecutor:
         as it stands now; its answer, or an `SdkError` when there is none to use."""
         if self._session is None:
             raise RuntimeError("the SDK executor is not open")
-        data, use_api = encode_call(
-            events=inv.events, memo=inv.memo, run_id=inv.run_id, attempt=attempt,
-            max_attempts=inv.function.max_attempts, disable_immediate_execution=force_plan,
-            fn_id=function_uuid(inv.function.id), qi_id=call_id)
-        method, target_url, body, extra = "POST", call_url(url, target), _body(data), {}
-        follow = True
+        extra: dict[str, str] = {}
         if inv.function.endpoint:  # the request that started the run, once more
-            follow = False  # an endpoint's redirect is its answer to read, not to follow
+            # The SDK fetches the memo itself (/v0/runs/{id}/actions); an endpoint's redirect
+            # is its answer to read, not to follow.
             try:
                 request = endpoint_request(event_data(inv), target, force_plan=force_plan)
             except ValueError as exc:
                 raise SdkNonRetriableError(stored_error("SdkProtocolError", str(exc))) from None
             method, target_url, extra = request.method, request.url, request.headers
-            body = request.body if request.body is not None else b""
+            body: bytes | io.BytesIO = request.body if request.body is not None else b""
+            follow, use_api = False, True
+        else:
+            data, use_api = encode_call(
+                events=inv.events, memo=inv.memo, run_id=inv.run_id, attempt=attempt,
+                max_attempts=inv.function.max_attempts, disable_immediate_execution=force_plan,
+                fn_id=function_uuid(inv.function.id), qi_id=call_id)
+            method, target_url, body, follow = "POST", call_url(url, target), _body(data), True
         log.debug("run %s: calling %s (attempt %d%s)", inv.run_id, target_url, attempt,
                   ", state through the API" if use_api else "")
         try:
