@@ -52,6 +52,7 @@ from devserver.model.records import COMPLETED, UNFINISHED, NewEvent, NewRun, Ste
 from devserver.runtime.invocation import Invocation
 from devserver.runtime.runner import DEFAULT_ENV
 from devserver.sdk.callbody import function_uuid
+from devserver.sdk.calls import earliest
 from devserver.sdk.endpoint_calls import (
     HTTP_REQUEST_EVENT,
     endpoint_function,
@@ -223,7 +224,7 @@ class DurableEndpoints:
                 return
         if handover:
             self._settled(run_id)
-            at = _earliest(due)
+            at = earliest(due)
             log.debug("run %s: the durable endpoint went async; continued at %s", run_id, at)
             self.runner.schedule(run_id, at)
         elif ops:
@@ -244,11 +245,6 @@ class DurableEndpoints:
         timer = self._quiet.pop(run_id, None)
         if timer is not None:
             timer.cancel()
-
-
-def _earliest(due: list[int | None]) -> int | None:
-    times = [at for at in due if at is not None]
-    return min(times) if times else None
 
 
 def _output(data: Any) -> Any:
