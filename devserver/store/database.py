@@ -51,6 +51,7 @@ from devserver.store.faults import (
     quick_check,
 )
 from devserver.store.schema import BUSY_TIMEOUT_MS, connect_pragmas, migrate
+from devserver.store.session_index import INDEX_EVERY, IndexPass
 
 log = logging.getLogger("devserver.store.facade")  # the name operators' filters know
 T = TypeVar("T")
@@ -88,6 +89,8 @@ class Database:
         self._identity: tuple[int, int] | None = None  # the file's (device, inode) at open
         self._gone: str | None = None  # set once the file is found deleted or replaced
         self._faults = FaultLog()
+        self._index_handle: asyncio.TimerHandle | None = None  # the next session-index pass
+        self._indexed_at = 0.0  # loop time of the last pass queued
 
     async def open(self) -> None:
         """Create or migrate the database and start the writer. Raises `ConfigError`."""
@@ -128,6 +131,7 @@ class Database:
             await self.close()
             raise ConfigError(open_error(self._requested, self.path, exc)) from exc
         self._writer_task = asyncio.create_task(self._write_loop(), name="devserver-writer")
+        self._queue_index()  # what a crash left unindexed
         self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(),
                                                     name="devserver-checkpoint")
 
@@ -146,7 +150,12 @@ class Database:
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer and close both connections."""
+        if self._index_handle is not None:
+            self._index_handle.cancel()
+            self._index_handle = None
         if self._writer_task is not None:
+            if self._gone is None:
+                self._queue_index()  # a file at rest is indexed whole
             await self._queue.put(None)
             await self._writer_task
             self._writer_task = None
@@ -225,6 +234,9 @@ class Database:
             results, stop = await self._commit(batch)
             self._committed.set()
             stopping = stopping or stop
+            if not stopping and any(not isinstance(fn, IndexPass) or result is True
+                   for (fn, _), result in zip(batch, results, strict=True)):
+                self._index_soon()  # events may have been stored: index them shortly
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -232,6 +244,23 @@ class Database:
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def _index_soon(self) -> None:
+        """Queue a session-index pass `INDEX_EVERY` seconds after the last (none while one
+        is due): committed events reach `event_sessions` in passes, not in every commit."""
+        if self._index_handle is not None or self._writer_task is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._indexed_at + INDEX_EVERY - loop.time())
+        self._index_handle = loop.call_later(delay, self._queue_index)
+
+    def _queue_index(self) -> None:
+        self._index_handle = None
+        loop = asyncio.get_running_loop()
+        self._indexed_at = loop.time()
+        future: asyncio.Future[bool] = loop.create_future()
+        future.add_done_callback(_log_index_failure)
+        self._queue.put_nowait((IndexPass(), future))
 
     async def _checkpoint_loop(self) -> None:
         """While commits come in, a PASSIVE checkpoint every `CHECKPOINT_EVERY` seconds on
@@ -323,6 +352,12 @@ class Database:
     def fault(self) -> str | None:
         """The database fault that refused the latest writes, until writes succeed again."""
         return self._gone or self._faults.message
+
+
+def _log_index_failure(future: asyncio.Future[bool]) -> None:
+    """A failed pass is tried again with the next (readers see unindexed events anyway)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("indexing events under their sessions failed", exc_info=future.exception())
 
 
 def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -58,7 +58,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
     event_rows: list[tuple[Any, ...]] = []
     # (env, identifier, value) -> [env, identifier, value, first seen, last active, new runs]
     session_rows: dict[tuple[str, str, str], list[Any]] = {}
-    event_session_rows: list[tuple[Any, ...]] = []
     run_rows: list[tuple[Any, ...]] = []
     run_session_rows: list[tuple[Any, ...]] = []
     session_functions: set[tuple[str, str, str, str]] = set()
@@ -93,7 +92,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
                 else:
                     row[3] = min(row[3], received_at)
                     row[4] = max(row[4], received_at)
-                event_session_rows.append((env, ident, value, ev.internal_id))
             if duplicate:
                 continue
             if ev.flow:
@@ -139,9 +137,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         db.executemany(
             "UPDATE identifiers SET runs = runs + ? WHERE env = ? AND identifier = ?",
             ((count, *key) for key, count in identifier_runs.items()))
-        db.executemany(
-            "INSERT INTO event_sessions (env, identifier, value, internal_id) "
-            "VALUES (?, ?, ?, ?)", event_session_rows)
     if run_rows:
         db.executemany(
             "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "

@@ -25,6 +25,7 @@ from devserver.store.queries import (
     event_from_row,
     run_from_row,
 )
+from devserver.store.session_index import session_events
 
 _ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 """A run or event id (a ULID, as devserver makes them)."""
@@ -408,10 +409,8 @@ def read_timeline(
             "SELECT run_id, step_id, kind, status, attempt, started_at, ended_at, wait_until "
             f"FROM steps WHERE run_id IN ({marks}) ORDER BY run_id, seq", chunk))
     first = runs[0].queued_at if runs else 0
-    events = [event_from_row(r) for r in db.execute(
-        "SELECT e.* FROM event_sessions es JOIN events e ON e.internal_id = es.internal_id "
-        "WHERE es.env = ? AND es.identifier = ? AND es.value = ? AND e.received_at >= ? "
-        "ORDER BY es.internal_id LIMIT ?", (env, ident, value, first, 4 * limit))]
+    events = [event_from_row(r) for r in session_events(
+        db, env, ident, value, received_since=first, limit=4 * limit)]
     return Timeline(runs=runs, steps=steps, events=events, more=more)
 
 

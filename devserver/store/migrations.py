@@ -129,6 +129,19 @@ CREATE TABLE run_logs (
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
 """,
+    10: """
+-- Version 10: events are indexed under their sessions in passes after their commits
+-- (`session_index`): the rowid and id of the last event indexed.
+CREATE TABLE event_sessions_upto (
+    upto INTEGER NOT NULL,
+    internal_id TEXT
+);
+-- Every event of an older file is indexed already.
+INSERT INTO event_sessions_upto (upto, internal_id)
+    SELECT rowid, internal_id FROM events ORDER BY rowid DESC LIMIT 1;
+INSERT INTO event_sessions_upto (upto) SELECT 0 WHERE NOT EXISTS
+    (SELECT 1 FROM event_sessions_upto);
+""",
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new
 database gets SCHEMA, which already is the result (tests/test_store.py proves the two equal)."""

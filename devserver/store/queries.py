@@ -35,6 +35,7 @@ from devserver.model.records import (
     StoredEvent,
 )
 from devserver.store.flow_queries import read_run_event_ids
+from devserver.store.session_index import session_events
 
 # ---------------------------------------------------------------------------------------------
 # Encoding
@@ -384,10 +385,7 @@ def read_session_events(
     db: sqlite3.Connection, env: str, identifier: str, value: str,
 ) -> list[StoredEvent]:
     """Every event that carried a session, in the order they were received."""
-    return [event_from_row(r) for r in db.execute(
-        "SELECT e.* FROM event_sessions es JOIN events e ON e.internal_id = es.internal_id "
-        "WHERE es.env = ? AND es.identifier = ? AND es.value = ? ORDER BY es.internal_id",
-        (env, identifier, value))]
+    return [event_from_row(r) for r in session_events(db, env, identifier, value)]
 
 
 def read_recent_events(db: sqlite3.Connection, limit: int, *, before: str | None = None,
