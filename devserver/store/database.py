@@ -234,9 +234,13 @@ class Database:
             results, stop = await self._commit(batch)
             self._committed.set()
             stopping = stopping or stop
-            if not stopping and any(not isinstance(fn, IndexPass) or result is True
-                   for (fn, _), result in zip(batch, results, strict=True)):
-                self._index_soon()  # events may have been stored: index them shortly
+            if not stopping:
+                passes = [result for (fn, _), result in zip(batch, results, strict=True)
+                          if isinstance(fn, IndexPass)]
+                if True in passes and self._index_handle is None:
+                    self._queue_index()  # a pass left more: the next one at once
+                elif len(passes) < len(batch):
+                    self._index_soon()  # events may have been stored: index them shortly
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
