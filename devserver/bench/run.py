@@ -18,6 +18,7 @@ noisy to gate on).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -32,14 +33,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from devserver.bench.workload import CONVERSATIONS, USERS, Workload, load
+from devserver.bench import versus
+from devserver.bench.workload import CONVERSATIONS, SINGLE, USERS, Workload, load
 
 BENCH_APP = "devserver.bench.app:app"
-SINGLE = Workload(1)
 
 
 @dataclass
@@ -97,26 +98,31 @@ def wait_healthy(url: str, timeout: float = 20.0) -> float:
 
 
 @contextmanager
-def child(args: list[str], port: int, health: str = "/health") -> Iterator[str]:
-    """Run `python -m <args>` on `port` until the block ends; yields its base URL."""
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def child(args: list[str], port: int, health: str = "/health", *,
+          build: Path | None = None) -> Iterator[str]:
+    """`python -m <args>` on `port` (of the checkout `build`, if given); yields its URL."""
+    # Its log goes to a file: a pipe no one reads while it runs would stall it once full.
+    env = None if build is None else versus.build_env(build)
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
+                                stderr=log, cwd=build, env=env)
         try:
-            wait_healthy(url + health)
-        except RuntimeError:
-            proc.kill()
-            raise RuntimeError(f"child {args} failed: {proc.communicate()[1][-2000:]}") from None
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+                wait_healthy(f"http://127.0.0.1:{port}{health}")
+            except RuntimeError:
                 proc.kill()
                 proc.wait()
+                log.seek(0)
+                raise RuntimeError(f"child {args} failed: {log.read()[-2000:]}") from None
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def devserver_args(port: int, db: Path, *extra: str) -> list[str]:
@@ -215,22 +221,36 @@ def e2e_row(seconds: float, rounds: int, bare_url: str, tmp: Path) -> Row:
     """Events -> trivial async function -> Completed and recorded, runs per second."""
     port = free_port()
     db = tmp / "e2e.sqlite3"
-    failed = [0]
     with child(devserver_args(port, db, "--app", BENCH_APP), port) as url:
-
-        def runs() -> float:
-            start, before = time.perf_counter(), _run_counts(db)[0]
-            load(url + "/e/key", SINGLE, seconds)
-            _wait_idle(url)
-            elapsed = time.perf_counter() - start
-            total, failed[0] = _run_counts(db)
-            return (total - before) / elapsed
-
+        runs = versus.e2e_rate(url, seconds, functools.partial(_run_counts, db),
+                               functools.partial(_wait_idle, url))
         bare, rate, ratio = alternate(
             rounds, lambda: load(bare_url + "/e/key", SINGLE, seconds), runs)
+        failed = _run_counts(db)[1]
     return Row("end to end: event -> run Completed", rate, "runs/s", ">= 0.3 x bare",
-               ratio >= 0.3 and failed[0] == 0,
+               ratio >= 0.3 and failed == 0,
                f"{ratio:.2f} x bare ({bare:.0f}/s), median of {rounds} rounds")
+
+
+def versus_rows(seconds: float, rounds: int, other: Path, tmp: Path) -> list[Row]:
+    """Ingest and end to end, this build against the checkout at `other`, side by side."""
+    rows: list[Row] = []
+    for name, app in (("ingest", ()), ("end to end", ("--app", BENCH_APP))):
+        rates: list[Callable[[], float]] = []
+        with ExitStack() as servers:
+            for side, build in (("other", other), ("this", None)):
+                port, db = free_port(), tmp / f"vs-{side}{len(rows)}.sqlite3"
+                url = servers.enter_context(child(devserver_args(port, db, *app), port,
+                                                  build=build))
+                load(url + "/e/key", SINGLE, 1, 8)
+                rates.append(versus.ingest_rate(url, seconds) if not app else versus.e2e_rate(
+                    url, seconds, functools.partial(_run_counts, db),
+                    functools.partial(_wait_idle, url)))
+            theirs, ours, ratio = alternate(rounds, rates[0], rates[1])
+        rows.append(Row(f"{name}: this build / the build at --against", ratio, "x",
+                        "(a comparison)", True, f"{ours:.0f} against {theirs:.0f} a second, "
+                        f"median of {rounds} rounds' ratios"))
+    return rows
 
 
 def flow_row(kind: str, seconds: float, rounds: int, bare_url: str, tmp: Path) -> Row:
@@ -267,18 +287,16 @@ def flow_row(kind: str, seconds: float, rounds: int, bare_url: str, tmp: Path) -
 
 def _event_count(db: Path) -> int:
     """Events stored in a server's database, read beside it."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
-    conn.close()
     return int(count)
 
 
 def _run_counts(db: Path) -> tuple[int, int]:
     """(runs, failed runs) in a server's database, read beside it (WAL allows it)."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         total, failed = conn.execute(
             "SELECT count(*), coalesce(sum(status = 'Failed'), 0) FROM runs").fetchone()
-    conn.close()
     return int(total), int(failed)
 
 
@@ -418,13 +436,23 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="a quick run for CI")
     parser.add_argument("--no-fail", action="store_true", help="exit 0 even if a row misses")
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="also measure ingest and end to end against the build in this "
+                             "checkout, side by side (before and after a change)")
     parser.add_argument("--only", action="append", default=[],
                         help="run only these rows: ingest, batched, e2e, flow-batch, "
                              "flow-debounce, dashboard, fixture, startup, memory")
     args = parser.parse_args(argv)
     short = args.short
-    wanted = set(args.only) or {"ingest", "batched", "e2e", "flow-batch", "flow-debounce",
-                                "dashboard", "fixture", "startup", "memory"}
+    try:
+        other = None if args.against is None else versus.checkout(args.against)
+    except ValueError as exc:
+        parser.error(str(exc))
+    wanted = set(args.only) or ({"versus"} if other is not None else {
+        "ingest", "batched", "e2e", "flow-batch", "flow-debounce", "dashboard", "fixture",
+        "startup", "memory"})
+    if other is not None:
+        wanted.add("versus")  # --against alone runs only the comparison
     print(f"devserver benchmarks ({'short' if short else 'full'} run)")
     print(f"machine: {machine()}")
     print(f"load generator: {'wrk' if shutil.which('wrk') else 'built-in aiohttp client'}, "
@@ -441,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         return bare_url[0]
 
     steps: list[tuple[str, Callable[[Path], list[Row]]]] = [
+        ("versus", lambda tmp: [] if other is None else versus_rows(seconds, rounds, other, tmp)),
         ("ingest", lambda tmp: ingest_rows(seconds, rounds, bare(), tmp)),
         ("batched", lambda tmp: batched_rows(seconds, rounds, tmp)),
         ("e2e", lambda tmp: [e2e_row(seconds, rounds, bare(), tmp)]),

@@ -76,6 +76,10 @@ end
 """
 
 
+SINGLE = Workload(1)
+"""One varied event a request: the ingest and end-to-end rows' traffic."""
+
+
 def load(url: str, workload: Workload, seconds: float, connections: int = 32) -> float:
     """Events per second POSTed to `url` for `seconds` (all requests answered 200)."""
     if shutil.which("wrk"):
