@@ -92,6 +92,7 @@ ALLOWED_INTERPOLATIONS = {
     "' AND '.join(where)",  # fixed fragments with ? placeholders
     "after",  # a fixed fragment with a ? placeholder
     "marks", "run_marks",  # "?, ?, ..."
+    "members",  # session_index.INDEXED_RUNS or .LISTED_RUNS, fixed subqueries
     "SCHEMA_VERSION",  # a constant (PRAGMA takes no parameters)
 }
 
@@ -121,9 +122,27 @@ def test_sql_interpolates_only_whitelisted_names() -> None:
             holes = {ast.unparse(part.value) for part in sql.values
                      if isinstance(part, ast.FormattedValue)}
             assert holes <= ALLOWED_INTERPOLATIONS, (where, holes - ALLOWED_INTERPOLATIONS)
+        elif isinstance(sql, ast.Attribute) and ast.unparse(sql.value) == "kind":
+            # The session index's statements: fields of its kinds, every one a literal.
+            assert name == "store/session_index.py", where
+            assert sql.attr in KIND_LITERALS, (where, sql.attr)
         else:
             # A statement built elsewhere: must be one of the schema's own statements.
             assert ast.unparse(sql) == "statement", (where, ast.unparse(sql))
+
+
+def _kind_literals() -> set[str]:
+    """The fields every `_Kind(...)` of store/session_index.py gives as a string literal."""
+    tree = ast.parse((PACKAGE / "store" / "session_index.py").read_text())
+    kinds = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and ast.unparse(node.func) == "_Kind"]
+    assert len(kinds) == 2
+    fields = [{k.arg for k in call.keywords if isinstance(k.value, ast.Constant)
+               and isinstance(k.value.value, str)} for call in kinds]
+    return set.intersection(*fields)
+
+
+KIND_LITERALS = _kind_literals()
 
 
 def test_only_the_store_talks_to_sqlite() -> None:

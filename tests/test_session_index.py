@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from devserver.store import ingest, schema
+from devserver.store import ingest, listing, queries, schema
 from devserver.store.facade import Store
-from devserver.store.session_index import index_events, session_events
+from devserver.store.session_index import index_events, index_runs, session_events
 
 from .helpers import eventually
 from .test_store import make_v1_database, new_event
@@ -109,6 +109,8 @@ async def test_the_server_indexes_after_commits_and_a_closed_file_is_indexed_who
         await store.close()
     db = open_file(path)
     assert len(indexed(db)) == 6 * 2  # the last event too: close indexed it
+    assert db.execute("SELECT count(*) FROM run_sessions").fetchone()[0] == 5 * 2
+    assert index_runs(db) is False
     assert index_events(db) is False
 
 
@@ -159,3 +161,65 @@ async def test_an_upgraded_file_keeps_its_indexed_events_and_indexes_new_ones(
         await store.close()
     db = open_file(path)
     assert len(indexed(db)) == 1 + 2
+
+
+def store_runs(db: sqlite3.Connection, count: int, sessions: dict[str, str]) -> list[str]:
+    """`count` events with a run each, written as a commit writes them; the runs' ids."""
+    made = [new_event("a/run", sessions=sessions, runs=1) for _ in range(count)]
+    db.execute("BEGIN")
+    ingest.ingest(db, "dev", 100, made)
+    db.execute("COMMIT")
+    return [ev.runs[0].run_id for ev in made]
+
+
+def session_run_pages(db: sqlite3.Connection, value: str, limit: int) -> list[list[str]]:
+    """Every page of a session's runs (newest first), following the cursors."""
+    pages, cursor = [], None
+    while True:
+        page = listing.read_session_runs(db, "dev", "conversation_id", value, status=None,
+                                         window=listing.ALL_TIME, limit=limit, cursor=cursor)
+        pages.append([run.run_id for run in page.rows])
+        cursor = page.next_cursor
+        if cursor is None:
+            return pages
+
+
+def test_a_sessions_runs_are_listed_once_whether_indexed_or_not(tmp_path: Path) -> None:
+    db = open_file(tmp_path / "db.sqlite3")
+    first = store_runs(db, 3, CONV)
+    store_runs(db, 2, OTHER)
+    assert index_runs(db) is False  # the first five are indexed
+    later = store_runs(db, 4, CONV)  # these are not yet
+    newest_first = sorted(first + later, reverse=True)
+    assert db.execute("SELECT count(*) FROM run_sessions").fetchone()[0] == 3 * 2 + 2
+    for limit in (1, 2, 3, 50):  # pages cut across the indexed and unindexed runs alike
+        pages = session_run_pages(db, "conv_1", limit)
+        assert [r for page in pages for r in page] == newest_first, limit
+    found = queries.read_session(db, "dev", "user_id", "u_1", 50, None)
+    assert found is not None
+    assert [run.run_id for run in found[1].rows] == newest_first
+    timeline = listing.read_timeline(db, "dev", "conversation_id", "conv_1")
+    assert [run.run_id for run in timeline.runs] == sorted(first + later)
+    assert index_runs(db) is False
+    assert session_run_pages(db, "conv_1", 2) == [newest_first[i:i + 2] for i in range(0, 7, 2)]
+
+
+def test_sessions_with_a_nul_in_them_are_indexed_whole(tmp_path: Path) -> None:
+    """SQLite's JSON functions cut a string at an escaped NUL: such sessions are read in
+    Python, so their rows hold the whole value (and do not land in another session's)."""
+    db = open_file(tmp_path / "db.sqlite3")
+    odd = {"conversation_id": "nul\x00inside"}
+    store_events(db, [("a/odd", {"conversation_id": "nul"})])
+    runs = store_runs(db, 2, odd)
+    assert [r["name"] for r in session_events(db, "dev", "conversation_id", "nul\x00inside")
+            ] == ["a/run", "a/run"]
+    assert session_run_pages(db, "nul\x00inside", 50) == [sorted(runs, reverse=True)]
+    index_events(db)
+    index_runs(db)
+    assert ("conversation_id", "nul\x00inside") in {
+        (r[0], r[1]) for r in db.execute("SELECT identifier, value FROM event_sessions")}
+    assert [r[0] for r in db.execute("SELECT run_id FROM run_sessions WHERE value = ?",
+                                     ("nul\x00inside",))] == sorted(runs)
+    assert [r["name"] for r in session_events(db, "dev", "conversation_id", "nul")
+            ] == ["a/odd"]
+    assert session_run_pages(db, "nul", 50) == [[]]

@@ -59,7 +59,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
     # (env, identifier, value) -> [env, identifier, value, first seen, last active, new runs]
     session_rows: dict[tuple[str, str, str], list[Any]] = {}
     run_rows: list[tuple[Any, ...]] = []
-    run_session_rows: list[tuple[Any, ...]] = []
     session_functions: set[tuple[str, str, str, str]] = set()
     keys_seen: set[tuple[str, str]] = set()
     flowing: list[tuple[str, int, NewEvent]] = []  # events a function's flow control decides
@@ -100,7 +99,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
                 run_rows.append((run.run_id, env, run.function_id, ev.internal_id, ev.name,
                                  QUEUED, received_at, received_at, sessions_json))
                 for ident, value in ev.sessions.items():
-                    run_session_rows.append((env, ident, value, run.run_id))
                     session_rows[env, ident, value][5] += 1
                     session_functions.add((env, ident, value, run.function_id))
                 created.append(run.run_id)
@@ -141,9 +139,6 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         db.executemany(
             "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "
             "queued_at, next_at, sessions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", run_rows)
-        db.executemany(
-            "INSERT INTO run_sessions (env, identifier, value, run_id) VALUES (?, ?, ?, ?)",
-            run_session_rows)
         db.executemany(
             "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
             "VALUES (?, ?, ?, ?)", session_functions)

@@ -25,7 +25,13 @@ from devserver.store.queries import (
     event_from_row,
     run_from_row,
 )
-from devserver.store.session_index import session_events
+from devserver.store.session_index import (
+    merge_runs,
+    run_pairs,
+    run_sources,
+    session_events,
+    unindexed_runs,
+)
 
 _ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 """A run or event id (a ULID, as devserver makes them)."""
@@ -262,8 +268,8 @@ def rerun(db: sqlite3.Connection, run_id: str, new_run_id: str, now: int) -> Run
         "next_at, sessions, tree, rerun_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (new_run_id, row["env"], row["function_id"], row["event_id"], row["event_name"],
          QUEUED, now, now, row["sessions"], row["tree"], run_id))
-    sessions = [(r[0], r[1], r[2]) for r in db.execute(
-        "SELECT env, identifier, value FROM run_sessions WHERE run_id = ?", (run_id,))]
+    sessions = [(row["env"], identifier, value)
+                for identifier, value in sorted(run_pairs(db, [run_id])[run_id])]
     db.executemany("INSERT INTO run_sessions (env, identifier, value, run_id) "
                    "VALUES (?, ?, ?, ?)", ((*key, new_run_id) for key in sessions))
     # Queued is no activity yet (SPEC 2.3): the rerun's start and end will be.
@@ -349,6 +355,12 @@ def read_latest_errors(
         "SELECT rs.value, max(rs.run_id) FROM run_sessions rs JOIN runs r ON "
         f"r.run_id = rs.run_id WHERE rs.env = ? AND rs.identifier = ? AND rs.value IN ({marks}) "
         "AND r.status = ? GROUP BY rs.value", (env, ident, *values, FAILED)).fetchall())
+    # The runs after the last session-index pass, by their JSON (`session_index`).
+    wanted = set(values)
+    for run_id, sessions in unindexed_runs(db, env, FAILED):
+        value = sessions.get(ident)
+        if value in wanted:
+            latest[value] = max(latest.get(value, run_id), run_id)
     if not latest:
         return {}
     run_marks = ", ".join("?" * len(latest))
@@ -362,8 +374,8 @@ def read_session_runs(
     window: Window, limit: int, cursor: str | None,
 ) -> Page:
     """A page of a session's runs, newest first, of one status and time range (queued)."""
-    where = ["rs.env = ?", "rs.identifier = ?", "rs.value = ?"]
-    params: list[Any] = [env, ident, value]
+    where = ["1"]
+    params: list[Any] = []
     if status is not None:
         where.append("r.status = ?")
         params.append(status)
@@ -371,9 +383,12 @@ def read_session_runs(
     if cursor is not None:
         where.append("rs.run_id < ?")
         params.extend(decode_cursor(cursor, 1))
-    runs = [run_from_row(r) for r in db.execute(
-        "SELECT r.* FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
-        f"WHERE {' AND '.join(where)} ORDER BY rs.run_id DESC LIMIT ?", (*params, limit + 1))]
+    runs = [run_from_row(r) for r in merge_runs([db.execute(
+        f"SELECT r.* FROM {members} rs JOIN runs r ON r.run_id = rs.run_id "
+        f"WHERE {' AND '.join(where)} ORDER BY rs.run_id DESC LIMIT ?",
+        (*keys, *params, limit + 1)).fetchall()
+        for members, keys in run_sources(db, env, ident, value)],
+        newest_first=True, limit=limit + 1)]
     more = len(runs) > limit
     return Page(rows=runs[:limit],
                 next_cursor=encode_cursor([runs[limit - 1].run_id]) if more else None)
@@ -383,11 +398,12 @@ def read_session_failed_run_ids(
     db: sqlite3.Connection, env: str, ident: str, value: str, limit: int,
 ) -> list[str]:
     """The session's failed runs (oldest first) that were not rerun yet."""
-    return [r[0] for r in db.execute(
-        "SELECT r.run_id FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
-        "WHERE rs.env = ? AND rs.identifier = ? AND rs.value = ? AND r.status = ? "
-        "AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.rerun_of = r.run_id) "
-        "ORDER BY rs.run_id LIMIT ?", (env, ident, value, FAILED, limit))]
+    return [r[0] for r in merge_runs([db.execute(
+        f"SELECT r.run_id FROM {members} rs JOIN runs r ON r.run_id = rs.run_id "
+        "WHERE r.status = ? AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.rerun_of = r.run_id) "
+        "ORDER BY rs.run_id LIMIT ?", (*keys, FAILED, limit)).fetchall()
+        for members, keys in run_sources(db, env, ident, value)],
+        newest_first=False, limit=limit)]
 
 
 def read_timeline(
@@ -395,10 +411,11 @@ def read_timeline(
 ) -> Timeline:
     """The newest `limit` runs of a session (returned oldest first) with every step attempt
     and the session's events received in their span."""
-    rows = db.execute(
-        "SELECT r.* FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
-        "WHERE rs.env = ? AND rs.identifier = ? AND rs.value = ? "
-        "ORDER BY rs.run_id DESC LIMIT ?", (env, ident, value, limit + 1)).fetchall()
+    rows = merge_runs([db.execute(
+        f"SELECT r.* FROM {members} rs JOIN runs r ON r.run_id = rs.run_id "
+        "ORDER BY rs.run_id DESC LIMIT ?", (*keys, limit + 1)).fetchall()
+        for members, keys in run_sources(db, env, ident, value)],
+        newest_first=True, limit=limit + 1)
     more = len(rows) > limit
     runs = [run_from_row(r) for r in reversed(rows[:limit])]
     steps: list[TimelineStep] = []

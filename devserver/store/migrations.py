@@ -130,17 +130,25 @@ CREATE TABLE run_logs (
 ) WITHOUT ROWID;
 """,
     10: """
--- Version 10: events are indexed under their sessions in passes after their commits
--- (`session_index`): the rowid and id of the last event indexed.
+-- Version 10: events and runs are indexed under their sessions in passes after their
+-- commits (`session_index`): the rowid and id of the last event and run indexed.
 CREATE TABLE event_sessions_upto (
     upto INTEGER NOT NULL,
     internal_id TEXT
 );
--- Every event of an older file is indexed already.
+CREATE TABLE run_sessions_upto (
+    upto INTEGER NOT NULL,
+    run_id TEXT
+);
+-- Every event and run of an older file is indexed already.
 INSERT INTO event_sessions_upto (upto, internal_id)
     SELECT rowid, internal_id FROM events ORDER BY rowid DESC LIMIT 1;
 INSERT INTO event_sessions_upto (upto) SELECT 0 WHERE NOT EXISTS
     (SELECT 1 FROM event_sessions_upto);
+INSERT INTO run_sessions_upto (upto, run_id)
+    SELECT rowid, run_id FROM runs ORDER BY rowid DESC LIMIT 1;
+INSERT INTO run_sessions_upto (upto) SELECT 0 WHERE NOT EXISTS
+    (SELECT 1 FROM run_sessions_upto);
 """,
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new

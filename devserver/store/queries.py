@@ -35,7 +35,7 @@ from devserver.model.records import (
     StoredEvent,
 )
 from devserver.store.flow_queries import read_run_event_ids
-from devserver.store.session_index import session_events
+from devserver.store.session_index import merge_runs, run_sources, session_events
 
 # ---------------------------------------------------------------------------------------------
 # Encoding
@@ -217,15 +217,16 @@ def read_session(
     if row is None:
         return None
     stats = _session_stats(row, _functions_of(db, env, ident, value))
-    params: list[Any] = [env, ident, value]
-    after = ""  # a fixed fragment, the only thing the f-string below interpolates
+    params: list[Any] = []
+    after = "1"  # a fixed fragment, the only thing the f-string below interpolates
     if cursor is not None:
-        after = "AND rs.run_id < ?"
+        after = "rs.run_id < ?"
         params.extend(decode_cursor(cursor, 1))
-    runs = [run_from_row(r) for r in db.execute(
-        "SELECT r.* FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id "
-        f"WHERE rs.env = ? AND rs.identifier = ? AND rs.value = ? {after} "
-        "ORDER BY rs.run_id DESC LIMIT ?", (*params, limit + 1))]
+    runs = [run_from_row(r) for r in merge_runs([db.execute(
+        f"SELECT r.* FROM {members} rs JOIN runs r ON r.run_id = rs.run_id WHERE {after} "
+        "ORDER BY rs.run_id DESC LIMIT ?", (*keys, *params, limit + 1)).fetchall()
+        for members, keys in run_sources(db, env, ident, value)],
+        newest_first=True, limit=limit + 1)]
     next_cursor = encode_cursor([runs[limit - 1].run_id]) if len(runs) > limit else None
     return stats, Page(rows=runs[:limit], next_cursor=next_cursor)
 

@@ -23,6 +23,7 @@ from devserver.model.records import (
     StepAttempt,
 )
 from devserver.store.ingest import Ingest, grow_tree, ingest_many
+from devserver.store.session_index import run_pairs
 from devserver.store.steps import add_attempt
 
 log = logging.getLogger("devserver.store.queries")  # the name operators' filters know
@@ -64,14 +65,12 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
     for start in range(0, len(ids), 500):  # well under SQLite's limit on parameters
         chunk = ids[start:start + 500]
         marks = ", ".join("?" * len(chunk))
-        for run_id, env, identifier, value in db.execute(
-                "SELECT r.run_id, r.env, rs.identifier, rs.value FROM runs r "
-                "LEFT JOIN run_sessions rs ON rs.run_id = r.run_id "
-                f"WHERE r.run_id IN ({marks}) AND r.status IN (?, ?)",
+        for run_id, env in db.execute(
+                f"SELECT run_id, env FROM runs WHERE run_id IN ({marks}) AND status IN (?, ?)",
                 (*chunk, QUEUED, RUNNING)):
-            sessions = live.setdefault(run_id, (env, []))[1]
-            if identifier is not None:
-                sessions.append((identifier, value))
+            live[run_id] = (env, [])
+    for run_id, pairs in run_pairs(db, list(live)).items():
+        live[run_id][1].extend(sorted(pairs))
     results: list[list[str] | None] = []
     ended: list[tuple[Any, ...]] = []
     activity: dict[tuple[str, str, str], list[int]] = {}  # session -> [last active, failed]

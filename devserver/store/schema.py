@@ -17,7 +17,7 @@ from devserver.model.records import (
     FAILED,
 )
 from devserver.store.migrations import MIGRATIONS
-from devserver.store.session_index import index_events
+from devserver.store.session_index import index_events, index_runs
 from devserver.store.tables import SCHEMA as SCHEMA
 
 log = logging.getLogger(__name__)
@@ -131,10 +131,8 @@ def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
                 ((f"R{i:025d}", f"E{i:025d}", FAILED if i % 7 == 0 else COMPLETED, base + i,
                   base + i, base + i + 1, dump_json({identifier: f"conv_{i % sessions}"}))
                  for i in rows))
-            db.executemany(
-                "INSERT INTO run_sessions (env, identifier, value, run_id) "
-                "VALUES ('dev', ?, ?, ?)",
-                ((identifier, f"conv_{i % sessions}", f"R{i:025d}") for i in rows))
+        index_events(db, limit=runs)  # as the server's passes would
+        index_runs(db, limit=runs)
         db.execute(
             "UPDATE sessions SET (runs, failed_runs) = (SELECT count(*), "
             "coalesce(sum(r.status = 'Failed'), 0) FROM run_sessions rs "
@@ -148,7 +146,6 @@ def seed_runs(path: str | os.PathLike[str], *, runs: int, sessions: int,
             "INSERT OR IGNORE INTO session_functions (env, identifier, value, function_id) "
             "SELECT DISTINCT rs.env, rs.identifier, rs.value, r.function_id "
             "FROM run_sessions rs JOIN runs r ON r.run_id = rs.run_id")
-        index_events(db, limit=runs)
         db.execute(
             "INSERT INTO environments (env, events, last_active) "
             "SELECT 'dev', count(*), max(received_at) FROM events")

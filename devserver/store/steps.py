@@ -21,6 +21,7 @@ from devserver.model.records import (
     WaitSpec,
 )
 from devserver.store.ingest import grow_tree, ingest
+from devserver.store.session_index import run_pairs
 
 
 def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
@@ -30,9 +31,11 @@ def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
         (RUNNING, now, run_id, QUEUED),
     ).rowcount:
         return False
-    db.execute(
-        "UPDATE sessions SET last_active = max(last_active, ?) WHERE (env, identifier, value) "
-        "IN (SELECT env, identifier, value FROM run_sessions WHERE run_id = ?)", (now, run_id))
+    (env,) = db.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    db.executemany(
+        "UPDATE sessions SET last_active = max(last_active, ?) "
+        "WHERE env = ? AND identifier = ? AND value = ?",
+        ((now, env, identifier, value) for identifier, value in run_pairs(db, [run_id])[run_id]))
     return True
 
 

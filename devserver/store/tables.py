@@ -249,12 +249,17 @@ CREATE TABLE run_logs (
     message TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
--- Version 10: events are indexed under their sessions in passes after their commits
--- (`session_index`): the rowid and id of the last event indexed.
+-- Version 10: events and runs are indexed under their sessions in passes after their
+-- commits (`session_index`): the rowid and id of the last event and run indexed.
 CREATE TABLE event_sessions_upto (
     upto INTEGER NOT NULL,
     internal_id TEXT
 );
+CREATE TABLE run_sessions_upto (
+    upto INTEGER NOT NULL,
+    run_id TEXT
+);
 INSERT INTO event_sessions_upto (upto) VALUES (0);
+INSERT INTO run_sessions_upto (upto) VALUES (0);
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
