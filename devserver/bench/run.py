@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -33,11 +31,21 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from devserver.bench import versus
+from devserver.bench.servers import (
+    child,
+    devserver_args,
+    event_count,
+    free_port,
+    rss_mb,
+    run_counts,
+    wait_healthy,
+    wait_idle,
+)
 from devserver.bench.workload import CONVERSATIONS, SINGLE, USERS, Workload, load
 
 BENCH_APP = "devserver.bench.app:app"
@@ -75,82 +83,25 @@ def machine() -> str:
             f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.release()}")
 
 
-def free_port() -> int:
-    """A port that was free a moment ago (for children that must be told their port)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, timeout: float = 20.0) -> float:
-    """Poll `url` until it answers 200; returns the seconds it took."""
-    start = time.perf_counter()
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return time.perf_counter() - start
-        except OSError:
-            pass
-        if time.perf_counter() - start > timeout:
-            raise RuntimeError(f"{url} did not become healthy in {timeout}s")
-        time.sleep(0.002)
-
-
-@contextmanager
-def child(args: list[str], port: int, health: str = "/health", *,
-          build: Path | None = None) -> Iterator[str]:
-    """`python -m <args>` on `port` (of the checkout `build`, if given); yields its URL."""
-    # Its log goes to a file: a pipe no one reads while it runs would stall it once full.
-    env = None if build is None else versus.build_env(build)
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
-                                stderr=log, cwd=build, env=env)
-        try:
-            try:
-                wait_healthy(f"http://127.0.0.1:{port}{health}")
-            except RuntimeError:
-                proc.kill()
-                proc.wait()
-                log.seek(0)
-                raise RuntimeError(f"child {args} failed: {log.read()[-2000:]}") from None
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def devserver_args(port: int, db: Path, *extra: str) -> list[str]:
-    """Arguments for a devserver child."""
-    return ["devserver", "--port", str(port), "--db", str(db), "--no-reload",
-            "--log-level", "warning", *extra]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 # ---------------------------------------------------------------------------------------------
 # Rows
 
 
 def alternate(rounds: int, bare: Callable[[], float], ours: Callable[[], float],
-              ) -> tuple[float, float, float]:
-    """Measure the two sides of a ratio in alternating rounds (bare, ours, bare, ours...), so
-    that a noisy neighbour slows both alike; returns the median of each side and the median
-    of the rounds' ratios."""
-    pairs = [(bare(), ours()) for _ in range(rounds)]
+              sides: str = "bare, ours") -> tuple[float, float, float]:
+    """Measure the two sides of a ratio in alternating rounds (bare then ours, ours then bare,
+    ...), so that a noisy neighbour slows both alike and neither side always runs in the
+    other's wake (a devserver's checkpoints and index passes just after its round); returns
+    the median of each side and the median of the rounds' ratios."""
+    pairs = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            pairs.append((bare(), ours()))
+        else:
+            second = ours()
+            pairs.append((bare(), second))
     if os.environ.get("DEVSERVER_BENCH_VERBOSE"):
-        print("    rounds (bare, ours): " + ", ".join(f"({b:.0f}, {o:.0f})" for b, o in pairs))
+        print(f"    rounds ({sides}): " + ", ".join(f"({b:.0f}, {o:.0f})" for b, o in pairs))
     return (statistics.median(b for b, _ in pairs), statistics.median(o for _, o in pairs),
             statistics.median(o / b for b, o in pairs))
 
@@ -204,7 +155,7 @@ def _batched(workload: Workload, seconds: float, rounds: int, tmp: Path) -> list
             load(url + "/e/key", workload, 1, BATCH_CONNECTIONS)
             limit, ours, ratio = alternate(
                 rounds, lambda: minimal.rate(workload, seconds, reference),
-                lambda: load(url + "/e/key", workload, seconds, BATCH_CONNECTIONS))
+                lambda: load(url + "/e/key", workload, seconds, BATCH_CONNECTIONS), "minimal, ours")
     finally:
         reference.close()
     return [
@@ -222,11 +173,11 @@ def e2e_row(seconds: float, rounds: int, bare_url: str, tmp: Path) -> Row:
     port = free_port()
     db = tmp / "e2e.sqlite3"
     with child(devserver_args(port, db, "--app", BENCH_APP), port) as url:
-        runs = versus.e2e_rate(url, seconds, functools.partial(_run_counts, db),
-                               functools.partial(_wait_idle, url))
+        runs = versus.e2e_rate(url, seconds, functools.partial(run_counts, db),
+                               functools.partial(wait_idle, url))
         bare, rate, ratio = alternate(
             rounds, lambda: load(bare_url + "/e/key", SINGLE, seconds), runs)
-        failed = _run_counts(db)[1]
+        failed = run_counts(db)[1]
     return Row("end to end: event -> run Completed", rate, "runs/s", ">= 0.3 x bare",
                ratio >= 0.3 and failed == 0,
                f"{ratio:.2f} x bare ({bare:.0f}/s), median of {rounds} rounds")
@@ -244,9 +195,9 @@ def versus_rows(seconds: float, rounds: int, other: Path, tmp: Path) -> list[Row
                                                   build=build))
                 load(url + "/e/key", SINGLE, 1, 8)
                 rates.append(versus.ingest_rate(url, seconds) if not app else versus.e2e_rate(
-                    url, seconds, functools.partial(_run_counts, db),
-                    functools.partial(_wait_idle, url)))
-            theirs, ours, ratio = alternate(rounds, rates[0], rates[1])
+                    url, seconds, functools.partial(run_counts, db),
+                    functools.partial(wait_idle, url)))
+            theirs, ours, ratio = alternate(rounds, rates[0], rates[1], "other, this")
         rows.append(Row(f"{name}: this build / the build at --against", ratio, "x",
                         "(a comparison)", True, f"{ours:.0f} against {theirs:.0f} a second, "
                         f"median of {rounds} rounds' ratios"))
@@ -266,8 +217,8 @@ def flow_row(kind: str, seconds: float, rounds: int, bare_url: str, tmp: Path) -
 
         def events() -> float:
             rate = load(url + "/e/key", workload, seconds)  # acknowledged, with decisions
-            _wait_idle(url)  # then every batch and debounce runs (they count as busy)
-            (seen["runs"], seen["failed"]), seen["events"] = _run_counts(db), _event_count(db)
+            wait_idle(url)  # then every batch and debounce runs (they count as busy)
+            (seen["runs"], seen["failed"]), seen["events"] = run_counts(db), event_count(db)
             return rate
 
         bare, rate, ratio = alternate(
@@ -283,21 +234,6 @@ def flow_row(kind: str, seconds: float, rounds: int, bare_url: str, tmp: Path) -
     return Row(title, rate, "events/s", ">= 0.25 x bare",
                ratio >= 0.25 and right and seen["failed"] == 0,
                f"{ratio:.2f} x bare ({bare:.0f}/s); {what}, median of {rounds} rounds")
-
-
-def _event_count(db: Path) -> int:
-    """Events stored in a server's database, read beside it."""
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        (count,) = conn.execute("SELECT count(*) FROM events").fetchone()
-    return int(count)
-
-
-def _run_counts(db: Path) -> tuple[int, int]:
-    """(runs, failed runs) in a server's database, read beside it (WAL allows it)."""
-    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        total, failed = conn.execute(
-            "SELECT count(*), coalesce(sum(status = 'Failed'), 0) FROM runs").fetchone()
-    return int(total), int(failed)
 
 
 def dashboard_rows(sizes: list[int], tmp: Path, requests: int = 60) -> list[Row]:
@@ -407,10 +343,10 @@ def memory_rows(total: int, tmp: Path) -> list[Row]:
                 resp.read()
             sent += 500
             if sent in checkpoints or (sent >= checkpoints[0] and checkpoints[0] not in samples):
-                _wait_idle(url)
+                wait_idle(url)
                 samples[checkpoints[0] if checkpoints[0] not in samples else total] = \
                     rss_mb(proc.pid)
-        _wait_idle(url)
+        wait_idle(url)
         samples[total] = rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -420,14 +356,6 @@ def memory_rows(total: int, tmp: Path) -> list[Row]:
     return [Row(f"memory: RSS after {total:,} runs", last, "MB", "<= 100 MB, flat",
                 last <= 100 and last <= first * 1.5 + 20,
                 f"{first:.0f} MB after {min(samples):,}")]
-
-
-def _wait_idle(url: str) -> None:
-    while True:
-        with urllib.request.urlopen(url + "/api/status", timeout=10) as resp:
-            if json.loads(resp.read())["busy_runs"] == 0:
-                return
-        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
