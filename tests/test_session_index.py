@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from devserver.store import ingest, listing, queries, schema
+from devserver.store import ingest, listing, queries, schema, session_counts
 from devserver.store.facade import Store
 from devserver.store.session_index import index_events, index_runs, session_events
 
@@ -195,8 +195,10 @@ def test_a_sessions_runs_are_listed_once_whether_indexed_or_not(tmp_path: Path) 
     for limit in (1, 2, 3, 50):  # pages cut across the indexed and unindexed runs alike
         pages = session_run_pages(db, "conv_1", limit)
         assert [r for page in pages for r in page] == newest_first, limit
+    session_counts.apply(db)  # as the store's counted reads do first: the figures
     found = queries.read_session(db, "dev", "user_id", "u_1", 50, None)
     assert found is not None
+    assert found[0].runs == 7
     assert [run.run_id for run in found[1].rows] == newest_first
     timeline = listing.read_timeline(db, "dev", "conversation_id", "conv_1")
     assert [run.run_id for run in timeline.runs] == sorted(first + later)

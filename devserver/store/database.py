@@ -40,6 +40,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from devserver.errors import ConfigError, StoreUnavailable
+from devserver.store import session_counts
 from devserver.store.batch import Write, apply_batch
 from devserver.store.faults import (
     BUSY,
@@ -197,6 +198,15 @@ class Database:
             if fault is None:
                 raise
             raise fault from exc
+
+    async def _read_counted(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read of sessions' figures (`session_counts`): from the reader, unless changes
+        to them wait for a pass in its snapshot; then through the writer, which applies them
+        first, in the same transaction, so the figures agree with every row read with them."""
+        counted, found = await self._read(functools.partial(_if_counted, fn=fn))
+        if counted:
+            return cast(T, found)
+        return await self._write(functools.partial(_counted, fn=fn))
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         # A plain function handing back the future (not a coroutine awaiting it): one frame
@@ -373,6 +383,20 @@ def _in_snapshot(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T
         return fn(db)
     finally:
         db.execute("COMMIT")
+
+
+def _if_counted(db: sqlite3.Connection, *,
+                fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+    """`fn`'s result, if no change to sessions' figures waits for a pass; else (False, None)."""
+    if session_counts.pending(db):
+        return False, None
+    return True, fn(db)
+
+
+def _counted(db: sqlite3.Connection, *, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """`fn` on the writer's connection, after the pending changes to sessions' figures."""
+    session_counts.apply(db)
+    return fn(db)
 
 
 def _checkpointer_pragmas(db: sqlite3.Connection) -> None:

@@ -272,7 +272,7 @@ class Store(Database):
 
     async def identifiers(self, env: str) -> list[IdentifierSummary]:
         """The session identifiers seen in `env`, most recently active first."""
-        return await self._read(lambda db: queries.read_identifiers(db, env))
+        return await self._read_counted(lambda db: queries.read_identifiers(db, env))
 
     async def environments_page(self, *, limit: int = 50, cursor: str | None = None) -> Page:
         """A page of `environments` (rows are `EnvironmentSummary`)."""
@@ -281,19 +281,20 @@ class Store(Database):
     async def identifiers_page(self, env: str, *, limit: int = 50,
                                cursor: str | None = None) -> Page:
         """A page of `identifiers` (rows are `IdentifierSummary`)."""
-        return await self._read(
+        return await self._read_counted(
             lambda db: queries.read_identifiers_page(db, env, limit, cursor))
 
     async def identifier_known(self, env: str, identifier: str) -> bool:
         """Whether sessions with this identifier were seen in `env`."""
-        return await self._read(lambda db: queries.read_identifier_known(db, env, identifier))
+        return await self._read_counted(
+            lambda db: queries.read_identifier_known(db, env, identifier))
 
     async def session(
         self, env: str, identifier: str, value: str, *, limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[SessionStats, Page] | None:
         """A session's figures and a page of its runs (newest first); None if unknown."""
-        return await self._read(
+        return await self._read_counted(
             lambda db: queries.read_session(db, env, identifier, value, limit, cursor))
 
     async def session_events(self, env: str, identifier: str, value: str) -> list[StoredEvent]:
@@ -339,7 +340,7 @@ class Store(Database):
     async def identifier_figures(self, env: str, identifiers: list[str],
                                  ) -> dict[str, listing.IdentifierFigures]:
         """Failure figures of each identifier."""
-        return await self._read(
+        return await self._read_counted(
             lambda db: listing.read_identifier_figures(db, env, identifiers))
 
     async def sessions_page(
@@ -354,7 +355,7 @@ class Store(Database):
                                               cursor=cursor)
             return page, listing.read_latest_errors(
                 db, env, identifier, [s.value for s in page.rows if s.failed_runs])
-        return await self._read(read)
+        return await self._read_counted(read)
 
     async def session_runs(
         self, env: str, identifier: str, value: str, *, status: str | None = None,
@@ -369,7 +370,7 @@ class Store(Database):
             return found[0], listing.read_session_runs(
                 db, env, identifier, value, status=status, window=window, limit=limit,
                 cursor=cursor), listing.read_timeline(db, env, identifier, value)
-        return await self._read(read)
+        return await self._read_counted(read)
 
     async def session_failed_run_ids(self, env: str, identifier: str, value: str, *,
                                      limit: int) -> list[str]:

@@ -21,6 +21,7 @@ from devserver.jsontext import dump_json
 from devserver.model import flow
 from devserver.model.flow import FlowConfig, FlowOutcome, FlowRequest
 from devserver.model.records import QUEUED, RUNNING, NewEvent
+from devserver.store import session_counts
 
 QUEUED_NOTE, CANCELLED_NOTE, STARTED_NOTE = "queued", "cancelled", "started"
 
@@ -238,10 +239,8 @@ def create_run(db: sqlite3.Connection, env: str, now: int, run_id: str, function
     pairs = flow.all_sessions(every)
     db.executemany("INSERT INTO run_sessions (env, identifier, value, run_id) "
                    "VALUES (?, ?, ?, ?)", ((env, i, v, run_id) for i, v in pairs))
-    db.executemany("UPDATE sessions SET runs = runs + 1 WHERE env = ? AND identifier = ? "
-                   "AND value = ?", ((env, i, v) for i, v in pairs))
-    db.executemany("UPDATE identifiers SET runs = runs + 1 WHERE env = ? AND identifier = ?",
-                   ((env, i) for i, _ in pairs))  # the identifiers' sums of their sessions'
+    # Queued is no activity yet (SPEC 2.3): the run counts, its last activity is unchanged.
+    session_counts.add(db, ((env, i, v, None, 0, 1, 0) for i, v in pairs))
     db.executemany("INSERT OR IGNORE INTO session_functions (env, identifier, value, "
                    "function_id) VALUES (?, ?, ?, ?)",
                    ((env, i, v, function_id) for i, v in pairs))

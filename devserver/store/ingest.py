@@ -19,6 +19,7 @@ from devserver.model.records import (
     QUEUED,
     NewEvent,
 )
+from devserver.store import session_counts
 from devserver.store.flow_queries import apply_flow
 
 IDEMPOTENCY_WINDOW_MS = 24 * 3600 * 1000
@@ -48,8 +49,8 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
     """Apply ingests in order; returns, for each, the ids of the runs it created.
 
     One `executemany` per table for all of them; a session's activity and run count are
-    written once per batch (a run counts toward each of its sessions), the schema's triggers
-    keep the other counters. An event whose `id` was seen in the
+    recorded once per batch (a run counts toward each of its sessions) for the next pass to
+    sum (`session_counts`). An event whose `id` was seen in the
     last 24 hours (in the database or earlier in `writes`) is stored as a duplicate and starts
     no runs.
     """
@@ -112,29 +113,10 @@ def ingest_many(db: sqlite3.Connection, writes: list[Ingest]) -> list[list[str]]
         "INSERT INTO events (internal_id, env, name, event_id, ts, received_at, data, v, "
         "user, meta, sessions, duplicate, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         event_rows)
-    if session_rows:
-        # One upsert a session for its activity and its new runs together; a session with
-        # no new run leaves `runs` out of the SET, so its run-count indexes are not touched.
-        db.executemany(
-            "INSERT INTO sessions (env, identifier, value, first_seen, last_active) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-            "last_active = max(last_active, excluded.last_active)",
-            (row[:5] for row in session_rows.values() if not row[5]))
-        db.executemany(
-            "INSERT INTO sessions (env, identifier, value, first_seen, last_active, runs) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-            "last_active = max(last_active, excluded.last_active), "
-            "runs = runs + excluded.runs",
-            (row for row in session_rows.values() if row[5]))
-        identifier_runs: dict[tuple[str, str], int] = {}
-        for row_env, row_ident, _, _, _, count in session_rows.values():
-            if count:
-                key2 = (row_env, row_ident)
-                identifier_runs[key2] = identifier_runs.get(key2, 0) + count
-        # The identifiers' sums, one UPDATE an identifier (a handful a batch).
-        db.executemany(
-            "UPDATE identifiers SET runs = runs + ? WHERE env = ? AND identifier = ?",
-            ((count, *key) for key, count in identifier_runs.items()))
+    # The sessions' figures: summed by the next pass (`session_counts`), not here.
+    session_counts.add(db, ((row_env, ident, value, first, last, runs, 0)
+                            for row_env, ident, value, first, last, runs
+                            in session_rows.values()))
     if run_rows:
         db.executemany(
             "INSERT INTO runs (run_id, env, function_id, event_id, event_name, status, "

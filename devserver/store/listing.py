@@ -17,6 +17,7 @@ from typing import Any
 
 from devserver.errors import UserError
 from devserver.model.records import FAILED, QUEUED, Page, RunRecord, StoredEvent
+from devserver.store import session_counts
 from devserver.store.queries import (
     _functions_of,
     _session_stats,
@@ -273,11 +274,9 @@ def rerun(db: sqlite3.Connection, run_id: str, new_run_id: str, now: int) -> Run
     db.executemany("INSERT INTO run_sessions (env, identifier, value, run_id) "
                    "VALUES (?, ?, ?, ?)", ((*key, new_run_id) for key in sessions))
     # Queued is no activity yet (SPEC 2.3): the rerun's start and end will be.
-    db.executemany("UPDATE sessions SET runs = runs + 1 "
-                   "WHERE env = ? AND identifier = ? AND value = ?", sessions)
-    # One more run for each of its sessions, so its identifier's sum grows once per session.
-    db.executemany("UPDATE identifiers SET runs = runs + 1 WHERE env = ? AND identifier = ?",
-                   ((env, ident) for env, ident, _ in sessions))
+    # One more run for each of its sessions (and so for its identifier's sum, once per
+    # session), summed by the next pass.
+    session_counts.add(db, ((*key, None, 0, 1, 0) for key in sessions))
     db.executemany("INSERT OR IGNORE INTO session_functions (env, identifier, value, "
                    "function_id) VALUES (?, ?, ?, ?)",
                    ((*key, row["function_id"]) for key in sessions))

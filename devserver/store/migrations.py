@@ -150,6 +150,14 @@ INSERT INTO run_sessions_upto (upto, run_id)
 INSERT INTO run_sessions_upto (upto) SELECT 0 WHERE NOT EXISTS
     (SELECT 1 FROM run_sessions_upto);
 """,
+    11: """
+-- Version 11: sessions' figures are summed in passes after their commits
+-- (`session_counts`): the changes that commits left for the next pass.
+CREATE TABLE session_deltas (
+    id INTEGER PRIMARY KEY,
+    deltas TEXT NOT NULL
+);
+""",
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new
 database gets SCHEMA, which already is the result (tests/test_store.py proves the two equal)."""

@@ -1,7 +1,8 @@
 """A run's end: its final status, output or error, last attempt and the lifecycle events it
-emits, applied for all the ends of a batch together (`finish_many`: one UPDATE a session for
-their figures, not one a run). The end is always recorded; the runs its events would start are
-left out when they would grow the run's tree of runs past its bound (`within_tree`).
+emits, applied for all the ends of a batch together (`finish_many`: one change a session for
+their figures, not one a run, summed by the next pass). The end is always recorded; the runs
+its events would start are left out when they would grow the run's tree of runs past its
+bound (`within_tree`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from devserver.model.records import (
     NewEvent,
     StepAttempt,
 )
+from devserver.store import session_counts
 from devserver.store.ingest import Ingest, grow_tree, ingest_many
 from devserver.store.session_index import run_pairs
 from devserver.store.steps import add_attempt
@@ -57,8 +59,8 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
     """End runs, in order; for each, None if its run had already ended (or ended earlier in
     `finishes`), else the ids of the runs its emitted events started.
 
-    The runs' sessions get their activity and failures summed over the batch: one UPDATE a
-    session, not one a run (schema version 4 dropped the trigger that did it per run).
+    The runs' sessions get their activity and failures summed over the batch, recorded for
+    the next pass to apply (`session_counts`).
     """
     live: dict[str, tuple[str, list[tuple[str, str]]]] = {}
     ids = list(dict.fromkeys(f.run_id for f in finishes))
@@ -105,23 +107,9 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
     db.executemany(
         "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
         "started_at = coalesce(started_at, ?) WHERE run_id = ?", ended)
-    # Two statements, so that sessions without a failure leave the failure-rate index alone.
-    db.executemany(
-        "UPDATE sessions SET last_active = max(last_active, ?) "
-        "WHERE env = ? AND identifier = ? AND value = ?",
-        ((last, *key) for key, (last, failed) in activity.items() if not failed))
-    db.executemany(
-        "UPDATE sessions SET last_active = max(last_active, ?), failed_runs = failed_runs + ? "
-        "WHERE env = ? AND identifier = ? AND value = ?",
-        ((last, failed, *key) for key, (last, failed) in activity.items() if failed))
-    identifier_failed: dict[tuple[str, str], int] = {}
-    for (row_env, row_ident, _), (_, failed) in activity.items():
-        if failed:
-            key2 = (row_env, row_ident)
-            identifier_failed[key2] = identifier_failed.get(key2, 0) + failed
-    db.executemany(
-        "UPDATE identifiers SET failed_runs = failed_runs + ? WHERE env = ? AND identifier = ?",
-        ((failed, *key) for key, failed in identifier_failed.items()))
+    # The sessions' activity and failures: summed by the next pass (`session_counts`).
+    session_counts.add(db, ((*key, None, last, 0, failed)
+                            for key, (last, failed) in activity.items()))
     if emitted:
         created = ingest_many(db, [write for _, write in emitted])
         for (index, _), runs in zip(emitted, created, strict=True):

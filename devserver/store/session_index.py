@@ -21,6 +21,8 @@ import json
 import sqlite3
 from dataclasses import dataclass
 
+from devserver.store import session_counts
+
 NUL = "\\u0000"
 """A NUL as the stored JSON escapes it (and anything else with that text: read in Python)."""
 INDEX_EVERY = 0.25
@@ -106,11 +108,13 @@ def _index(db: sqlite3.Connection, limit: int, kind: _Kind) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class IndexPass:
-    """A queued pass of `index_events` (a class, so the writer knows its own passes)."""
+    """A queued pass of `index_events` and `index_runs`, which also sums the sessions'
+    figures (`session_counts.apply`); a class, so the writer knows its own passes."""
 
     limit: int = MAX_PER_PASS
 
     def __call__(self, db: sqlite3.Connection) -> bool:
+        session_counts.apply(db)
         events = index_events(db, self.limit)
         return index_runs(db, self.limit) or events
 

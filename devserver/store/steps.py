@@ -20,6 +20,7 @@ from devserver.model.records import (
     StepAttempt,
     WaitSpec,
 )
+from devserver.store import session_counts
 from devserver.store.ingest import grow_tree, ingest
 from devserver.store.session_index import run_pairs
 
@@ -32,10 +33,8 @@ def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
     ).rowcount:
         return False
     (env,) = db.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-    db.executemany(
-        "UPDATE sessions SET last_active = max(last_active, ?) "
-        "WHERE env = ? AND identifier = ? AND value = ?",
-        ((now, env, identifier, value) for identifier, value in run_pairs(db, [run_id])[run_id]))
+    session_counts.add(db, ((env, identifier, value, None, now, 0, 0)
+                            for identifier, value in sorted(run_pairs(db, [run_id])[run_id])))
     return True
 
 

@@ -261,5 +261,11 @@ CREATE TABLE run_sessions_upto (
 );
 INSERT INTO event_sessions_upto (upto) VALUES (0);
 INSERT INTO run_sessions_upto (upto) VALUES (0);
+-- Version 11: sessions' figures are summed in passes after their commits
+-- (`session_counts`): the changes that commits left for the next pass.
+CREATE TABLE session_deltas (
+    id INTEGER PRIMARY KEY,
+    deltas TEXT NOT NULL
+);
 """
 """The current schema (SCHEMA_VERSION), applied as a whole to a new database."""
