@@ -47,10 +47,10 @@ class NewEvent:
     sessions: dict[str, str]
     runs: tuple[NewRun, ...]
     source: str | None = None
+    """None for events sent to the event API; else the run (or "cron") that produced it."""
     flow: tuple[FlowRequest, ...] = ()
     """The functions it triggers that have flow control: decided by the store as it stores
     the event (`devserver.model.flow`); `runs` are the others'."""
-    """None for events sent to the event API; else the run (or "cron") that produced it."""
 
 
 @dataclass(slots=True)  # not frozen: made on every request, and frozen init is slow
