@@ -50,7 +50,8 @@ def test_a_pass_sums_each_sessions_deltas_into_its_figures(tmp_path: Path) -> No
         run_ends.Finish(run_ids[2], FAILED, 160, None, '{"name": "Error"}', None, [])])
     db.execute("COMMIT")
     assert figures(db) == []  # the commits wrote deltas, not figures
-    assert deltas(db) == 3 and session_counts.pending(db)
+    assert deltas(db) == 3
+    assert session_counts.pending(db)
     db.execute("BEGIN")
     assert session_counts.apply(db) is True
     db.execute("COMMIT")
@@ -105,7 +106,8 @@ async def test_readers_get_exact_figures_while_deltas_wait_for_a_pass(
         assert [(s.value, s.runs) for s in page.rows] == [("u_1", 3), ("u_2", 2), ("u_3", 1)]
         await store.ingest("dev", 180, [new_event("a/six", sessions={"user_id": "u_3"})])
         found_runs = await store.session_runs("dev", "user_id", "u_3")
-        assert found_runs is not None and found_runs[0].runs == 2
+        assert found_runs is not None
+        assert found_runs[0].runs == 2
         assert deltas(side) == 0
         # At rest (nothing pending), reads take the reader's connection as before.
         assert (await store.session("dev", "user_id", "u_1")) is not None

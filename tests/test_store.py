@@ -323,3 +323,27 @@ async def test_commits_are_copied_into_the_database_file_in_the_background(
 
 def _size(path: Path) -> int:
     return path.stat().st_size
+
+
+def test_reads_of_unfinished_runs_take_their_index_not_every_run(tmp_path: Path) -> None:
+    """cancel_on's lookup of a function's unfinished runs, the start's recovery and the clean
+    stop's reset read the index of unfinished runs, never every run of the file."""
+    from devserver.store import queries, schema, steps
+
+    db = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    schema.connect_pragmas(db)
+    schema.migrate(db)
+    ran: list[str] = []
+    db.set_trace_callback(ran.append)
+    queries.read_unfinished_runs_of(db, "dev", "fn-0", new_ulid())
+    queries.read_unfinished_runs(db)
+    steps.clear_restarts(db)
+    db.set_trace_callback(None)
+    reads = [sql for sql in ran if " runs" in sql and not sql.startswith("SELECT * FROM events")]
+    assert len(reads) == 3
+    for sql in reads:
+        plan = [row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + sql)]
+        of_runs = [step for step in plan if step.split()[:2] in (
+            ["SCAN", "runs"], ["SCAN", "r"], ["SEARCH", "runs"], ["SEARCH", "r"])]
+        assert of_runs, (sql, plan)
+        assert all("INDEX runs_unfinished" in step for step in of_runs), (sql, plan)

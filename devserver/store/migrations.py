@@ -157,6 +157,12 @@ CREATE TABLE session_deltas (
     id INTEGER PRIMARY KEY,
     deltas TEXT NOT NULL
 );
+-- One index of unfinished runs instead of two (the one by wake time served no query): each
+-- run's start and end touched both.
+DROP INDEX runs_unfinished;
+DROP INDEX runs_unfinished_by_function;
+CREATE INDEX runs_unfinished ON runs (env, function_id)
+    WHERE status IN ('Queued', 'Running');
 """,
 }
 """SQL that upgrades a database from version N-1 to N. Only older files run them: a new

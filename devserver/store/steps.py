@@ -134,8 +134,9 @@ def note_restarts(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, int]:
 
 def clear_restarts(db: sqlite3.Connection) -> None:
     """At a clean shutdown: the runs it interrupted did not end the process."""
-    db.execute("UPDATE runs SET restarts = 0 WHERE status IN (?, ?) AND restarts > 0",
-               (QUEUED, RUNNING))
+    # The statuses spelled out: the index of unfinished runs, not a scan of every run.
+    db.execute("UPDATE runs SET restarts = 0 WHERE status IN ('Queued', 'Running') "
+               "AND restarts > 0")
 
 
 def add_metadata(db: sqlite3.Connection, run_id: str, updates: list[MetadataUpdate],

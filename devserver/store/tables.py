@@ -58,8 +58,9 @@ CREATE TABLE runs (
     sessions TEXT NOT NULL
 , restarts INTEGER NOT NULL DEFAULT 0, tree TEXT, rerun_of TEXT);
 CREATE INDEX runs_by_event ON runs (event_id);
-CREATE INDEX runs_unfinished ON runs (next_at) WHERE status IN ('Queued', 'Running');
-CREATE INDEX runs_unfinished_by_function ON runs (env, function_id)
+-- Unfinished runs: all of them at a start, a function's for cancel_on (version 11: one
+-- index; the one by wake time served no query).
+CREATE INDEX runs_unfinished ON runs (env, function_id)
     WHERE status IN ('Queued', 'Running');
 
 CREATE TABLE run_sessions (
