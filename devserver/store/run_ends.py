@@ -103,7 +103,8 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
             emitted.append((len(results) - 1, Ingest(env, finish.now, events)))
     if not ended:
         return results
-    db.executemany("DELETE FROM waits WHERE run_id = ?", ((row[-1],) for row in ended))
+    if db.execute("SELECT 1 FROM waits LIMIT 1").fetchone() is not None:  # else: none to end
+        db.executemany("DELETE FROM waits WHERE run_id = ?", ((row[-1],) for row in ended))
     db.executemany(
         "UPDATE runs SET status = ?, ended_at = ?, output = ?, error = ?, next_at = NULL, "
         "started_at = coalesce(started_at, ?) WHERE run_id = ?", ended)
