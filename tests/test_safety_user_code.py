@@ -385,7 +385,11 @@ async def test_spinning_sync_functions_are_stopped_and_cannot_starve_the_others(
         while True:
             pass
 
-    @app.function(trigger="spin/quick", timeout=0.5, retries=0)
+    # It waits for two waves of spinners (at least 1 s), longer than its own timeout: it can
+    # only complete if the timeout counts from when its body starts. The 0.9 s leave its body
+    # time to get the GIL from spinners still being interrupted on a busy machine (0.5 s did
+    # not, once in CI).
+    @app.function(trigger="spin/quick", timeout=0.9, retries=0)
     def quick(ctx: devserver.SyncContext) -> str:
         return "quick"
 
