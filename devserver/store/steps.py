@@ -34,7 +34,7 @@ def start_run(db: sqlite3.Connection, *, run_id: str, now: int) -> bool:
         return False
     (env,) = db.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
     session_counts.add(db, ((env, identifier, value, None, now, 0, 0)
-                            for identifier, value in sorted(run_pairs(db, [run_id])[run_id])))
+                            for identifier, value in run_pairs(db, [run_id])[run_id]))
     return True
 
 
