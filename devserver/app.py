@@ -7,6 +7,7 @@ This is what users import. It holds definitions only; running them is the job of
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import inspect
 import json
 import re
@@ -158,7 +159,7 @@ class FunctionDef:
         """The cron schedules."""
         return [t for t in self.triggers if isinstance(t, CronTrigger)]
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         """True for `async def` handlers; sync ones run in a worker thread."""
         return inspect.iscoroutinefunction(self.handler)
