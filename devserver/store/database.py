@@ -25,6 +25,7 @@ fails with one clear `ConfigError`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -35,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import aiosqlite
 
@@ -66,6 +67,38 @@ CHECKPOINT_EVERY = 0.25
 """Seconds between background WAL checkpoints while there are commits to copy."""
 
 
+class WriteQueue(Generic[T]):
+    """The writer's queue, for its one consumer: a deque and the consumer's waiter.
+    (`asyncio.Queue` keeps task counts, a list of getters and an Event as well: a microsecond
+    a write, and an event makes two writes.)"""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[T] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: T) -> None:
+        """Add `item` and wake the consumer if it waits."""
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        """Whether nothing is queued."""
+        return not self._items
+
+    def get_nowait(self) -> T:
+        """The oldest item (IndexError when empty: check `empty` first)."""
+        return self._items.popleft()
+
+    async def get(self) -> T:
+        """The oldest item, once there is one."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+
 class Database:
     """The connections: open them, write through the batching writer, read through the
     reader. `facade.Store` adds the API callers use."""
@@ -79,7 +112,7 @@ class Database:
         self.path: Path = Path(self._requested)
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[Write | None] = asyncio.Queue()
+        self._queue: WriteQueue[Write | None] = WriteQueue()
         self._writer_task: asyncio.Task[None] | None = None
         # Copies committed pages from the WAL into the file off the loop's thread, so the
         # writer's own (blocking) checkpoint is a rare backstop (schema.connect_pragmas).
@@ -157,7 +190,7 @@ class Database:
         if self._writer_task is not None:
             if self._gone is None:
                 self._queue_index()  # a file at rest is indexed whole
-            await self._queue.put(None)
+            self._queue.put_nowait(None)
             await self._writer_task
             self._writer_task = None
         if self._checkpoint_task is not None:
