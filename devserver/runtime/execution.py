@@ -69,6 +69,7 @@ class Execution(RunEnds):
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._store_tries: dict[str, int] = {}  # tries each run's failed write has had
+        self._starts_due = False  # `_write_starts` is called soon
 
     async def _execute(self, run_id: str) -> None:
         async with self._slots:
@@ -136,9 +137,12 @@ class Execution(RunEnds):
             # The start is written on the next turn of the loop, not awaited: the function
             # starts at once. A function that is done by then records its start with its end
             # (one write instead of two). If the run was cancelled meanwhile, its later writes
-            # find it ended and the invocation stops (RunEnded).
+            # find it ended and the invocation stops (RunEnded). One callback writes the
+            # starts of every run that began in the same turn.
+            if not self._starts_due:
+                self._starts_due = True
+                asyncio.get_running_loop().call_soon(self._write_starts)
             self._unstarted[run_id] = self.clock.now_ms()
-            asyncio.get_running_loop().call_soon(self._write_start, run_id)
         inv = Invocation(run_id=run_id, env=run.env, function=fn, events=state.events,
                          sessions=dict(run.sessions), memo=dict(state.memo),
                          pending=dict(state.pending), attempt=run.attempt, store=self.store,
@@ -206,8 +210,10 @@ class Execution(RunEnds):
         await self._finish(run, inv.events, FAILED, error=error, attempt=attempt,
                            reason=reason, deferred=deferred_events(run, inv.memo))
 
-    def _write_start(self, run_id: str) -> None:
-        started_at = self._unstarted.pop(run_id, None)
-        if started_at is not None and self._started:
-            marking = self.store.submit_start_run(run_id, started_at)
-            marking.add_done_callback(_log_write_failure)
+    def _write_starts(self) -> None:
+        self._starts_due = False
+        unstarted, self._unstarted = self._unstarted, {}
+        if self._started:
+            for run_id, started_at in unstarted.items():
+                self.store.submit_start_run(run_id, started_at).add_done_callback(
+                    _log_write_failure)

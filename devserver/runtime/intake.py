@@ -112,6 +112,8 @@ class Intake(Scheduling):
 
     async def after_ingest(self, env: str, events: list[NewEvent], created: list[str]) -> None:
         """After a commit: schedule the new runs, wake waiting runs, apply `cancel_on`."""
+        if not events:  # e.g. the end of a run that emitted nothing
+            return
         now = self.clock.now_ms()
         if created:
             self._remember_fresh(env, events, set(created), now)
