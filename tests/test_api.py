@@ -293,6 +293,43 @@ async def test_event_fields_stored_as_given(
     assert got["ts"] == int(received.timestamp() * 1000)
 
 
+
+async def test_a_function_changing_its_event_changes_nothing_stored_or_retried(
+    make_server: MakeServer, http: aiohttp.ClientSession
+) -> None:
+    """A new run's first attempt gets the event as decoded from the request (not decoded
+    again from what was stored): what it does to it reaches neither the stored event, nor
+    its retry, nor the other function the event started."""
+    app = App("mutating")
+    seen: list[tuple[str, Any, Any, Any, Any]] = []
+
+    async def record(name: str, ctx: Context) -> None:
+        ev = ctx.event  # copied: the function changes it next
+        seen.append((name, *json.loads(json.dumps([ev.data, ev.v, ev.user])), ctx.attempt))
+
+    @app.function(trigger="test/mutate", retries=1)
+    async def mutate(ctx: Context) -> None:
+        await record("mutate", ctx)
+        ctx.event.data["a"].append("changed")
+        ctx.event.data["new"] = True
+        ctx.event.user["id"] = -1
+        if ctx.attempt == 0:
+            raise RuntimeError("again")
+
+    @app.function(trigger="test/mutate")
+    async def read(ctx: Context) -> None:
+        await record("read", ctx)
+
+    server = await make_server(app)
+    body = {"name": "test/mutate", "data": {"a": [1, 2.5, None, {"b": "c"}], "k": "\u00e9"},
+            "v": "1", "user": {"id": 7}, "sessions": {"conversation_id": "conv_1"}}
+    (ev_id,) = await post_ok(http, server, body)
+    await idle(server)
+    original = (body["data"], "1", {"id": 7})
+    assert sorted(seen, key=lambda row: (row[0], row[4])) == [
+        ("mutate", *original, 0), ("mutate", *original, 1), ("read", *original, 0)]
+    assert (await event(http, server, ev_id))["data"] == body["data"]
+
 async def test_event_api_without_key_is_400_json(
     make_server: MakeServer, http: aiohttp.ClientSession
 ) -> None:

@@ -14,7 +14,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from devserver.errors import InvalidEvent, PayloadTooLarge
@@ -58,6 +58,10 @@ class IncomingEvent:
     user: Any
     meta: dict[str, Any] | None  # `meta` without `sessions`/`propagated_sessions`
     sessions: dict[str, str]  # merged and normalised: identifier -> value string
+    decoded: bool = field(default=False, compare=False, repr=False)
+    """True when `data`, `v`, `user` and `meta` were decoded from a request's JSON text just
+    now (`parse_body`) and nothing else holds them: a new run's first invocation may use them
+    as they are instead of decoding what was stored (they are equal to it)."""
 
 
 class _BadNumber(Exception):
@@ -156,7 +160,9 @@ def parse_body(body: bytes) -> list[IncomingEvent]:
     measure = len(body) > _MEASURE_ABOVE_BYTES
     events: list[IncomingEvent] = []
     for index, obj in enumerate(doc):
-        events.append(_validate(obj, index, check_text=check_text))
+        event = _validate(obj, index, check_text=check_text)
+        event.decoded = True
+        events.append(event)
         if measure:
             _check_size(obj, index)
     return events

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devserver.app import CRON_EVENT, CancelTrigger, FunctionDef
 from devserver.clock import Clock
@@ -107,16 +107,18 @@ class Intake(Scheduling):
         if created or (created is not None and (
                 self._waited or self.registry.cancels_anything
                 or any(ev.flow for ev in prepared))):
-            await self.after_ingest(env, prepared, created)
+            await self.after_ingest(env, prepared, created, incoming=events)
         return [ev.internal_id for ev in prepared]
 
-    async def after_ingest(self, env: str, events: list[NewEvent], created: list[str]) -> None:
-        """After a commit: schedule the new runs, wake waiting runs, apply `cancel_on`."""
+    async def after_ingest(self, env: str, events: list[NewEvent], created: list[str], *,
+                           incoming: list[IncomingEvent] | None = None) -> None:
+        """After a commit: schedule the new runs, wake waiting runs, apply `cancel_on`.
+        `incoming`: the events as validated, one for each of `events`, when at hand."""
         if not events:  # e.g. the end of a run that emitted nothing
             return
         now = self.clock.now_ms()
         if created:
-            self._remember_fresh(env, events, set(created), now)
+            self._remember_fresh(env, events, set(created), now, incoming)
         for run_id in created:
             self.schedule(run_id, now)
         await self.flow.after_ingest(env, events, now)
@@ -129,19 +131,21 @@ class Intake(Scheduling):
                 await self._cancel_matching(env, fn, cancel, ev)
 
     def _remember_fresh(self, env: str, events: list[NewEvent], created: set[str],
-                        now: int) -> None:
-        for ev in events:
+                        now: int, incoming: list[IncomingEvent] | None) -> None:
+        for index, ev in enumerate(events):
             runs = [run for run in ev.runs if run.run_id in created]
             if not runs:
                 continue
-            stored = StoredEvent(
-                internal_id=ev.internal_id, env=env, name=ev.name, event_id=ev.event_id,
-                ts=ev.ts, received_at=now, data=json.loads(ev.data),
-                v=None if ev.v is None else json.loads(ev.v),
-                user=None if ev.user is None else json.loads(ev.user),
-                meta=None if ev.meta is None else json.loads(ev.meta),
-                sessions=ev.sessions, duplicate=False, source=ev.source)
-            for run in runs:
+            decoded = incoming[index] if incoming is not None else None
+            for position, run in enumerate(runs):
+                # Each run its own copy of the event, as each gets its own request on
+                # Inngest: what one function does to it is not seen by another.
+                if position == 0 and decoded is not None and decoded.decoded:
+                    stored = _stored(env, ev, now, decoded.data, decoded.v, decoded.user,
+                                     decoded.meta)  # equal to what was stored, decoded
+                else:
+                    stored = _stored(env, ev, now, json.loads(ev.data), _loads(ev.v),
+                                     _loads(ev.user), _loads(ev.meta))
                 record = RunRecord(
                     run_id=run.run_id, env=env, function_id=run.function_id,
                     event_id=ev.internal_id, event_name=ev.name, status=QUEUED, attempt=0,
@@ -189,3 +193,16 @@ class Intake(Scheduling):
     @abstractmethod
     async def cancel(self, run_id: str, *, reason: str | None = None) -> RunRecord:
         """Cancel a run (`cancel_on` does): the layer above's (`runtime.run_ends`)."""
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _stored(env: str, ev: NewEvent, now: int, data: dict[str, Any], v: Any, user: Any,
+            meta: dict[str, Any] | None) -> StoredEvent:
+    """`ev` as it reads back from the store, with its JSON fields decoded."""
+    return StoredEvent(
+        internal_id=ev.internal_id, env=env, name=ev.name, event_id=ev.event_id, ts=ev.ts,
+        received_at=now, data=data, v=v, user=user, meta=meta, sessions=ev.sessions,
+        duplicate=False, source=ev.source)
