@@ -24,6 +24,7 @@ from devserver.model.retry import (
 )
 from devserver.model.triggers import CronTrigger, TriggerIndex, parse_event_trigger
 from devserver.runtime.crons import CronSchedule
+from devserver.runtime.execution import Slots
 
 
 @pytest.mark.parametrize(
@@ -222,3 +223,39 @@ async def test_a_cron_schedule_keeps_one_timer_per_trigger_however_often_it_fire
     clock.advance(10 * 60_000)
     await schedule.close()
     assert len(fired) == 15
+
+
+@pytest.mark.asyncio
+async def test_slots_hand_a_freed_slot_to_the_longest_waiting_and_skip_the_cancelled() -> None:
+    slots = Slots(2)
+    assert slots.take_now()
+    assert slots.take_now()
+    assert not slots.take_now()  # both taken
+    order: list[str] = []
+
+    async def wait(name: str) -> None:
+        await slots.take()
+        order.append(name)
+
+    first, cancelled, last = (asyncio.create_task(wait(n)) for n in ("first", "gone", "last"))
+    await asyncio.sleep(0)  # all three wait
+    cancelled.cancel()
+    slots.give()
+    slots.give()
+    await asyncio.gather(first, last)
+    assert order == ["first", "last"]
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not slots.take_now()  # the two given back went to the two still waiting
+    slots.give()
+    assert slots.take_now()  # no one waits: a slot given back is free again
+    assert not slots.take_now()
+
+    # A slot handed to a waiter cancelled before it could run goes on, not lost.
+    taker = asyncio.create_task(wait("late"))
+    await asyncio.sleep(0)
+    slots.give()  # handed to `taker`...
+    taker.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await taker
+    assert slots.take_now()

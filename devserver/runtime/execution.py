@@ -11,6 +11,7 @@ itself, or one that escaped user code, fails the run rather than leave it Runnin
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,46 @@ def _cancelled_by_us() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+class Slots:
+    """At most `size` invocations executing at once; the others wait their turn, in order.
+    (An `asyncio.Semaphore`, minus its two coroutines a turn when a slot is free.)"""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        """Take a free slot, if there is one and no one waits for it."""
+        if self._free and not self._waiting:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a slot: one ending is handed over to the longest waiting."""
+        if self.take_now():
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.give()  # handed one just as it was cancelled: on to the next
+            elif turn in self._waiting:  # (`give` drops the cancelled it meets)
+                self._waiting.remove(turn)
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the longest waiting, else to the free ones."""
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
+
+
 class Execution(RunEnds):
     """The runner's execution: invocations of due runs, and their outcomes recorded."""
 
@@ -66,29 +107,32 @@ class Execution(RunEnds):
         self.remote = remote
         """Executes invocations of SDK functions (`FunctionDef.remote`), when SDK apps are on."""
         self.backoff = backoff
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Slots(concurrency)
         self._concurrency = concurrency
         self._store_tries: dict[str, int] = {}  # tries each run's failed write has had
         self._starts_due = False  # `_write_starts` is called soon
 
     async def _execute(self, run_id: str) -> None:
-        async with self._slots:
-            try:
-                await self._invoke(run_id)
-                self._store_tries.pop(run_id, None)
-            except asyncio.CancelledError:
-                if run_id not in self._cancelled:
-                    raise
-                self._cancelled.discard(run_id)
-            except StoreUnavailable as exc:  # nothing of the failed write is stored
-                self._retry_after_store_fault(run_id, exc)
-            except Exception as exc:  # a bug in devserver, not in the user's function
-                log.exception("run %s: internal error while executing", run_id)
-                await self._fail_outright(run_id, exc)
-            except BaseException as exc:  # noqa: BLE001 - user code's, got past every handler
-                log.error("run %s: %s escaped its invocation; the run fails", run_id,
-                          type(exc).__name__)
-                await self._fail_outright(run_id, exc)
+        if not self._slots.take_now():
+            await self._slots.take()
+        try:
+            await self._invoke(run_id)
+            self._store_tries.pop(run_id, None)
+        except asyncio.CancelledError:
+            if run_id not in self._cancelled:
+                raise
+            self._cancelled.discard(run_id)
+        except StoreUnavailable as exc:  # nothing of the failed write is stored
+            self._retry_after_store_fault(run_id, exc)
+        except Exception as exc:  # a bug in devserver, not in the user's function
+            log.exception("run %s: internal error while executing", run_id)
+            await self._fail_outright(run_id, exc)
+        except BaseException as exc:  # noqa: BLE001 - user code's, got past every handler
+            log.error("run %s: %s escaped its invocation; the run fails", run_id,
+                      type(exc).__name__)
+            await self._fail_outright(run_id, exc)
+        finally:
+            self._slots.give()
 
     async def _fail_outright(self, run_id: str, exc: BaseException) -> None:
         """Fail a run whose invocation ended in an error nothing else handled, so that it
