@@ -111,7 +111,8 @@ class RunEnds(Intake):
                                                   output_json=output_json, error=error,
                                                   attempt=attempt, emitted=emitted,
                                                   started_at=started_at,
-                                                  max_tree_runs=self.max_tree_runs)
+                                                  max_tree_runs=self.max_tree_runs,
+                                                  sessions=run.sessions)
         except StoreUnavailable:
             # Retried by `_execute`'s reschedule: this write, not the function again.
             self._unwritten_ends[run.run_id] = functools.partial(

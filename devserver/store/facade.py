@@ -146,12 +146,13 @@ class Store(Database):
         error: dict[str, Any] | None = None, attempt: StepAttempt | None = None,
         emitted: list[NewEvent] | None = None, output_json: str | None = None,
         started_at: int | None = None, max_tree_runs: int = MAX_TREE_RUNS,
+        sessions: dict[str, str] | None = None,
     ) -> list[str] | None:
         """Record a run's final status, its last attempt and the events its end emits.
 
         `output_json` is the output already encoded, if the caller has it; `started_at` the
-        run's start when that was never written. Returns the ids of runs those events
-        started, or None if the run had already ended.
+        run's start when that was never written; `sessions` the run's record's. Returns the
+        ids of runs those events started, or None if the run had already ended.
         """
         if status != COMPLETED:
             output_json = None
@@ -160,7 +161,7 @@ class Store(Database):
         error_json = None if error is None else dump_json(error)
         return await self._write(run_ends.Finish(
             run_id, status, now, output_json, error_json, attempt, emitted or [], started_at,
-            max_tree_runs))
+            max_tree_runs, sessions))
 
     async def add_metadata(self, run_id: str, updates: list[MetadataUpdate], now: int) -> bool:
         """Attach metadata an SDK reported to a run; False when there is no such run."""

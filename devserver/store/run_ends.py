@@ -50,6 +50,8 @@ class Finish:
     started_at: int | None = None
     max_tree_runs: int = MAX_TREE_RUNS
     """The bound on the tree of runs the emitted events' runs join (`within_tree`)."""
+    sessions: dict[str, str] | None = None
+    """The run's sessions (`runs.sessions`, decoded), when the caller has its record."""
 
     def __call__(self, db: sqlite3.Connection) -> list[str] | None:
         return finish_many(db, [self])[0]
@@ -71,7 +73,8 @@ def finish_many(db: sqlite3.Connection, finishes: list[Finish]) -> list[list[str
                 f"SELECT run_id, env FROM runs WHERE run_id IN ({marks}) AND status IN (?, ?)",
                 (*chunk, QUEUED, RUNNING)):
             live[run_id] = (env, [])
-    for run_id, pairs in run_pairs(db, list(live)).items():
+    known = {f.run_id: f.sessions for f in finishes if f.sessions is not None}
+    for run_id, pairs in run_pairs(db, list(live), known=known).items():
         live[run_id][1].extend(sorted(pairs))
     results: list[list[str] | None] = []
     ended: list[tuple[Any, ...]] = []

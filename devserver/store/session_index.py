@@ -187,10 +187,20 @@ def merge_runs(parts: list[list[sqlite3.Row]], *, newest_first: bool,
     return ordered if limit is None else ordered[:limit]
 
 
-def run_pairs(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, set[tuple[str, str]]]:
+def run_pairs(db: sqlite3.Connection, run_ids: list[str], *,
+              known: dict[str, dict[str, str]] | None = None,
+              ) -> dict[str, set[tuple[str, str]]]:
     """The (identifier, value) sessions of each run: its rows, and its JSON (a run after the
-    last pass has no rows yet)."""
+    last pass has no rows yet). `known`: the JSON of some runs, decoded already (the caller's
+    records: a run's sessions never change), which is then not read again."""
     pairs: dict[str, set[tuple[str, str]]] = {run_id: set() for run_id in run_ids}
+    unknown = run_ids
+    if known:
+        for run_id in run_ids:
+            sessions = known.get(run_id)
+            if sessions is not None:
+                pairs[run_id].update(sessions.items())
+        unknown = [run_id for run_id in run_ids if run_id not in known]
     for start in range(0, len(run_ids), 500):  # well under SQLite's limit on parameters
         chunk = run_ids[start:start + 500]
         marks = ", ".join("?" * len(chunk))
@@ -198,6 +208,9 @@ def run_pairs(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, set[tuple
                 f"SELECT run_id, identifier, value FROM run_sessions WHERE run_id IN ({marks})",
                 chunk):
             pairs[run_id].add((identifier, value))
+    for start in range(0, len(unknown), 500):
+        chunk = unknown[start:start + 500]
+        marks = ", ".join("?" * len(chunk))
         for run_id, sessions in db.execute(
                 f"SELECT run_id, sessions FROM runs WHERE run_id IN ({marks})", chunk):
             pairs[run_id].update(json.loads(sessions).items())
