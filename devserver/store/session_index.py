@@ -32,7 +32,7 @@ process); 1 s gained nothing more, and readers merge up to a pass's worth of uni
 MAX_PER_PASS = 5_000
 """Events one pass indexes at most (about 10 ms of the writer's time); more take more passes,
 one after another. Bigger passes cost memory: with 20,000 a pass and passes every 0.5 s, the
-server held 96 MB after 1M runs instead of 85 MB (the benchmark's memory row)."""
+server held 96 MB after 1M runs instead of 85-89 MB (the benchmark's memory row)."""
 
 
 def index_events(db: sqlite3.Connection, limit: int = MAX_PER_PASS) -> bool:
@@ -194,13 +194,13 @@ def run_pairs(db: sqlite3.Connection, run_ids: list[str], *,
     last pass has no rows yet). `known`: the JSON of some runs, decoded already (the caller's
     records: a run's sessions never change), which is then not read again."""
     pairs: dict[str, set[tuple[str, str]]] = {run_id: set() for run_id in run_ids}
-    unknown = run_ids
-    if known:
-        for run_id in run_ids:
-            sessions = known.get(run_id)
-            if sessions is not None:
-                pairs[run_id].update(sessions.items())
-        unknown = [run_id for run_id in run_ids if run_id not in known]
+    unknown: list[str] = []  # the runs whose JSON is read here
+    for run_id in run_ids:
+        sessions = known.get(run_id) if known else None
+        if sessions is None:
+            unknown.append(run_id)
+        else:
+            pairs[run_id].update(sessions.items())
     for start in range(0, len(run_ids), 500):  # well under SQLite's limit on parameters
         chunk = run_ids[start:start + 500]
         marks = ", ".join("?" * len(chunk))
